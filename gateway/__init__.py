@@ -1,0 +1,3 @@
+"""Inbound mail filtering gateway: an SMTP proxy that explains every verdict."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,375 @@
+"""TOML -> frozen dataclasses; every problem reported with its dotted key.
+
+Every default here is also written out in ``config.example.toml``. Relative
+paths are resolved against the directory of the config file, so a config and
+its rule files can travel together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from gateway.api import Action, OptionError
+from gateway.schema import Problems, Range, SchemaError, build
+
+Port = Annotated[int, Range(1, 65535)]
+
+__all__ = [
+    "ActionsConfig",
+    "Config",
+    "ConfigError",
+    "DNSConfig",
+    "LogConfig",
+    "MetricsConfig",
+    "PipelineConfig",
+    "QuarantineConfig",
+    "RelayConfig",
+    "ServerConfig",
+    "StateConfig",
+    "load_config",
+    "parse_hostport",
+]
+
+
+class ConfigError(SchemaError):
+    """The config file is missing, not TOML, or has invalid values."""
+
+
+def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); ValueError says what is wrong."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f'must be "host:port" with IPv6 in brackets, got "{value}"')
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    elif ":" in text:
+        raise ValueError(f'IPv6 addresses must be in brackets, e.g. "[::1]:25", got "{value}"')
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f'must be "host:port", got "{value}"')
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f'port must be an integer 1..65535, got "{port_text}"')
+    if not host:
+        raise ValueError(f'host is missing in "{value}"')
+    return host, int(port_text)
+
+
+def _check_hostport(key: str, value: str, *, allow_port_zero: bool = False) -> None:
+    if allow_port_zero and value.rstrip().endswith(":0"):
+        value = value.rstrip()[:-2] + ":1"
+    try:
+        parse_hostport(value)
+    except ValueError as exc:
+        raise OptionError(key, str(exc)) from None
+
+
+def _check_networks(key: str, values: tuple[str, ...]) -> None:
+    for i, net in enumerate(values):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise OptionError(f"{key}[{i}]", f'not an IP network, got "{net}"') from None
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise OptionError(key, f"must be greater than 0, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = "0.0.0.0:25"
+    hostname: str = field(default_factory=socket.getfqdn)
+    accepted_domains: tuple[str, ...] = ()
+    max_message_size: int = 26_214_400
+    proxy_protocol: bool = False
+    proxy_trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_sessions: int = 500
+    max_sessions_per_ip: int = 20
+    max_recipients: int = 100
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: server timeout, 5 minutes
+    data_timeout: float = 600.0
+    max_command_length: int = 2048
+    tls_cert: str = ""
+    tls_key: str = ""
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        _check_hostport("listen", self.listen, allow_port_zero=True)
+        if not self.hostname or " " in self.hostname:
+            raise OptionError("hostname", f'must be a host name, got "{self.hostname}"')
+        if not self.accepted_domains:
+            raise OptionError(
+                "accepted_domains",
+                "must list at least one domain; the gateway accepts mail only for these",
+            )
+        for i, dom in enumerate(self.accepted_domains):
+            if not dom or "@" in dom or " " in dom:
+                raise OptionError(f"accepted_domains[{i}]", f'not a domain, got "{dom}"')
+        object.__setattr__(
+            self,
+            "accepted_domains",
+            tuple(d.lower().rstrip(".") for d in self.accepted_domains),
+        )
+        if self.max_message_size < 1024:
+            raise OptionError(
+                "max_message_size", f"must be at least 1024, got {self.max_message_size}"
+            )
+        _check_networks("proxy_trusted_networks", self.proxy_trusted_networks)
+        for key in ("max_sessions", "max_sessions_per_ip", "max_recipients", "workers"):
+            if getattr(self, key) < 1:
+                raise OptionError(key, f"must be at least 1, got {getattr(self, key)}")
+        _positive("command_timeout", self.command_timeout)
+        _positive("data_timeout", self.data_timeout)
+        if self.max_command_length < 512:  # RFC 5321 §4.5.3.1.4
+            raise OptionError("max_command_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise OptionError("tls_cert", "tls_cert and tls_key must be set together")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    host: str = "127.0.0.1"
+    port: Port = 10026
+    timeout: float = 60.0
+    tls: Literal["off", "opportunistic", "required"] = "off"
+    tls_verify: bool = True
+    helo: str = ""
+    pool_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise OptionError("host", "must not be empty")
+        _positive("timeout", self.timeout)
+        if self.pool_size < 1:
+            raise OptionError("pool_size", f"must be at least 1, got {self.pool_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class DNSConfig:
+    nameservers: tuple[str, ...] = ()
+    timeout: float = 3.0
+    cache_size: int = 10_000
+    min_ttl: float = 0.0
+    max_ttl: float = 86_400.0
+    negative_ttl: float = 300.0  # RFC 2308 cap when the SOA gives none
+
+    def __post_init__(self) -> None:
+        for i, ns in enumerate(self.nameservers):
+            try:
+                host, _ = parse_hostport(ns, default_port=53)
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise OptionError(
+                    f"nameservers[{i}]", f'must be "ip" or "ip:port" ("[v6]:port"), got "{ns}"'
+                ) from None
+        _positive("timeout", self.timeout)
+        if self.cache_size < 0:
+            raise OptionError("cache_size", f"must be 0 or more, got {self.cache_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class ActionsConfig:
+    add_header: float = 5.0
+    quarantine: float = 10.0
+    reject: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not self.add_header <= self.quarantine <= self.reject:
+            raise OptionError(
+                "add_header",
+                "thresholds must satisfy add_header <= quarantine <= reject, got "
+                f"{self.add_header}, {self.quarantine}, {self.reject}",
+            )
+
+    def for_score(self, score: float) -> Action:
+        if score >= self.reject:
+            return Action.REJECT
+        if score >= self.quarantine:
+            return Action.QUARANTINE
+        if score >= self.add_header:
+            return Action.ADD_HEADER
+        return Action.RELAY
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineConfig:
+    backend: Literal["local", "postgresql"] = "local"
+    path: str = "/var/lib/gateway/quarantine"
+    dsn: str = ""
+    retention_days: int = 30
+
+    def __post_init__(self) -> None:
+        if self.backend == "postgresql" and not self.dsn.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise OptionError(
+                "dsn", 'backend "postgresql" needs dsn = "postgresql://user@host:5432/db"'
+            )
+        if self.retention_days < 1:
+            raise OptionError("retention_days", f"must be at least 1, got {self.retention_days}")
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    backend: Literal["local", "redis"] = "local"
+    url: str = ""
+    path: str = "/var/lib/gateway/state.sqlite"
+    key_prefix: str = "gateway:"
+
+    def __post_init__(self) -> None:
+        if self.backend == "redis" and not self.url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise OptionError("url", 'backend "redis" needs url = "redis://host:6379/0"')
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9325"
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            _check_hostport("listen", self.listen, allow_port_zero=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    policy_timeout: float = 10.0
+    on_policy_error: Literal["tempfail", "relay"] = "tempfail"
+    max_parse_depth: int = 50
+    max_parts: int = 1000
+
+    def __post_init__(self) -> None:
+        _positive("policy_timeout", self.policy_timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class _Root:
+    server: ServerConfig
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    actions: ActionsConfig = field(default_factory=ActionsConfig)
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    scores: Mapping[str, float | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated config. ``policies`` keeps each raw table for the registry."""
+
+    server: ServerConfig
+    relay: RelayConfig
+    dns: DNSConfig
+    actions: ActionsConfig
+    quarantine: QuarantineConfig
+    state: StateConfig
+    metrics: MetricsConfig
+    pipeline: PipelineConfig
+    log: LogConfig
+    policies: Mapping[str, Mapping[str, Any]]
+    scores: Mapping[str, float | Action]
+    path: Path
+    base_dir: Path
+
+    def resolve_path(self, value: str) -> Path:
+        """A config path, relative ones taken from the config file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+_ACTION_NAMES = [a.value for a in Action]
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], path: Path, problems: Problems | None = None
+) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    problems = problems or Problems()
+    if "server" not in data:
+        problems.add("server", "is required (at least server.accepted_domains)")
+        raise ConfigError(problems.lines)
+    root = build(_Root, data, "", problems)
+    scores: dict[str, float | Action] = {}
+    for name, value in dict(data.get("scores", {}) or {}).items():
+        key = f"scores.{name}"
+        if isinstance(value, bool):
+            problems.add(key, f"must be a number or an action name, got {value!r}")
+        elif isinstance(value, int | float):
+            scores[name] = float(value)
+        elif isinstance(value, str) and value in _ACTION_NAMES:
+            scores[name] = Action(value)
+        else:
+            problems.add(
+                key, f"must be a number or one of {', '.join(_ACTION_NAMES)}, got {value!r}"
+            )
+    for name, table in dict(data.get("policies", {}) or {}).items():
+        if not isinstance(table, dict):
+            problems.add(f"policies.{name}", f"must be a table, e.g. [policies.{name}]")
+    if problems.lines or root is None:
+        raise ConfigError(problems.lines)
+    return Config(
+        server=root.server,
+        relay=root.relay,
+        dns=root.dns,
+        actions=root.actions,
+        quarantine=root.quarantine,
+        state=root.state,
+        metrics=root.metrics,
+        pipeline=root.pipeline,
+        log=root.log,
+        policies={k: dict(v) for k, v in dict(data.get("policies", {}) or {}).items()},
+        scores=scores,
+        path=path,
+        base_dir=path.parent.resolve(),
+    )
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a TOML config file. ``overrides`` maps dotted keys to values."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such file; pass --config PATH to a TOML config"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: cannot read: {exc}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config_from_mapping(data, p)
+
+
+def with_overrides(config: Config, **sections: Any) -> Config:
+    """A copy of ``config`` with whole sections replaced (tests, CLI flags)."""
+    return replace(config, **sections)

@@ -1,0 +1,1 @@
+"""Helpers shipped for tests and policy authors (test DNS server, contexts, sinks)."""
