@@ -1,1 +1,5 @@
-"""Helpers shipped for tests and policy authors (test DNS server, contexts, sinks)."""
+"""Helpers shipped for tests and policy authors: contexts, a test DNS server, SMTP sinks."""
+
+from gateway.testing.context import NoDNS, load_eml, make_context
+
+__all__ = ["NoDNS", "load_eml", "make_context"]
