@@ -1,0 +1,299 @@
+"""Every Prometheus metric, defined once, and the small HTTP endpoint that serves them.
+
+Labels carry closed sets only (actions, policy and symbol names, reply codes):
+never addresses, hosts or subjects, which would leak mail data and blow up
+the series count. The endpoint is a minimal HTTP/1.1 server on the gateway's
+own event loop: GET ``/metrics`` (Prometheus text), ``/healthz`` (the process
+answers) and ``/readyz`` (the gateway can take mail: 200, else 503 + reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.config import parse_hostport
+
+if TYPE_CHECKING:
+    from gateway.engine import Evaluation
+
+__all__ = [
+    "AUTH_RESULTS",
+    "BUILD_INFO",
+    "CONFIG_RELOADS",
+    "DNS_QUERIES",
+    "MESSAGES",
+    "MESSAGE_SIZE",
+    "POLICY_DURATION",
+    "POLICY_RUNS",
+    "QUARANTINE_MESSAGES",
+    "REGISTRY",
+    "RELAY_DURATION",
+    "RELAY_FAILURES",
+    "REPLIES",
+    "SESSIONS_ACTIVE",
+    "SESSIONS_REFUSED",
+    "SYMBOLS",
+    "HTTPEndpoint",
+    "record_action",
+    "record_evaluation",
+    "start_http",
+]
+
+log = logging.getLogger("gateway.metrics")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+MESSAGES = Counter(
+    "gateway_messages",
+    "Messages by final action (relay, add_header, quarantine, reject, tempfail)",
+    ["action"],
+    registry=REGISTRY,
+)
+AUTH_RESULTS = Counter(
+    "gateway_auth_results",
+    "Authentication results (RFC 8601) by method and result",
+    ["method", "result"],
+    registry=REGISTRY,
+)
+POLICY_DURATION = Histogram(
+    "gateway_policy_duration_seconds",
+    "Time each policy took per message",
+    ["policy"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+POLICY_RUNS = Counter(
+    "gateway_policy_runs",
+    "Policy runs by outcome (ok, error, timeout)",
+    ["policy", "outcome"],
+    registry=REGISTRY,
+)
+SYMBOLS = Counter(
+    "gateway_symbols",
+    "Symbols emitted, by symbol name",
+    ["symbol"],
+    registry=REGISTRY,
+)
+SESSIONS_ACTIVE = Gauge(
+    "gateway_smtp_sessions_active",
+    "SMTP sessions currently open",
+    registry=REGISTRY,
+)
+SESSIONS_REFUSED = Counter(
+    "gateway_smtp_sessions_refused",
+    "SMTP sessions refused at connect, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+REPLIES = Counter(
+    "gateway_smtp_replies",
+    "SMTP replies sent, by stage (connect, helo, mail, rcpt, data) and code",
+    ["stage", "code"],
+    registry=REGISTRY,
+)
+RELAY_FAILURES = Counter(
+    "gateway_relay_failures",
+    "Failed hand-offs to the downstream MTA (unreachable, timeout, tempfail, permfail, tls)",
+    ["reason"],
+    registry=REGISTRY,
+)
+RELAY_DURATION = Histogram(
+    "gateway_relay_duration_seconds",
+    "Time to hand a message to the downstream MTA",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=REGISTRY,
+)
+MESSAGE_SIZE = Histogram(
+    "gateway_message_size_bytes",
+    "Size of received messages",
+    buckets=(1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6, 64e6),
+    registry=REGISTRY,
+)
+QUARANTINE_MESSAGES = Gauge(
+    "gateway_quarantine_messages",
+    "Messages currently held in quarantine",
+    registry=REGISTRY,
+)
+DNS_QUERIES = Counter(
+    "gateway_dns_queries",
+    "DNS lookups by result (hit, miss, nxdomain, temperror)",
+    ["result"],
+    registry=REGISTRY,
+)
+CONFIG_RELOADS = Counter(
+    "gateway_config_reloads",
+    "Config reloads (SIGHUP) by result (ok, invalid)",
+    ["result"],
+    registry=REGISTRY,
+)
+BUILD_INFO = Gauge(
+    "gateway_build_info",
+    "Always 1; the version label says which gateway is running",
+    ["version"],
+    registry=REGISTRY,
+)
+
+
+def _version() -> str:
+    try:
+        return version("gateway")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+BUILD_INFO.labels(version=_version()).set(1)
+
+_LABEL_LIMIT = 64
+
+
+def _label(value: str) -> str:
+    """Bound label values a plugin controls (auth result words) to printable ASCII."""
+    clean = "".join(c if 33 <= ord(c) < 127 else "_" for c in value)
+    return clean[:_LABEL_LIMIT] or "none"
+
+
+def record_evaluation(evaluation: Evaluation) -> None:
+    """Policy timings and outcomes, symbols and auth results of one message (not the action)."""
+    for run in evaluation.run.runs:
+        POLICY_DURATION.labels(policy=run.name).observe(run.seconds)
+        POLICY_RUNS.labels(policy=run.name, outcome=run.outcome).inc()
+    for sym in evaluation.verdict.symbols:
+        SYMBOLS.labels(symbol=_label(sym.name)).inc()
+    for auth in evaluation.verdict.auth:
+        AUTH_RESULTS.labels(method=_label(auth.method), result=_label(auth.result)).inc()
+
+
+def record_action(action: str) -> None:
+    """One message's final action, counted once the hand-off decided it."""
+    MESSAGES.labels(action=action).inc()
+
+
+# --- the HTTP endpoint ------------------------------------------------------
+
+Ready = Callable[[], Awaitable[tuple[bool, str]]]
+
+_MAX_REQUEST_HEAD = 8192  # bytes of request line + headers we are willing to read
+_REQUEST_TIMEOUT = 10.0  # seconds for a scraper to send its request
+_READY_TIMEOUT = 5.0  # seconds for the readiness probe to decide
+
+
+class HTTPEndpoint:
+    """A running ``/metrics`` ``/healthz`` ``/readyz`` server; ``port`` is the bound port."""
+
+    def __init__(self, server: asyncio.Server, ready: Ready) -> None:
+        self._server = server
+        self._ready = ready
+        sock = server.sockets[0].getsockname()
+        self.host: str = sock[0]
+        self.port: int = sock[1]
+
+    async def close(self) -> None:
+        self._server.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0):
+                await self._server.wait_closed()
+
+
+async def start_http(listen: str, ready: Ready) -> HTTPEndpoint:
+    """Serve metrics on ``listen`` ("host:port", port 0 picks a free one).
+
+    ``ready()`` answers /readyz: ``(True, "")`` when the gateway can take mail,
+    else ``(False, reason)``.
+    """
+    host, port = _parse_listen(listen)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _serve_one(reader, writer, ready)
+        except Exception:  # a broken scraper must never take the endpoint down
+            log.debug("metrics_request_failed", exc_info=True)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, host, port, limit=_MAX_REQUEST_HEAD)
+    return HTTPEndpoint(server, ready)
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    text = listen.strip()
+    if text.endswith(":0"):
+        host, _ = parse_hostport(text[:-2] + ":1")
+        return host, 0
+    return parse_hostport(text)
+
+
+async def _serve_one(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ready: Ready
+) -> None:
+    try:
+        async with asyncio.timeout(_REQUEST_TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        return
+    request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        await _respond(writer, 400, "bad request\n")
+        return
+    method, target = parts[0], parts[1].split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        await _respond(writer, 405, "only GET\n", extra=(("Allow", "GET, HEAD"),))
+        return
+    head_only = method == "HEAD"
+    if target == "/metrics":
+        body = generate_latest(REGISTRY)
+        await _respond(writer, 200, body, content_type=CONTENT_TYPE_LATEST, head_only=head_only)
+    elif target == "/healthz":
+        await _respond(writer, 200, "ok\n", head_only=head_only)
+    elif target == "/readyz":
+        try:
+            async with asyncio.timeout(_READY_TIMEOUT):
+                ok, reason = await ready()
+        except TimeoutError:
+            ok, reason = False, "readiness check timed out"
+        except Exception as exc:
+            ok, reason = False, f"readiness check failed: {type(exc).__name__}"
+        if ok:
+            await _respond(writer, 200, "ready\n", head_only=head_only)
+        else:
+            await _respond(writer, 503, f"not ready: {reason}\n", head_only=head_only)
+    else:
+        await _respond(writer, 404, "not found; try /metrics, /healthz or /readyz\n")
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS[503] = "Service Unavailable"
+
+
+async def _respond(
+    writer: asyncio.StreamWriter,
+    status: int,
+    body: str | bytes,
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    extra: tuple[tuple[str, str], ...] = (),
+    head_only: bool = False,
+) -> None:
+    data = body.encode("utf-8") if isinstance(body, str) else body
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(data)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in extra),
+    ]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    if not head_only:
+        writer.write(data)
+    async with asyncio.timeout(_REQUEST_TIMEOUT):
+        await writer.drain()

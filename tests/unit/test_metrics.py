@@ -1,0 +1,158 @@
+"""The metrics module: contract names exist, helpers count, the HTTP endpoint serves them."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import metrics
+from gateway.api import Action, AuthResult, Result, Symbol
+from gateway.engine import Envelope, Evaluation
+from gateway.pipeline import PipelineRun, PolicyRun
+from gateway.verdict import ScoredSymbol, Verdict
+
+CONTRACT = {
+    "gateway_messages_total",
+    "gateway_auth_results_total",
+    "gateway_policy_duration_seconds",
+    "gateway_smtp_sessions_active",
+    "gateway_relay_failures_total",
+    "gateway_quarantine_messages",
+}
+
+
+async def _get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return status, headers, body
+
+
+def _sample(name: str, labels: dict[str, str]) -> float:
+    value = metrics.REGISTRY.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def _evaluation() -> Evaluation:
+    run = PipelineRun(
+        (
+            PolicyRun("spf", Result(auth=(AuthResult("spf", "pass"),)), 0.01, "ok"),
+            PolicyRun("slow", Result(symbols=(Symbol("POLICY_TIMEOUT"),)), 2.0, "timeout"),
+        )
+    )
+    verdict = Verdict(
+        action=Action.TEMPFAIL,
+        score=Decimal("0.00"),
+        required=Decimal("5.00"),
+        symbols=(ScoredSymbol("POLICY_TIMEOUT", Decimal("0.00"), "slow", "", "timed out"),),
+        reason="policy slow timed out",
+        forced_by="slow",
+        auth=(AuthResult("spf", "pass"),),
+    )
+    env = Envelope("192.0.2.1", "helo.test", "a@b.test", ("c@example.org",), "Q1")
+    return Evaluation(env, verdict, run, ())
+
+
+async def test_endpoint_serves_contract_metric_names_in_prometheus_text() -> None:
+    async def ready() -> tuple[bool, str]:
+        return True, ""
+
+    endpoint = await metrics.start_http("127.0.0.1:0", ready)
+    try:
+        assert endpoint.port > 0
+        status, headers, body = await _get(endpoint.port, "/metrics")
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/plain")
+        names = set()
+        for family in text_string_to_metric_families(body.decode()):
+            names.update(s.name for s in family.samples)
+            names.add(family.name)
+        assert names | {n + "_total" for n in names} >= CONTRACT
+        assert "gateway_build_info" in names
+    finally:
+        await endpoint.close()
+
+
+async def test_healthz_is_ok_and_readyz_follows_the_readiness_callback() -> None:
+    state = {"ok": False}
+
+    async def ready() -> tuple[bool, str]:
+        return (True, "") if state["ok"] else (False, "downstream 127.0.0.1:10026 unreachable")
+
+    endpoint = await metrics.start_http("127.0.0.1:0", ready)
+    try:
+        assert (await _get(endpoint.port, "/healthz"))[0] == 200
+        status, _, body = await _get(endpoint.port, "/readyz")
+        assert status == 503 and b"unreachable" in body
+        state["ok"] = True
+        status, _, body = await _get(endpoint.port, "/readyz")
+        assert status == 200
+        assert (await _get(endpoint.port, "/nope"))[0] == 404
+        assert (await _get(endpoint.port, "/metrics", "POST"))[0] == 405
+    finally:
+        await endpoint.close()
+
+
+async def test_readyz_is_503_when_the_readiness_check_raises() -> None:
+    async def ready() -> tuple[bool, str]:
+        raise ConnectionError("boom")
+
+    endpoint = await metrics.start_http("127.0.0.1:0", ready)
+    try:
+        status, _, body = await _get(endpoint.port, "/readyz")
+        assert status == 503 and b"ConnectionError" in body
+    finally:
+        await endpoint.close()
+
+
+async def test_garbage_and_silent_clients_do_not_break_the_endpoint() -> None:
+    async def ready() -> tuple[bool, str]:
+        return True, ""
+
+    endpoint = await metrics.start_http("127.0.0.1:0", ready)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+        writer.write(b"x" * 20000)  # over the head limit, no terminator
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        silent = await asyncio.open_connection("127.0.0.1", endpoint.port)
+        assert (await _get(endpoint.port, "/healthz"))[0] == 200  # served while one idles
+        silent[1].close()
+    finally:
+        await endpoint.close()
+
+
+def test_record_evaluation_counts_policies_symbols_and_auth_but_not_the_action() -> None:
+    before_runs = _sample("gateway_policy_runs_total", {"policy": "slow", "outcome": "timeout"})
+    before_sym = _sample("gateway_symbols_total", {"symbol": "POLICY_TIMEOUT"})
+    before_auth = _sample("gateway_auth_results_total", {"method": "spf", "result": "pass"})
+    before_dur = _sample("gateway_policy_duration_seconds_count", {"policy": "spf"})
+    before_msg = _sample("gateway_messages_total", {"action": "tempfail"})
+    metrics.record_evaluation(_evaluation())
+    assert _sample("gateway_policy_runs_total", {"policy": "slow", "outcome": "timeout"}) == (
+        before_runs + 1
+    )
+    assert _sample("gateway_symbols_total", {"symbol": "POLICY_TIMEOUT"}) == before_sym + 1
+    assert _sample("gateway_auth_results_total", {"method": "spf", "result": "pass"}) == (
+        before_auth + 1
+    )
+    assert _sample("gateway_policy_duration_seconds_count", {"policy": "spf"}) == before_dur + 1
+    assert _sample("gateway_messages_total", {"action": "tempfail"}) == before_msg
+    metrics.record_action("tempfail")
+    assert _sample("gateway_messages_total", {"action": "tempfail"}) == before_msg + 1
+
+
+def test_no_metric_has_a_label_that_could_carry_an_address_or_subject() -> None:
+    forbidden = {"client", "ip", "mail_from", "rcpt", "sender", "recipient", "subject", "helo"}
+    for family in metrics.REGISTRY.collect():
+        for sample in family.samples:
+            assert not forbidden & set(sample.labels), family.name
