@@ -23,6 +23,7 @@ import dns.resolver
 
 from gateway.api import DNSAnswer, DNSError, DNSTemporaryError
 from gateway.config import DNSConfig, parse_hostport
+from gateway.metrics import DNS_QUERIES
 
 __all__ = ["CachingResolver"]
 
@@ -93,18 +94,23 @@ class CachingResolver:
             if cached[0] > now:
                 self._cache.move_to_end(key)
                 self.hits += 1
+                DNS_QUERIES.labels(result="hit").inc()
                 return cached[1]
             del self._cache[key]
         pending = self._inflight.get(key)
         if pending is not None:
             self.hits += 1
+            DNS_QUERIES.labels(result="hit").inc()
             return await asyncio.shield(pending)
         self.misses += 1
         fut: asyncio.Future[DNSAnswer] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
             answer = await self._lookup(qname, qtype)
+            DNS_QUERIES.labels(result="nxdomain" if answer.nxdomain else "miss").inc()
         except BaseException as exc:
+            if isinstance(exc, DNSTemporaryError):
+                DNS_QUERIES.labels(result="temperror").inc()
             if not fut.done():
                 fut.set_exception(
                     exc if isinstance(exc, Exception) else DNSTemporaryError("cancelled")
