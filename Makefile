@@ -1,0 +1,55 @@
+# The two commands of the README:
+#   make demo   start a local downstream sink and the gateway on the embedded
+#               defaults, send sample messages, show the verdicts; Ctrl-C stops
+#   make test   set up (apt packages, .venv) then ruff, mypy and pytest
+# Both are safe to re-run: every set-up step only acts when something is missing.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Re-install only when the dependencies changed (pyproject.toml is newer).
+STAMP := $(VENV)/.installed-dev
+PYTEST_ARGS ?=
+
+.PHONY: help test demo setup system-deps venv lint typecheck pytest clean
+
+help:
+	@echo "make demo   run the gateway with a local downstream and sample mail (Ctrl-C stops)"
+	@echo "make test   install test dependencies if missing, then ruff, mypy, pytest"
+
+setup: system-deps venv
+
+system-deps:
+	@bash .ci/system-deps
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+pytest: venv
+	@rc=0; $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; \
+	exit $$rc
+
+test: setup lint typecheck pytest
+
+demo: venv
+	$(VPY) deploy/demo/run.py
+
+clean:
+	rm -rf var/demo .pytest_cache
