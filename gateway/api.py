@@ -20,13 +20,28 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from gateway.content import (
+    URL,
+    HTMLLink,
+    TextPart,
+    URLSource,
+    body_text,
+    html_links,
+    normalize_url,
+    registrable_domain,
+    text_parts,
+    urls,
+)
+
 __all__ = [
+    "URL",
     "Action",
     "AuthResult",
     "Context",
     "DNSAnswer",
     "DNSError",
     "DNSTemporaryError",
+    "HTMLLink",
     "NoOptions",
     "OptionError",
     "Policy",
@@ -38,6 +53,14 @@ __all__ = [
     "Symbol",
     "SymbolDef",
     "TLSInfo",
+    "TextPart",
+    "URLSource",
+    "body_text",
+    "html_links",
+    "normalize_url",
+    "registrable_domain",
+    "text_parts",
+    "urls",
 ]
 
 T = TypeVar("T")

@@ -1,0 +1,460 @@
+"""Derived message content, computed once per message and shared by policies.
+
+Every function here takes a :class:`~gateway.api.Context` and is meant for
+``ctx.memo(fn)``: the message is decoded and its HTML parsed once, whichever
+policy asks first. Everything is bounded, because every message is hostile:
+decoded text per part and in total, the number of parts visited, links and
+URLs kept.
+
+- :func:`text_parts`: decoded ``text/plain`` and ``text/html`` (rendered to
+  text with selectolax), attachments skipped.
+- :func:`body_text`: the text a reader sees, one string (an HTML part that
+  merely repeats its ``text/plain`` alternative is left out).
+- :func:`html_links`: ``href``/``src``/``action`` targets with their link text.
+- :func:`urls`: every URL from text and HTML, normalized (lower-case host,
+  IDNA, safe percent-decoding, numeric IP forms, common redirectors unwrapped).
+- :func:`registrable_domain`: the public-suffix + 1 of a host name.
+
+The public suffix list is tldextract's bundled snapshot: it is created with
+``suffix_list_urls=()`` and no cache directory, so it never fetches or writes
+anything at run time. An outdated snapshot only misjudges suffixes added since
+the package was released, which is harmless for scoring.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import enum
+import functools
+import ipaddress
+import quopri
+import re
+import socket
+from dataclasses import dataclass
+from email.message import Message
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import idna
+import tldextract
+from selectolax.lexbor import LexborHTMLParser
+
+if TYPE_CHECKING:
+    from gateway.api import Context
+
+__all__ = [
+    "URL",
+    "HTMLLink",
+    "TextPart",
+    "URLSource",
+    "body_text",
+    "html_links",
+    "normalize_url",
+    "registrable_domain",
+    "text_parts",
+    "urls",
+]
+
+# Bounds: a hostile message must cost little more than a normal one.
+MAX_PARTS = 64  # MIME parts visited
+MAX_ENCODED_PART = 2 * 1024 * 1024  # encoded characters of one part considered
+MAX_PART_TEXT = 256 * 1024  # decoded bytes of one text part
+MAX_TOTAL_TEXT = 1024 * 1024  # decoded bytes over all text parts
+MAX_LINKS = 500  # HTML links kept
+MAX_URLS = 200  # URLs kept
+MAX_URL_LENGTH = 2048  # longer URLs are cut before parsing
+MAX_REDIRECT_DEPTH = 3  # nested redirectors unwrapped
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    """One decoded text part. ``text`` is rendered text for HTML parts."""
+
+    text: str
+    is_html: bool
+    content_type: str
+    charset: str
+    truncated: bool = False  # decoded size was capped
+    alternative: bool = False  # an HTML part with a text/plain sibling in multipart/alternative
+    raw_html: str = ""  # the (capped) HTML source for HTML parts
+
+
+@dataclass(frozen=True, slots=True)
+class HTMLLink:
+    """A link target in HTML with its visible text (``tag`` is a, area, img, form ...)."""
+
+    target: str
+    text: str
+    tag: str
+
+
+class URLSource(enum.Enum):
+    TEXT = "text"  # a bare URL in text
+    HREF = "href"  # <a href>, <area href>
+    SRC = "src"  # <img src> and other embedded resources
+    FORM = "form"  # <form action>
+
+
+@dataclass(frozen=True, slots=True)
+class URL:
+    """A normalized URL. ``host`` is lower-case ASCII (IDNA); IP literals are bare."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int | None
+    path: str  # path plus ?query, percent-decoded where safe
+    source: URLSource
+    text: str = ""  # link text for HTML links
+    redirector: str = ""  # host of the redirector this URL was unwrapped from
+    obfuscated_ip: bool = False  # host was a numeric IP in decimal/hex/octal form
+    userinfo: bool = False  # had user@ before the host (http://bank.com@evil.example/)
+
+    @property
+    def is_ip(self) -> bool:
+        return _ip(self.host) is not None
+
+    @property
+    def domain(self) -> str:
+        """Registrable domain of the host ('' for IP literals)."""
+        return "" if self.is_ip else registrable_domain(self.host)
+
+
+# -- text parts ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    parts: tuple[TextPart, ...]
+    links: tuple[HTMLLink, ...]
+
+
+def text_parts(ctx: Context) -> tuple[TextPart, ...]:
+    """Decoded text/plain and text/html parts (HTML rendered to text), bounded."""
+    return ctx.memo(_parse).parts
+
+
+def html_links(ctx: Context) -> tuple[HTMLLink, ...]:
+    """Link targets of every HTML part with their link text, bounded."""
+    return ctx.memo(_parse).links
+
+
+def body_text(ctx: Context) -> str:
+    """The text a reader sees: every text part, minus HTML that repeats its plain alternative."""
+    return ctx.memo(_body_text)
+
+
+def _body_text(ctx: Context) -> str:
+    parts = text_parts(ctx)
+    return "\n".join(p.text for p in parts if not p.alternative)
+
+
+def _parse(ctx: Context) -> _Parsed:
+    leaves: list[tuple[Message, int]] = []  # (part, id of its multipart/alternative or 0)
+    alt_parent: dict[int, int] = {}
+    for part in _walk(ctx.message):
+        if part.is_multipart():
+            alt = id(part) if part.get_content_subtype() == "alternative" else 0
+            for child in _children(part):
+                alt_parent[id(child)] = alt
+        elif part.get_content_type() in ("text/plain", "text/html") and not _is_attachment(part):
+            leaves.append((part, alt_parent.get(id(part), 0)))
+    with_plain = {alt for part, alt in leaves if alt and part.get_content_type() == "text/plain"}
+    parts: list[TextPart] = []
+    links: list[HTMLLink] = []
+    budget = MAX_TOTAL_TEXT
+    for part, alt in leaves:
+        if budget <= 0:
+            break
+        data, truncated = _decoded_bytes(part, min(MAX_PART_TEXT, budget))
+        budget -= len(data)
+        charset = _charset(part)
+        text = data.decode(charset, errors="replace")
+        if part.get_content_type() == "text/html":
+            rendered, found = _render_html(text, MAX_LINKS - len(links))
+            links.extend(found)
+            alternative = alt in with_plain
+            parts.append(
+                TextPart(rendered, True, "text/html", charset, truncated, alternative, text)
+            )
+        else:
+            parts.append(TextPart(_squeeze(text), False, "text/plain", charset, truncated))
+    return _Parsed(tuple(parts), tuple(links))
+
+
+def _is_attachment(part: Message) -> bool:
+    disposition = part.get_content_disposition()
+    return disposition == "attachment" or (disposition is None and bool(part.get_filename()))
+
+
+def _walk(msg: Message) -> list[Message]:
+    """Parts in document order, at most MAX_PARTS, without recursion limits of the stdlib."""
+    out: list[Message] = []
+    stack: list[Message] = [msg]
+    while stack and len(out) < MAX_PARTS:
+        part = stack.pop()
+        out.append(part)
+        if part.is_multipart():
+            stack.extend(reversed(_children(part)))
+    return out
+
+
+def _children(part: Message) -> list[Message]:
+    payload = part.get_payload()
+    return [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else []
+
+
+def _charset(part: Message) -> str:
+    name = part.get_content_charset() or "us-ascii"
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        return "utf-8"
+    # Mislabelled 8-bit text is common; UTF-8 is a superset of ASCII.
+    return "utf-8" if codec == "ascii" else codec
+
+
+def _decoded_bytes(part: Message, limit: int) -> tuple[bytes, bool]:
+    """The part's body decoded from its transfer encoding, at most ``limit`` bytes."""
+    payload = part.get_payload()
+    if not isinstance(payload, str):
+        return b"", False
+    cut = len(payload) > MAX_ENCODED_PART
+    if not cut:
+        decoded = part.get_payload(decode=True)
+        data = decoded if isinstance(decoded, bytes) else b""
+    else:  # decode only a prefix of an oversized part
+        payload = payload[:MAX_ENCODED_PART]
+        cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+        if cte == "base64":
+            compact = "".join(payload.split())
+            compact = compact[: len(compact) - len(compact) % 4]
+            try:
+                data = binascii.a2b_base64(compact)
+            except binascii.Error:
+                data = b""
+        elif cte == "quoted-printable":
+            data = quopri.decodestring(payload.encode("ascii", "replace"))
+        else:
+            data = payload.encode("utf-8", "replace")
+    if len(data) > limit:
+        return data[:limit], True
+    return data, cut
+
+
+_WS = re.compile(r"[ \t\r\f\v\xa0]+")
+_BLANK_LINES = re.compile(r"\n\s*\n+")
+# Block-level tags end a line when rendered; without this, "<p>a</p><p>b</p>" reads "ab".
+_BLOCK_TAG = re.compile(
+    r"<(?=/?(?:br|p|div|tr|td|th|li|ul|ol|h[1-6]|table|blockquote|hr|center|pre)\b)", re.I
+)
+
+
+def _squeeze(text: str) -> str:
+    text = _WS.sub(" ", text.replace("\r\n", "\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+def _render_html(html: str, max_links: int) -> tuple[str, list[HTMLLink]]:
+    """Visible text of an HTML document and its links (script/style/head dropped)."""
+    tree = LexborHTMLParser(_BLOCK_TAG.sub("\n<", html))
+    links: list[HTMLLink] = []
+    if max_links > 0:
+        for node in tree.css("a[href], area[href], img[src], form[action], iframe[src]"):
+            if len(links) >= max_links:
+                break
+            tag = node.tag or ""
+            attr = "action" if tag == "form" else "src" if tag in ("img", "iframe") else "href"
+            target = node.attributes.get(attr) or ""
+            if not target:
+                continue
+            text = "" if tag in ("img", "iframe", "form") else _squeeze(node.text(deep=True))
+            links.append(HTMLLink(target.strip(), text[:300], tag))
+    tree.strip_tags(["script", "style", "head", "noscript", "template"])
+    root = tree.body or tree.root
+    text = root.text(deep=True, separator="", strip=False) if root is not None else ""
+    return _squeeze(text), links
+
+
+# -- URLs ---------------------------------------------------------------------
+
+_BARE_URL = re.compile(
+    r"""(?:\b(?:https?|ftp)://|\bwww\d{0,3}\.)[^\s<>"'`{}|\\^\[\]]{1,2048}""", re.I
+)
+_TRAILING = ".,;:!?'\")]}>*"
+_SCHEMES = frozenset({"http", "https", "ftp"})
+_UNRESERVED = re.compile(r"%([0-9A-Fa-f]{2})")
+_NUMERIC_HOST = re.compile(r"^(?:0x[0-9a-f]+|[0-9]+)(?:\.(?:0x[0-9a-f]+|[0-9]+)){0,3}$")
+
+# Redirectors whose target is a query parameter: (host or suffix, path, parameter).
+# A shortener (t.co, bit.ly) hides its target behind a lookup and is not unwrapped;
+# the urls policy reports those.
+_REDIRECTORS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("google.", "/url", ("q", "url")),
+    ("l.facebook.com", "/l.php", ("u",)),
+    ("lm.facebook.com", "/l.php", ("u",)),
+    ("www.youtube.com", "/redirect", ("q",)),
+    ("youtube.com", "/redirect", ("q",)),
+    ("out.reddit.com", "/", ("url",)),
+    ("href.li", "/", ("",)),
+    ("safelinks.protection.outlook.com", "/", ("url",)),
+    ("urldefense.proofpoint.com", "/v2/url", ("u",)),
+)
+
+
+def urls(ctx: Context) -> tuple[URL, ...]:
+    """Every URL of the message, normalized and de-duplicated, at most MAX_URLS."""
+    return ctx.memo(_urls)
+
+
+def _urls(ctx: Context) -> tuple[URL, ...]:
+    seen: set[tuple[str, URLSource, str]] = set()
+    out: list[URL] = []
+
+    def add(u: URL | None) -> bool:
+        if u is None:
+            return True
+        key = (u.url, u.source, u.text)
+        if key not in seen:
+            seen.add(key)
+            out.append(u)
+        return len(out) < MAX_URLS
+
+    for link in html_links(ctx):
+        source = {"img": URLSource.SRC, "iframe": URLSource.SRC, "form": URLSource.FORM}.get(
+            link.tag, URLSource.HREF
+        )
+        if not add(normalize_url(link.target, source, link.text)):
+            return tuple(out)
+    for part in text_parts(ctx):
+        if part.is_html:
+            continue
+        for m in _BARE_URL.finditer(part.text):
+            if not add(normalize_url(m.group(0).rstrip(_TRAILING), URLSource.TEXT)):
+                return tuple(out)
+    return tuple(out)
+
+
+def normalize_url(raw: str, source: URLSource = URLSource.TEXT, text: str = "") -> URL | None:
+    """Normalize one URL; None for other schemes (mailto:, cid:, data:) and garbage."""
+    return _normalize(raw.strip()[:MAX_URL_LENGTH], source, text, 0, "")
+
+
+def _normalize(raw: str, source: URLSource, text: str, depth: int, via: str) -> URL | None:
+    raw = raw.replace("\\", "/")
+    if raw[:4].lower() == "www." or re.match(r"(?i)www\d{1,3}\.", raw):
+        raw = "http://" + raw
+    elif raw.startswith("//"):
+        raw = "http:" + raw
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+        hostname = parts.hostname
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES or not hostname:
+        return None
+    host, obfuscated = _normalize_host(hostname)
+    if not host:
+        return None
+    path = _UNRESERVED.sub(_unquote_unreserved, parts.path or "/")
+    if parts.query:
+        path += "?" + parts.query
+    if depth < MAX_REDIRECT_DEPTH:
+        target = _redirect_target(host, parts.path, parts.query)
+        if target:
+            inner = _normalize(target, source, text, depth + 1, via or host)
+            if inner is not None:
+                return inner
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return URL(
+        url=f"{scheme}://{netloc}{path}",
+        scheme=scheme,
+        host=host,
+        port=port,
+        path=path,
+        source=source,
+        text=text,
+        redirector=via,
+        obfuscated_ip=obfuscated,
+        userinfo="@" in parts.netloc,
+    )
+
+
+def _unquote_unreserved(m: re.Match[str]) -> str:
+    """Percent-decode only unreserved characters (RFC 3986 §2.3): the URL means the same."""
+    ch = chr(int(m.group(1), 16))
+    return ch if ch.isascii() and (ch.isalnum() or ch in "-._~") else m.group(0).upper()
+
+
+def _normalize_host(hostname: str) -> tuple[str, bool]:
+    host = unquote(hostname).strip().rstrip(".").lower()
+    if not host or len(host) > 253:
+        return "", False
+    if _ip(host) is not None:
+        return str(ipaddress.ip_address(host)), False
+    if _NUMERIC_HOST.match(host):
+        try:  # inet_aton accepts 3232235777, 0xc0.0xa8.1.1, 0300.0250.1.1 (obfuscation)
+            return socket.inet_ntoa(socket.inet_aton(host)), True
+        except OSError:
+            return "", False
+    if not host.isascii():
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                return "", False
+    return host, False
+
+
+def _redirect_target(host: str, path: str, query: str) -> str:
+    if not query:
+        return ""
+    for suffix, rpath, params in _REDIRECTORS:
+        if suffix.endswith("."):
+            match = host.startswith(suffix) or ("." + suffix) in host
+            match = match and "google." in host
+        else:
+            match = host == suffix or host.endswith("." + suffix)
+        if not match or (rpath != "/" and path != rpath):
+            continue
+        if params == ("",):
+            return unquote(query)
+        for key, value in parse_qsl(query, keep_blank_values=False):
+            if key in params and re.match(r"(?i)(?:https?|ftp)://|www\.", value):
+                return value
+    return ""
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+# -- domains ------------------------------------------------------------------
+
+_EXTRACT = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, fallback_to_snapshot=True)
+
+
+@functools.lru_cache(maxsize=8192)
+def registrable_domain(host: str) -> str:
+    """``a.b.example.co.uk`` -> ``example.co.uk``; the host itself when no suffix is known.
+
+    IP literals and single labels come back unchanged. Uses the bundled public
+    suffix list snapshot only (ICANN section; no network, no cache files).
+    """
+    host = host.strip().rstrip(".").lower()
+    if not host or _ip(host) is not None:
+        return host
+    ext = _EXTRACT(host)
+    if not ext.suffix or not ext.domain:
+        return host
+    return f"{ext.domain}.{ext.suffix}"
