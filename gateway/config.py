@@ -249,11 +249,16 @@ class MetricsConfig:
 class PipelineConfig:
     policy_timeout: float = 10.0
     on_policy_error: Literal["tempfail", "relay"] = "tempfail"
-    max_parse_depth: int = 50
-    max_parts: int = 1000
+    # Nested multiparts cost the stdlib parser superlinear time: past this many
+    # multipart containers only the header is parsed and the message is quarantined.
+    max_mime_containers: int = 200
 
     def __post_init__(self) -> None:
         _positive("policy_timeout", self.policy_timeout)
+        if self.max_mime_containers < 1:
+            raise OptionError(
+                "max_mime_containers", f"must be at least 1, got {self.max_mime_containers}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import logging
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 
-from gateway.api import Action, Context, Services, SymbolDef, TLSInfo
+from gateway.api import Action, Context, Result, Services, Symbol, SymbolDef, TLSInfo
 from gateway.config import Config
-from gateway.pipeline import Pipeline, PipelineRun
+from gateway.pipeline import Pipeline, PipelineRun, PolicyRun
 from gateway.registry import Plan, plan_policies
 from gateway.replies import Reply, queued, verdict_reply
 from gateway.schema import Problems
@@ -27,6 +28,7 @@ __all__ = ["Engine", "Envelope", "Evaluation", "parse_message"]
 log = logging.getLogger("gateway.engine")
 
 _PARSER = email.parser.BytesParser(policy=email.policy.default)
+_HEADER_PARSER = email.parser.BytesParser(policy=email.policy.default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,19 +61,36 @@ class Evaluation:
         return verdict_reply(self.verdict.action, self.verdict.reason, self.envelope.queue_id)
 
 
+_MULTIPART = re.compile(rb"content-type:[ \t]*(?:\r?\n[ \t]+)?multipart/", re.IGNORECASE)
+
+
 def parse_message(raw: bytes) -> EmailMessage:
     """Parse once; the result is shared by every policy.
 
     A message the parser cannot make sense of still yields an EmailMessage
     (with ``defects``): bad mail is a symbol, never a crash.
     """
+    return parse_bounded(raw, max_containers=None)[0]
+
+
+def parse_bounded(raw: bytes, max_containers: int | None) -> tuple[EmailMessage, Symbol | None]:
+    """Parse within a bounded cost; a message we could not inspect fully yields a symbol."""
+    if max_containers is not None:
+        containers = len(_MULTIPART.findall(raw))
+        if containers > max_containers:
+            msg = _HEADER_PARSER.parsebytes(raw, headersonly=True)
+            assert isinstance(msg, EmailMessage)
+            # Policies see the header only: a body they cannot walk is not a crash.
+            del msg["Content-Type"]
+            msg.set_payload("")
+            return msg, Symbol("MIME_TOO_COMPLEX", detail=f"{containers} multipart containers")
     try:
         msg = _PARSER.parsebytes(raw)
-    except (RecursionError, Exception):  # the stdlib parser is lenient; this is the backstop
-        log.warning("message_parse_failed")
-        msg = EmailMessage()
+    except (RecursionError, Exception) as exc:  # the stdlib parser is lenient; a backstop
+        log.warning("message_parse_failed", extra={"error": type(exc).__name__})
+        return EmailMessage(), Symbol("MIME_UNPARSEABLE", detail=type(exc).__name__)
     assert isinstance(msg, EmailMessage)  # policy=default builds EmailMessage
-    return msg
+    return msg, None
 
 
 class Engine:
@@ -117,7 +136,7 @@ class Engine:
         return [k for k in self.config.scores if k not in known]
 
     async def evaluate(self, envelope: Envelope, raw: bytes) -> Evaluation:
-        message = parse_message(raw)
+        message, parse_problem = parse_bounded(raw, self.config.pipeline.max_mime_containers)
         ctx = Context(
             client_ip=envelope.client_ip,
             client_name=envelope.client_name,
@@ -133,6 +152,14 @@ class Engine:
             received_at=envelope.received_at or datetime.now(UTC),
         )
         run = await self.pipeline.run(ctx)
+        if parse_problem is not None:
+            # Content we could not inspect is never relayed on a guess: quarantine it.
+            flagged = Result(
+                symbols=(parse_problem,),
+                force=Action.QUARANTINE,
+                reason="message structure too complex to inspect",
+            )
+            run = PipelineRun((PolicyRun("gateway", flagged, 0.0, "ok"), *run.runs))
         verdict = decide(
             run,
             declared=self._declared or self.declared_symbols(),

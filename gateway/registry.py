@@ -32,6 +32,12 @@ ENTRY_POINT_GROUP = "gateway.policies"
 GATEWAY_SYMBOLS: Mapping[str, SymbolDef] = {
     "POLICY_ERROR": SymbolDef(0.0, "a policy failed with an error; the message is retried (451)"),
     "POLICY_TIMEOUT": SymbolDef(0.0, "a policy did not finish within its timeout (451)"),
+    "MIME_UNPARSEABLE": SymbolDef(
+        5.0, "the MIME structure could not be parsed; content was not inspected (quarantined)"
+    ),
+    "MIME_TOO_COMPLEX": SymbolDef(
+        5.0, "more multipart containers than pipeline.max_mime_containers (quarantined)"
+    ),
 }
 
 
