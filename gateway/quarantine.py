@@ -1,0 +1,729 @@
+"""The quarantine: messages held back with their envelope and verdict, durably.
+
+``put`` returns only when the message is durable, because the SMTP server
+answers 250 right after it (never lose a message). Two backends behind one
+small interface:
+
+- ``local`` (default): one file per message under ``path/messages`` (written
+  to a temporary name, fsync'd, renamed, directory fsync'd) plus a SQLite index
+  (WAL, ``synchronous=FULL``) committed before ``put`` returns. Crash-consistent:
+  on open, a file without an index row is moved to ``path/orphans`` (its
+  sender was never told 250 and will retry; kept for inspection), a row
+  without a file is dropped, and stale temporary files are removed.
+- ``postgresql``: bytes in ``bytea`` with the envelope and verdict in one row,
+  committed before ``put`` returns, so every node of a cluster sees the same
+  quarantine. The schema is versioned and migrated by the gateway itself.
+
+Every blocking call runs in a worker thread (local) or is async (psycopg 3):
+the event loop never waits on a disk or a socket. Any failure to store is a
+:class:`QuarantineError`, which the server answers with 451.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.config import QuarantineConfig
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from gateway.engine import Evaluation
+
+__all__ = [
+    "LocalQuarantine",
+    "PostgresQuarantine",
+    "QuarantineError",
+    "QuarantineItem",
+    "QuarantineStore",
+    "new_quarantine_item",
+    "open_quarantine",
+    "valid_id",
+]
+
+log = logging.getLogger("gateway.quarantine")
+
+_ID_RE = re.compile(r"^[0-9a-f]{12,40}$")
+_ORPHAN_GRACE = 120.0  # seconds: a file younger than this may be a put() in progress elsewhere
+_PG_TIMEOUT = 10.0  # seconds for any one PostgreSQL operation
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineItem:
+    id: str
+    queue_id: str
+    received_at: datetime
+    client_ip: str | None
+    helo: str
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    size: int
+    score: float
+    action: str
+    reasons: tuple[str, ...]  # verdict reason first, then "SYMBOL=score" strings
+    headers: tuple[str, ...]  # header fields to prepend when released (folded, no CRLF)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON shape of ``quarantine list --json``."""
+        return {
+            "id": self.id,
+            "queue_id": self.queue_id,
+            "received_at": self.received_at.isoformat(),
+            "client_ip": self.client_ip,
+            "helo": self.helo,
+            "mail_from": self.mail_from,
+            "rcpt_tos": list(self.rcpt_tos),
+            "size": self.size,
+            "score": self.score,
+            "action": self.action,
+            "reasons": list(self.reasons),
+        }
+
+
+class QuarantineError(Exception):
+    """The store is unavailable, full or unwritable: the caller answers 451."""
+
+
+class QuarantineStore(Protocol):
+    async def put(self, item: QuarantineItem, raw: bytes) -> None:
+        """Store; returns only when durable (fsync'd file + committed index / PG commit)."""
+        ...
+
+    async def get(self, id: str) -> tuple[QuarantineItem, bytes] | None: ...
+
+    async def list(
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        mail_from: str | None = None,
+        rcpt: str | None = None,
+    ) -> list[QuarantineItem]: ...
+
+    async def delete(self, id: str) -> bool: ...
+
+    async def count(self) -> int: ...
+
+    async def purge(self, older_than: datetime) -> int:
+        """Delete messages received before ``older_than`` (retention); returns how many."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def valid_id(id: str) -> bool:
+    """Quarantine ids are lower-case hex: safe as file names, easy to paste."""
+    return bool(_ID_RE.match(id))
+
+
+def new_id(now: float | None = None) -> str:
+    """Time-ordered (milliseconds, hex) plus 48 random bits: unique across nodes."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:012x}{secrets.token_hex(6)}"
+
+
+def new_quarantine_item(evaluation: Evaluation, raw_size: int) -> QuarantineItem:
+    """The record of one evaluated message, ready for :meth:`QuarantineStore.put`."""
+    env = evaluation.envelope
+    verdict = evaluation.verdict
+    reasons = [verdict.reason] if verdict.reason else [f"action {verdict.action.value}"]
+    reasons.extend(f"{s.name}={s.score}" for s in verdict.symbols)
+    return QuarantineItem(
+        id=new_id(),
+        queue_id=env.queue_id,
+        received_at=env.received_at or datetime.now(UTC),
+        client_ip=env.client_ip,
+        helo=env.helo,
+        mail_from=env.mail_from,
+        rcpt_tos=tuple(env.rcpt_to),
+        size=raw_size,
+        score=float(verdict.score),
+        action=verdict.action.value,
+        reasons=tuple(reasons),
+        headers=tuple(evaluation.headers),
+    )
+
+
+def open_quarantine(config: QuarantineConfig, base_dir: Path) -> QuarantineStore:
+    """The configured store. Opening is lazy: nothing blocks here, errors surface on use."""
+    if config.backend == "postgresql":
+        return PostgresQuarantine(config.dsn)
+    path = Path(config.path).expanduser()
+    return LocalQuarantine(path if path.is_absolute() else base_dir / path)
+
+
+def _check_paging(limit: int, offset: int) -> None:
+    if limit < 1 or offset < 0:
+        raise ValueError(f"limit must be >= 1 and offset >= 0, got {limit}, {offset}")
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+# --- local: files + SQLite ---------------------------------------------------
+
+_LOCAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    queue_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    client_ip TEXT,
+    helo TEXT NOT NULL,
+    mail_from TEXT NOT NULL,
+    mail_from_lc TEXT NOT NULL,
+    rcpt_tos TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    score REAL NOT NULL,
+    action TEXT NOT NULL,
+    reasons TEXT NOT NULL,
+    headers TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_received_at ON items (received_at, id);
+CREATE INDEX IF NOT EXISTS items_mail_from ON items (mail_from_lc);
+CREATE TABLE IF NOT EXISTS rcpts (
+    id TEXT NOT NULL REFERENCES items (id) ON DELETE CASCADE,
+    rcpt_lc TEXT NOT NULL,
+    PRIMARY KEY (rcpt_lc, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rcpts_id ON rcpts (id);
+"""
+
+_COLUMNS = (
+    "id, queue_id, received_at, client_ip, helo, mail_from, rcpt_tos, size, score, action, "
+    "reasons, headers"
+)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _local_row(row: Sequence[Any]) -> QuarantineItem:
+    return QuarantineItem(
+        id=row[0],
+        queue_id=row[1],
+        received_at=datetime.fromtimestamp(row[2], UTC),
+        client_ip=row[3],
+        helo=row[4],
+        mail_from=row[5],
+        rcpt_tos=tuple(json.loads(row[6])),
+        size=row[7],
+        score=row[8],
+        action=row[9],
+        reasons=tuple(json.loads(row[10])),
+        headers=tuple(json.loads(row[11])),
+    )
+
+
+class LocalQuarantine:
+    """Files (one per message) plus a SQLite index under one directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages = path / "messages"
+        self.orphans = path / "orphans"
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # one thread at a time on the connection
+
+    # All _sync methods run in a worker thread (asyncio.to_thread).
+
+    def _open_sync(self) -> sqlite3.Connection:
+        if self._db is not None:
+            return self._db
+        self.messages.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(
+            self.path / "index.sqlite", timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # commit = durable, even in WAL mode
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(_LOCAL_SCHEMA)
+            self._repair(db)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return db
+
+    def _repair(self, db: sqlite3.Connection) -> None:
+        """Reconcile files and index after a crash (see the module docstring)."""
+        now = time.time()
+        files: dict[str, Path] = {}
+        for entry in self.messages.iterdir():
+            name = entry.name
+            age = now - entry.stat().st_mtime
+            if name.startswith(".tmp-"):
+                if age > _ORPHAN_GRACE:
+                    entry.unlink(missing_ok=True)
+                    log.warning("quarantine_tmp_removed", extra={"file": name})
+            elif name.endswith(".eml") and valid_id(name[:-4]):
+                files[name[:-4]] = entry
+        rows = {r[0] for r in db.execute("SELECT id FROM items")}
+        for id in sorted(rows - files.keys()):
+            db.execute("DELETE FROM items WHERE id = ?", (id,))
+            log.warning("quarantine_row_without_file_dropped", extra={"quarantine_id": id})
+        for id in sorted(files.keys() - rows):
+            entry = files[id]
+            if now - entry.stat().st_mtime <= _ORPHAN_GRACE:
+                continue  # possibly a put() of another process between rename and commit
+            self.orphans.mkdir(exist_ok=True)
+            entry.rename(self.orphans / entry.name)
+            log.warning("quarantine_file_without_row_moved", extra={"quarantine_id": id})
+
+    def _file(self, id: str) -> Path:
+        return self.messages / f"{id}.eml"
+
+    def _put_sync(self, item: QuarantineItem, raw: bytes) -> None:
+        db = self._open_sync()
+        final = self._file(item.id)
+        tmp = self.messages / f".tmp-{item.id}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(raw)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.rename(tmp, final)
+        _fsync_dir(self.messages)  # the rename itself is durable now
+        try:
+            with self._lock:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute(
+                        f"INSERT INTO items ({_COLUMNS}, mail_from_lc) "  # noqa: S608
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            item.id,
+                            item.queue_id,
+                            _aware(item.received_at).timestamp(),
+                            item.client_ip,
+                            item.helo,
+                            item.mail_from,
+                            json.dumps(list(item.rcpt_tos)),
+                            item.size,
+                            item.score,
+                            item.action,
+                            json.dumps(list(item.reasons)),
+                            json.dumps(list(item.headers)),
+                            item.mail_from.lower(),
+                        ),
+                    )
+                    db.executemany(
+                        "INSERT OR IGNORE INTO rcpts (id, rcpt_lc) VALUES (?, ?)",
+                        [(item.id, r.lower()) for r in item.rcpt_tos],
+                    )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            final.unlink(missing_ok=True)  # never acknowledged: the sender retries
+            raise
+
+    def _get_sync(self, id: str) -> tuple[QuarantineItem, bytes] | None:
+        if not valid_id(id):
+            return None
+        db = self._open_sync()
+        with self._lock:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM items WHERE id = ?",  # noqa: S608
+                (id,),
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            raw = self._file(id).read_bytes()
+        except FileNotFoundError:
+            return None  # deleted meanwhile
+        return _local_row(row), raw
+
+    def _list_sync(
+        self, limit: int, offset: int, mail_from: str | None, rcpt: str | None
+    ) -> list[QuarantineItem]:
+        db = self._open_sync()
+        where: list[str] = []
+        args: list[Any] = []
+        if mail_from is not None:
+            where.append("mail_from_lc = ?")
+            args.append(mail_from.lower())
+        if rcpt is not None:
+            where.append("id IN (SELECT id FROM rcpts WHERE rcpt_lc = ?)")
+            args.append(rcpt.lower())
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = (
+            f"SELECT {_COLUMNS} FROM items {clause} "  # noqa: S608
+            "ORDER BY received_at DESC, id DESC LIMIT ? OFFSET ?"
+        )
+        with self._lock:
+            rows = db.execute(sql, (*args, limit, offset)).fetchall()
+        return [_local_row(r) for r in rows]
+
+    def _delete_sync(self, id: str) -> bool:
+        if not valid_id(id):
+            return False
+        db = self._open_sync()
+        # The file goes first: a crash in between leaves a row without a file,
+        # which the next open drops; the other order would leave an orphan file.
+        existed = self._file(id).exists()
+        self._file(id).unlink(missing_ok=True)
+        if existed:
+            _fsync_dir(self.messages)
+        with self._lock:
+            cur = db.execute("DELETE FROM items WHERE id = ?", (id,))
+        return existed or cur.rowcount > 0
+
+    def _count_sync(self) -> int:
+        db = self._open_sync()
+        with self._lock:
+            (n,) = db.execute("SELECT count(*) FROM items").fetchone()
+        return int(n)
+
+    def _purge_sync(self, before: float) -> int:
+        db = self._open_sync()
+        with self._lock:
+            ids = [
+                r[0] for r in db.execute("SELECT id FROM items WHERE received_at < ?", (before,))
+            ]
+        return sum(1 for id in ids if self._delete_sync(id))
+
+    def _close_sync(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except (OSError, sqlite3.Error) as exc:
+            raise QuarantineError(
+                f"local quarantine at {self.path} failed: {type(exc).__name__}: {exc}; "
+                "check that the directory exists, is writable and the disk is not full"
+            ) from exc
+
+    async def put(self, item: QuarantineItem, raw: bytes) -> None:
+        if not valid_id(item.id):
+            raise ValueError(f"invalid quarantine id {item.id!r}")
+        await self._call(self._put_sync, item, raw)
+
+    async def get(self, id: str) -> tuple[QuarantineItem, bytes] | None:
+        result: tuple[QuarantineItem, bytes] | None = await self._call(self._get_sync, id)
+        return result
+
+    async def list(
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        mail_from: str | None = None,
+        rcpt: str | None = None,
+    ) -> list[QuarantineItem]:
+        _check_paging(limit, offset)
+        items: list[QuarantineItem] = await self._call(
+            self._list_sync, limit, offset, mail_from, rcpt
+        )
+        return items
+
+    async def delete(self, id: str) -> bool:
+        return bool(await self._call(self._delete_sync, id))
+
+    async def count(self) -> int:
+        return int(await self._call(self._count_sync))
+
+    async def purge(self, older_than: datetime) -> int:
+        return int(await self._call(self._purge_sync, _aware(older_than).timestamp()))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close_sync)
+
+
+# --- PostgreSQL ----------------------------------------------------------------
+
+# Each entry moves the schema one version forward; never edit a shipped one.
+_PG_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE quarantine (
+        id text PRIMARY KEY,
+        queue_id text NOT NULL,
+        received_at timestamptz NOT NULL,
+        client_ip text,
+        helo text NOT NULL,
+        mail_from text NOT NULL,
+        mail_from_lc text NOT NULL,
+        rcpt_tos text[] NOT NULL,
+        rcpt_lc text[] NOT NULL,
+        size bigint NOT NULL,
+        score double precision NOT NULL,
+        action text NOT NULL,
+        reasons text[] NOT NULL,
+        headers text[] NOT NULL,
+        raw bytea NOT NULL
+    );
+    CREATE INDEX quarantine_received_at ON quarantine (received_at DESC, id DESC);
+    CREATE INDEX quarantine_mail_from ON quarantine (mail_from_lc, received_at DESC);
+    CREATE INDEX quarantine_rcpt ON quarantine USING gin (rcpt_lc);
+    """,
+)
+
+_PG_COLUMNS = (
+    "id, queue_id, received_at, client_ip, helo, mail_from, rcpt_tos, size, score, action, "
+    "reasons, headers"
+)
+
+
+def _pg_row(row: Sequence[Any]) -> QuarantineItem:
+    return QuarantineItem(
+        id=row[0],
+        queue_id=row[1],
+        received_at=_aware(row[2]),
+        client_ip=row[3],
+        helo=row[4],
+        mail_from=row[5],
+        rcpt_tos=tuple(row[6]),
+        size=int(row[7]),
+        score=float(row[8]),
+        action=row[9],
+        reasons=tuple(row[10]),
+        headers=tuple(row[11]),
+    )
+
+
+class _Pool:
+    """A small async connection pool (psycopg_pool is not a dependency).
+
+    Connections are opened on demand up to ``size``; one that saw an error is
+    discarded, so a restarted server is picked up again by itself.
+    """
+
+    def __init__(self, dsn: str, size: int = 4) -> None:
+        self.dsn = dsn
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._slots = asyncio.Semaphore(size)
+        self._closed = False
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        import psycopg
+
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.dsn, connect_timeout=int(_PG_TIMEOUT), autocommit=False
+                )
+            ok = False
+            try:
+                yield conn
+                ok = True
+            finally:
+                if ok and not self._closed and not conn.closed and not conn.broken:
+                    self._idle.append(conn)
+                else:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+class PostgresQuarantine:
+    """The shared quarantine of a cluster: one row per message, bytes in ``bytea``."""
+
+    def __init__(self, dsn: str, pool_size: int = 4) -> None:
+        self.dsn = dsn
+        self._pool = _Pool(dsn, pool_size)
+        self._migrated = False
+        self._migrate_lock = asyncio.Lock()
+
+    def _where(self) -> str:
+        # The DSN without credentials, for messages an operator reads.
+        return re.sub(r"//[^@/]*@", "//", self.dsn)
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        import psycopg
+
+        try:
+            async with asyncio.timeout(_PG_TIMEOUT):
+                if not self._migrated:
+                    await self._migrate()
+                async with self._pool.connection() as conn:
+                    yield conn
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            raise QuarantineError(
+                f"PostgreSQL quarantine at {self._where()} failed: {type(exc).__name__}: "
+                f"{str(exc).strip() or 'timed out'}"
+            ) from exc
+
+    async def _migrate(self) -> None:
+        async with self._migrate_lock:
+            if self._migrated:
+                return
+            async with self._pool.connection() as conn, conn.transaction():
+                # Two nodes starting together: one migrates, the other waits.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.gateway_q'))"
+                )
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version "
+                    "(component text PRIMARY KEY, version integer NOT NULL)"
+                )
+                cur = await conn.execute(
+                    "SELECT version FROM schema_version WHERE component = 'quarantine'"
+                )
+                row = await cur.fetchone()
+                current = int(row[0]) if row else 0
+                if current > len(_PG_MIGRATIONS):
+                    raise QuarantineError(
+                        f"quarantine schema version {current} is newer than this gateway "
+                        f"knows ({len(_PG_MIGRATIONS)}); upgrade the gateway"
+                    )
+                for version, sql in enumerate(_PG_MIGRATIONS[current:], start=current + 1):
+                    await conn.execute(sql.encode())
+                    await conn.execute(
+                        "INSERT INTO schema_version (component, version) "
+                        "VALUES ('quarantine', %s) ON CONFLICT (component) "
+                        "DO UPDATE SET version = EXCLUDED.version",
+                        (version,),
+                    )
+                    log.info("quarantine_schema_migrated", extra={"version": version})
+            self._migrated = True
+
+    async def schema_version(self) -> int:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "SELECT version FROM schema_version WHERE component = 'quarantine'"
+            )
+            row = await cur.fetchone()
+            await conn.rollback()
+        return int(row[0]) if row else 0
+
+    async def put(self, item: QuarantineItem, raw: bytes) -> None:
+        if not valid_id(item.id):
+            raise ValueError(f"invalid quarantine id {item.id!r}")
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                (
+                    f"INSERT INTO quarantine ({_PG_COLUMNS}, mail_from_lc, rcpt_lc, raw) "  # noqa: S608
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                ).encode(),
+                (
+                    item.id,
+                    item.queue_id,
+                    _aware(item.received_at),
+                    item.client_ip,
+                    item.helo,
+                    item.mail_from,
+                    list(item.rcpt_tos),
+                    item.size,
+                    item.score,
+                    item.action,
+                    list(item.reasons),
+                    list(item.headers),
+                    item.mail_from.lower(),
+                    [r.lower() for r in item.rcpt_tos],
+                    raw,
+                ),
+            )
+        # leaving transaction() committed; PostgreSQL's commit is durable (fsync'd WAL)
+
+    async def get(self, id: str) -> tuple[QuarantineItem, bytes] | None:
+        if not valid_id(id):
+            return None
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"SELECT {_PG_COLUMNS}, raw FROM quarantine WHERE id = %s".encode(),  # noqa: S608
+                (id,),
+            )
+            row = await cur.fetchone()
+            await conn.rollback()
+        if row is None:
+            return None
+        return _pg_row(row), bytes(row[12])
+
+    async def list(
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        mail_from: str | None = None,
+        rcpt: str | None = None,
+    ) -> list[QuarantineItem]:
+        _check_paging(limit, offset)
+        where: list[str] = []
+        args: list[Any] = []
+        if mail_from is not None:
+            where.append("mail_from_lc = %s")
+            args.append(mail_from.lower())
+        if rcpt is not None:
+            where.append("rcpt_lc @> ARRAY[%s]::text[]")
+            args.append(rcpt.lower())
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = (
+            f"SELECT {_PG_COLUMNS} FROM quarantine {clause} "  # noqa: S608
+            "ORDER BY received_at DESC, id DESC LIMIT %s OFFSET %s"
+        )
+        async with self._conn() as conn:
+            cur = await conn.execute(sql.encode(), (*args, limit, offset))
+            rows = await cur.fetchall()
+            await conn.rollback()
+        return [_pg_row(r) for r in rows]
+
+    async def delete(self, id: str) -> bool:
+        if not valid_id(id):
+            return False
+        async with self._conn() as conn, conn.transaction():
+            cur = await conn.execute("DELETE FROM quarantine WHERE id = %s", (id,))
+            return cur.rowcount > 0
+
+    async def count(self) -> int:
+        async with self._conn() as conn:
+            cur = await conn.execute("SELECT count(*) FROM quarantine")
+            row = await cur.fetchone()
+            await conn.rollback()
+        return int(row[0]) if row else 0
+
+    async def purge(self, older_than: datetime) -> int:
+        async with self._conn() as conn, conn.transaction():
+            cur = await conn.execute(
+                "DELETE FROM quarantine WHERE received_at < %s", (_aware(older_than),)
+            )
+            return cur.rowcount
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+def retention_cutoff(config: QuarantineConfig, now: datetime | None = None) -> datetime:
+    """Messages received before this are past ``quarantine.retention_days``."""
+    return (now or datetime.now(UTC)) - timedelta(days=config.retention_days)
