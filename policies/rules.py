@@ -47,7 +47,7 @@ from gateway.api import (
 )
 from policies._mail import all_headers, header
 
-__all__ = ["Options", "Rule", "RuleError", "RuleSet", "RulesPolicy", "RuleType", "load_rules"]
+__all__ = ["Rule", "RuleError", "RuleSet", "RuleType", "RulesOptions", "RulesPolicy", "load_rules"]
 
 _NAME = re.compile(r"^(?:__)?[A-Z][A-Z0-9_]{0,63}$")
 _ACTIONS = {a.value: a for a in (Action.ADD_HEADER, Action.QUARANTINE, Action.REJECT)}
@@ -471,7 +471,7 @@ def _order(by_name: dict[str, _Compiled], disabled: frozenset[str]) -> list[_Com
 
 
 @dataclass(frozen=True, slots=True)
-class Options:
+class RulesOptions:
     files: tuple[str, ...] = ()  # operator rule files, relative to the config directory
     builtin: bool = True  # load the shipped rule files (policies/rules/*.toml) first
     disable: tuple[str, ...] = ()  # rule names to switch off
@@ -487,12 +487,12 @@ class Options:
 
 class RulesPolicy(Policy):
     name = "rules"
-    symbols: Mapping[str, SymbolDef] = {}  # every symbol comes from rule files
-    Options = Options
+    symbols = {}  # every symbol comes from rule files: see rule_symbols()
+    Options = RulesOptions
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: RulesOptions) -> None:
         super().__init__(options)
-        self.options: Options = options
+        self.options: RulesOptions = options
         self.ruleset = RuleSet([])
         # Shipped and absolute-path files are checked now, so a broken file shows up
         # as early as possible; relative paths need the config directory (start).
