@@ -1,0 +1,596 @@
+"""Async relay to the downstream MTA: pooled connections, STARTTLS, byte-exact DATA.
+
+aiosmtplib speaks the protocol (connect, EHLO, STARTTLS, commands), with two
+deliberate exceptions:
+
+* The message body is written through its protocol's ``write`` and
+  ``read_response`` rather than ``SMTP.data()``, because ``data()`` rewrites
+  every bare CR and bare LF into CRLF. We do the dot-stuffing ourselves
+  (RFC 5321 §4.5.2, lines are delimited by CRLF only) so the downstream reads
+  back exactly the bytes we were given.
+* Commands go through ``SMTP.execute_command`` so that every reply, accepted
+  or refused, comes back as ``(code, text)`` and per-recipient replies can be
+  collected.
+
+Delivery rules (the "never lose, never duplicate" contract):
+
+* A refused recipient never turns into a silent partial delivery: when some
+  but not all recipients are refused, the transaction is reset before DATA and
+  the caller gets a 451, so the client retries the whole message.
+* A pooled connection that turns out to be dead is replaced by a fresh one and
+  the transaction is retried once -- only while nothing can have been
+  delivered, i.e. before any byte of the message body was handed to the
+  transport. Once the body (with its terminating ``.``) was written, a lost
+  reply is reported as a failure (the client retries later) and never retried
+  here: a retry could deliver the message twice.
+* Every network wait (connect, greeting, TLS handshake, each reply) is bounded
+  by ``relay.timeout``; probing an idle pooled connection is bounded by
+  ``min(relay.timeout, 5 s)`` so a half-open socket cannot stall a delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
+
+from aiosmtplib import (
+    SMTP,
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from gateway import metrics
+from gateway.config import RelayConfig
+
+__all__ = [
+    "FailureReason",
+    "Relay",
+    "RelayError",
+    "RelayResult",
+    "sanitize_reply_text",
+    "wire_data",
+]
+
+log = logging.getLogger("gateway.relay")
+
+_T = TypeVar("_T")
+
+# A pooled connection older than this, or idle longer than this, is closed
+# rather than reused (Postfix: smtp_connection_reuse_time_limit = 300s; most
+# MTAs drop idle clients well before their 5-minute RFC 5321 §4.5.3.2.7 limit).
+MAX_CONNECTION_AGE = 300.0
+MAX_IDLE = 30.0
+MAX_TRANSACTIONS = 100
+PROBE_TIMEOUT = 5.0
+# Reply texts go back to our own SMTP clients: one printable line, bounded.
+MAX_REPLY_TEXT = 300
+# After an opportunistic STARTTLS handshake failed, go plain for this long
+# instead of paying a failed handshake plus a reconnect for every message.
+TLS_FALLBACK_MEMORY = 300.0
+
+# RFC 5321 §4.5.2: a line (delimited by CRLF) that starts with "." gets one more.
+_DOT_AFTER_CRLF = re.compile(rb"(?<=\r\n)\.")
+# A bare CR or LF, then ".", then CR or LF: an end-of-data sequence to a
+# downstream that (wrongly) accepts bare line endings -- the SMTP smuggling
+# vector (CVE-2023-51764 and kin). Relaying it unchanged would let a client
+# smuggle a second, unfiltered message past the gateway.
+_BARE_EOL_DOT = re.compile(rb"(?:\r(?!\n)|(?<!\r)\n)\.[\r\n]")
+
+
+class FailureReason(StrEnum):
+    """Label values of ``gateway_relay_failures_total{reason}``."""
+
+    UNREACHABLE = "unreachable"
+    TIMEOUT = "timeout"
+    TEMPFAIL = "tempfail"
+    PERMFAIL = "permfail"
+    TLS = "tls"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    """The downstream accepted the message for ``accepted``."""
+
+    accepted: tuple[str, ...]
+    reply: tuple[int, str]  # the downstream's reply to the end of DATA
+
+
+class RelayError(Exception):
+    """The hand-off failed; nothing was delivered by this attempt.
+
+    ``code`` is the downstream's SMTP code (4xx/5xx) or None when it could not
+    be reached, timed out, or TLS could not be established. ``text`` is safe to
+    put in a reply to our own client. ``permanent`` is True only for a 5xx.
+    """
+
+    code: int | None
+    text: str
+    permanent: bool
+    reason: FailureReason
+
+    def __init__(
+        self,
+        code: int | None,
+        text: str,
+        *,
+        reason: FailureReason | None = None,
+        permanent: bool | None = None,
+    ) -> None:
+        self.code = code
+        self.text = sanitize_reply_text(text)
+        self.permanent = (
+            (code is not None and 500 <= code < 600) if permanent is None else permanent
+        )
+        if reason is None:
+            if code is None:
+                reason = FailureReason.UNREACHABLE
+            else:
+                reason = FailureReason.PERMFAIL if self.permanent else FailureReason.TEMPFAIL
+        self.reason = reason
+        super().__init__(f"{code} {self.text}" if code is not None else self.text)
+
+
+def sanitize_reply_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
+    """One line of printable ASCII, at most ``limit`` characters.
+
+    Downstream texts are passed back to clients; a multi-line or binary reply
+    must not inject lines into our own replies (RFC 5321 §4.2).
+    """
+    one_line = " ".join(text.split())
+    return "".join(c if " " <= c <= "~" else "?" for c in one_line)[:limit]
+
+
+def wire_data(data: bytes) -> bytes:
+    """The DATA payload as sent: CRLF-terminated, dot-stuffed, plus ``.CRLF``.
+
+    Unstuffed by a conforming server this yields ``data`` exactly, plus a
+    final CRLF when ``data`` did not end with one (RFC 5321 §4.1.1.4: the
+    first CRLF of ``CRLF.CRLF`` ends the last line, so the last line must
+    end). Bare CR and bare LF are left alone -- except in front of a lone dot
+    (see ``_BARE_EOL_DOT``), which raises RelayError 550.
+    """
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if _BARE_EOL_DOT.search(data):
+        raise RelayError(
+            550,
+            "5.6.0 Message contains a bare CR or LF followed by a lone '.'; "
+            "send it with CRLF line endings (RFC 5321 §2.3.8)",
+            reason=FailureReason.PERMFAIL,
+        )
+    stuffed = _DOT_AFTER_CRLF.sub(b"..", data)
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+def _check_address(address: str, what: str) -> bytes:
+    """The address as it goes between angle brackets; injection-safe."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in address) or len(address) > 1000:
+        status = "5.1.7" if what == "sender" else "5.1.3"
+        raise RelayError(553, f"{status} Invalid {what} address syntax")
+    return address.encode("utf-8")
+
+
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class _Connection:
+    """One SMTP session to the downstream, EHLO'd (and STARTTLS'd if so configured)."""
+
+    __slots__ = ("body_sent", "broken", "created", "last_used", "smtp", "timeout", "transactions")
+
+    def __init__(self, smtp: SMTP, timeout: float) -> None:
+        self.smtp = smtp
+        self.timeout = timeout
+        self.created = self.last_used = time.monotonic()
+        self.transactions = 0
+        self.broken = False
+        self.body_sent = False
+
+    @property
+    def tls(self) -> bool:
+        try:
+            return self.smtp.get_transport_info("sslcontext") is not None
+        except SMTPException:
+            return False
+
+    def supports(self, extension: str) -> bool:
+        return self.smtp.supports_extension(extension)
+
+    def reusable(self, now: float) -> bool:
+        return (
+            not self.broken
+            and self.smtp.is_connected
+            and now - self.created < MAX_CONNECTION_AGE
+            and now - self.last_used < MAX_IDLE
+            and self.transactions < MAX_TRANSACTIONS
+        )
+
+    async def command(self, *args: bytes, limit: float | None = None) -> tuple[int, str]:
+        """Send one command; return the reply. Network trouble -> RelayError(None)."""
+        with self._failures():
+            reply = await self.smtp.execute_command(*args, timeout=limit or self.timeout)
+        return self._checked(reply.code, reply.message)
+
+    async def send_body(self, wire: bytes) -> tuple[int, str]:
+        """Write the dot-stuffed body and its terminator; return the final reply."""
+        protocol = self.smtp.protocol
+        if protocol is None:
+            self.broken = True
+            raise RelayError(None, "4.4.1 Connection to the downstream lost")
+        with self._failures():
+            protocol.write(wire)
+            # From here on the downstream may have the complete message: never
+            # retry this transaction (a retry could deliver it twice).
+            self.body_sent = True
+            reply = await protocol.read_response(timeout=self.timeout)
+        return self._checked(reply.code, reply.message)
+
+    async def reset(self) -> None:
+        """RSET (RFC 5321 §4.1.1.5); a connection that cannot reset is not reused."""
+        with contextlib.suppress(RelayError):
+            code, _ = await self.command(b"RSET")
+            if code == 250:
+                return
+        self.broken = True
+
+    async def quit(self) -> None:
+        with contextlib.suppress(RelayError):
+            await self.command(b"QUIT", limit=min(self.timeout, PROBE_TIMEOUT))
+        self.close()
+
+    def close(self) -> None:
+        self.broken = True
+        self.smtp.close()
+
+    def _checked(self, code: int, text: str) -> tuple[int, str]:
+        if not 200 <= code <= 599:
+            self.close()
+            raise RelayError(
+                None, "4.4.0 Downstream sent an invalid reply", reason=FailureReason.TEMPFAIL
+            )
+        if code == 421:  # RFC 5321 §3.8: the server is closing the channel
+            self.close()
+        return code, text
+
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        try:
+            yield
+        except (SMTPTimeoutError, TimeoutError):
+            self.close()
+            raise RelayError(
+                None, "4.4.2 Downstream did not answer in time", reason=FailureReason.TIMEOUT
+            ) from None
+        except (SMTPServerDisconnected, ConnectionError, OSError):
+            self.close()
+            raise RelayError(
+                None, "4.4.1 Connection to the downstream lost", reason=FailureReason.UNREACHABLE
+            ) from None
+        except SMTPException:
+            self.close()
+            raise RelayError(
+                None, "4.4.0 Downstream protocol error", reason=FailureReason.TEMPFAIL
+            ) from None
+
+
+class Relay:
+    """Hands messages to the downstream MTA of ``[relay]`` over pooled connections.
+
+    Safe to share between concurrent SMTP sessions: a connection is used by
+    one transaction at a time; up to ``pool_size`` idle ones are kept.
+    """
+
+    def __init__(self, config: RelayConfig, local_hostname: str) -> None:
+        self.config = config
+        self.helo = config.helo or local_hostname
+        self._idle: deque[_Connection] = deque()
+        self._tls_ctx: ssl.SSLContext | None = None
+        self._tls_fallback_until = 0.0
+        self._closed = False
+
+    # -- public API -------------------------------------------------------
+
+    async def send(self, mail_from: str, rcpt_to: Sequence[str], data: bytes) -> RelayResult:
+        """Relay ``data`` unchanged for the envelope; RelayError when not delivered."""
+        if not rcpt_to:
+            raise ValueError("send() needs at least one recipient")
+        started = time.monotonic()
+        try:
+            sender = _check_address(mail_from, "sender")
+            rcpts = [(r, _check_address(r, "recipient")) for r in rcpt_to]
+            wire = wire_data(data)
+
+            async def transaction(conn: _Connection) -> RelayResult:
+                return await self._transaction(conn, sender, rcpts, data, wire)
+
+            result = await self._with_connection(transaction)
+        except RelayError as exc:
+            metrics.RELAY_FAILURES.labels(reason=exc.reason.value).inc()
+            log.info(
+                "relay_failed",
+                extra={"code": exc.code, "reply": exc.text, "reason": exc.reason.value},
+            )
+            raise
+        metrics.RELAY_DURATION.observe(time.monotonic() - started)
+        return result
+
+    async def verify_recipient(self, mail_from: str, rcpt: str) -> tuple[int, str]:
+        """The downstream's reply to ``RCPT TO:<rcpt>`` (MAIL, RCPT, RSET; nothing sent).
+
+        A refused MAIL FROM is returned as the answer. Unreachable -> RelayError.
+        """
+        sender = _check_address(mail_from, "sender")
+        recipient = _check_address(rcpt, "recipient")
+
+        async def probe(conn: _Connection) -> tuple[int, str]:
+            utf8 = not (sender.isascii() and recipient.isascii())
+            code, text = await self._mail_from(conn, sender, utf8, b"")
+            if 200 <= code < 300:
+                code, text = await conn.command(b"RCPT", b"TO:<" + recipient + b">")
+            if code == 421:
+                raise RelayError(code, text)
+            await conn.reset()
+            return code, sanitize_reply_text(text)
+
+        return await self._with_connection(probe)
+
+    async def check(self) -> bool:
+        """Readiness: the downstream answers (connect + EHLO, or RSET on a pooled one)."""
+        try:
+            conn, _ = await self._acquire()
+        except RelayError:
+            return False
+        self._release(conn)
+        return True
+
+    async def close(self) -> None:
+        """QUIT every idle connection; connections in use are closed when released."""
+        self._closed = True
+        idle = list(self._idle)
+        self._idle.clear()
+        await asyncio.gather(*(conn.quit() for conn in idle))
+
+    # -- transactions -----------------------------------------------------
+
+    async def _transaction(
+        self,
+        conn: _Connection,
+        sender: bytes,
+        rcpts: Sequence[tuple[str, bytes]],
+        data: bytes,
+        wire: bytes,
+    ) -> RelayResult:
+        utf8 = not (sender.isascii() and all(raw.isascii() for _, raw in rcpts))
+        code, text = await self._mail_from(conn, sender, utf8, data)
+        if not 200 <= code < 300:
+            await conn.reset()
+            raise RelayError(code, text)
+
+        accepted: list[str] = []
+        refused: list[tuple[str, int, str]] = []
+        for address, raw in rcpts:
+            code, text = await conn.command(b"RCPT", b"TO:<" + raw + b">")
+            if code in (250, 251):
+                accepted.append(address)
+            elif code == 421:
+                raise RelayError(code, text)
+            else:
+                refused.append((address, code, text))
+        if refused:
+            await conn.reset()
+            if not accepted:
+                # Every recipient refused: pass the downstream's verdict on;
+                # it is permanent only when every refusal was.
+                temporary = [r for r in refused if r[1] < 500]
+                _, code, text = (temporary or refused)[0]
+                raise RelayError(code, text)
+            # Never deliver to a subset silently: 451 so the client retries all.
+            address, code, text = refused[0]
+            raise RelayError(
+                451,
+                f"4.3.0 Downstream refused {len(refused)} of {len(rcpts)} recipients "
+                f"({address}: {code} {sanitize_reply_text(text, 120)}); try again later",
+                reason=FailureReason.TEMPFAIL,
+            )
+
+        code, text = await conn.command(b"DATA")
+        if code != 354:
+            if code < 400:
+                conn.close()
+                raise RelayError(
+                    None,
+                    "4.4.0 Downstream sent an invalid reply to DATA",
+                    reason=FailureReason.TEMPFAIL,
+                )
+            await conn.reset()
+            raise RelayError(code, text)
+        code, text = await conn.send_body(wire)
+        conn.transactions += 1
+        if 200 <= code < 300:
+            return RelayResult(accepted=tuple(accepted), reply=(code, sanitize_reply_text(text)))
+        if code < 400:
+            conn.close()
+            raise RelayError(
+                None,
+                "4.4.0 Downstream sent an invalid reply to the message",
+                reason=FailureReason.TEMPFAIL,
+            )
+        raise RelayError(code, text)
+
+    async def _mail_from(
+        self, conn: _Connection, sender: bytes, needs_utf8: bool, data: bytes
+    ) -> tuple[int, str]:
+        """MAIL FROM with the ESMTP parameters the message and downstream call for."""
+        params: list[bytes] = []
+        if needs_utf8 and not conn.supports("smtputf8"):
+            # RFC 6531 §3.2: do not downgrade; the sender gets a bounce it can act on.
+            raise RelayError(
+                550,
+                "5.6.7 Downstream does not support SMTPUTF8 for a non-ASCII address",
+                reason=FailureReason.PERMFAIL,
+            )
+        if data:
+            if conn.supports("size"):  # RFC 1870
+                params.append(b"SIZE=%d" % len(data))
+            if not data.isascii() and conn.supports("8bitmime"):  # RFC 6152
+                params.append(b"BODY=8BITMIME")
+        head = data.split(b"\r\n\r\n", 1)[0]
+        if (needs_utf8 or not head.isascii()) and conn.supports("smtputf8"):  # RFC 6531 §3.4
+            params.append(b"SMTPUTF8")
+        return await conn.command(b"MAIL", b"FROM:<" + sender + b">", *params)
+
+    # -- connections ------------------------------------------------------
+
+    async def _with_connection(self, work: Callable[[_Connection], Awaitable[_T]]) -> _T:
+        """Run ``work`` on a pooled or fresh connection, retrying once on a dead pooled one."""
+        for attempt in (1, 2):
+            conn, reused = await self._acquire()
+            try:
+                result = await work(conn)
+            except RelayError as exc:
+                stale = (
+                    reused
+                    and attempt == 1
+                    and not conn.body_sent
+                    and (exc.reason is FailureReason.UNREACHABLE or exc.code == 421)
+                )
+                self._release(conn)
+                if stale:
+                    log.debug("relay_stale_connection_retried")
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            self._release(conn)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _acquire(self) -> tuple[_Connection, bool]:
+        """An idle pooled connection that answers RSET, else a new one."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.reusable(time.monotonic()):
+                conn.close()
+                continue
+            try:
+                code, _ = await conn.command(b"RSET", limit=min(self.config.timeout, PROBE_TIMEOUT))
+            except RelayError:
+                continue
+            if code == 250:
+                conn.body_sent = False
+                return conn, True
+            conn.close()
+        return await self._open(), False
+
+    def _release(self, conn: _Connection) -> None:
+        conn.last_used = time.monotonic()
+        conn.body_sent = False
+        if (
+            self._closed
+            or len(self._idle) >= self.config.pool_size
+            or not conn.reusable(conn.last_used)
+        ):
+            conn.close()
+        else:
+            self._idle.append(conn)
+
+    async def _open(self) -> _Connection:
+        cfg = self.config
+        want_tls = cfg.tls == "required" or (
+            cfg.tls == "opportunistic" and time.monotonic() >= self._tls_fallback_until
+        )
+        conn = await self._connect()
+        if not want_tls:
+            return conn
+        if not conn.supports("starttls"):
+            if cfg.tls == "required":
+                conn.close()
+                raise RelayError(
+                    None, "4.7.5 Downstream does not offer STARTTLS", reason=FailureReason.TLS
+                )
+            return conn
+        try:
+            await self._starttls(conn)
+        except RelayError:
+            conn.close()
+            if cfg.tls == "required":
+                raise
+            self._tls_fallback_until = time.monotonic() + TLS_FALLBACK_MEMORY
+            log.warning("relay_tls_failed_falling_back", extra={"host": cfg.host})
+            return await self._connect()
+        return conn
+
+    async def _connect(self) -> _Connection:
+        cfg = self.config
+        smtp = SMTP(
+            hostname=cfg.host,
+            port=cfg.port,
+            timeout=cfg.timeout,
+            local_hostname=self.helo,
+            start_tls=False,
+        )
+        conn = _Connection(smtp, cfg.timeout)
+        with conn._failures():
+            try:
+                await smtp.connect()
+            except SMTPResponseException as exc:
+                # A greeting other than 220 (RFC 5321 §3.1) says nothing about
+                # this message: report the downstream unavailable, never a 5xx.
+                smtp.close()
+                raise RelayError(
+                    None,
+                    f"4.4.1 Downstream refused the session: {exc.code} {exc.message}",
+                    reason=FailureReason.UNREACHABLE,
+                ) from None
+            try:
+                await smtp.ehlo()
+            except SMTPHeloError:
+                try:
+                    await smtp.helo()  # RFC 5321 §3.2: fall back to HELO
+                except SMTPHeloError as exc:
+                    smtp.close()
+                    raise RelayError(
+                        None,
+                        f"4.4.1 Downstream refused HELO: {exc.code} {exc.message}",
+                        reason=FailureReason.UNREACHABLE,
+                    ) from None
+        log.debug("relay_connected", extra={"host": cfg.host, "port": cfg.port})
+        return conn
+
+    async def _starttls(self, conn: _Connection) -> None:
+        """STARTTLS (RFC 3207) and a fresh EHLO; any failure -> RelayError(reason tls)."""
+        if self._tls_ctx is None:
+            self._tls_ctx = await asyncio.to_thread(_tls_context, self.config.tls_verify)
+        try:
+            with conn._failures():
+                await conn.smtp.starttls(
+                    server_hostname=self.config.host, tls_context=self._tls_ctx
+                )
+                await conn.smtp.ehlo()  # RFC 3207 §4.2: forget what was learned before TLS
+        except RelayError as exc:
+            raise RelayError(
+                None,
+                "4.7.5 TLS with the downstream could not be established",
+                reason=FailureReason.TLS,
+            ) from exc
