@@ -148,6 +148,7 @@ class RelayConfig:
     tls_verify: bool = True
     helo: str = ""
     pool_size: int = 8
+    verify_recipients: bool = True  # ask the downstream at RCPT time (MAIL, RCPT, RSET)
 
     def __post_init__(self) -> None:
         if not self.host:
