@@ -1,0 +1,265 @@
+"""Tokens of a message for the statistical classifier.
+
+The tokenizer follows SpamBayes (Graham, Peters, Robinson): a message becomes
+a *set* of short strings, each counted once per message. What is in it, and
+what is deliberately left out, decides how well training on one site's mail
+carries over to the next message:
+
+- Body: lower-cased words of the decoded text parts (HTML rendered to text),
+  3..12 characters kept whole; longer words become a "skip" token of their
+  first character and length bucket; e-mail addresses in the text become
+  their domain. Optional word bigrams.
+- URLs: each host's registrable domain, "IP literal", scheme.
+- Headers, by an explicit list: Subject words, the From domain and display
+  name words (and the shape of its local part), whether Reply-To is on
+  another domain, a bucketed recipient count, the mail client's product name,
+  Content-Type/charset/transfer-encoding of every part, and the *presence* of
+  a few generic headers (List-Id, In-Reply-To, References, Precedence ...).
+- Left out on purpose: Received, Return-Path, Delivered-To, Message-ID
+  domains, X-Spam-* and other filter headers, and the To/Cc addresses. They
+  describe the path a message took to the collector that labelled it (on the
+  2002 development corpus: the collectors' relays and fetchmail hops), which
+  lets a classifier score well on that corpus and badly on the next site.
+
+Every token is hashed to 8 bytes of BLAKE2b (16 hex characters) before it
+goes to the state store: bounded key size, no message text at rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.message import EmailMessage, Message
+
+from gateway.api import Context, registrable_domain, text_parts, urls
+
+__all__ = ["TokenizerOptions", "hash_token", "message_tokens"]
+
+MAX_TEXT = 200_000  # characters of body text tokenized; the rest adds little and costs time
+MAX_HEADER = 2_000  # characters of one header value considered
+MIN_WORD, MAX_WORD = 3, 12  # SpamBayes' word length window
+
+# Header fields whose mere presence is evidence and generalises across sites.
+_PRESENCE = (
+    "in-reply-to",
+    "references",
+    "list-id",
+    "list-unsubscribe",
+    "list-post",
+    "organization",
+    "user-agent",
+    "x-mailer",
+    "x-priority",
+    "x-msmail-priority",
+    "importance",
+    "mime-version",
+    "sender",
+    "reply-to",
+    "cc",
+    "message-id",
+    "date",
+    "x-mimeole",
+    "disposition-notification-to",
+)
+# Header fields whose (short) value is evidence.
+_VALUE = ("precedence", "x-priority", "x-msmail-priority", "importance", "content-class")
+
+_PUNCT = "\"'()[]{}<>.,;:`*-_=+|~/\\"
+_EMAIL_IN_TEXT = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
+_SUBJECT_WORD = re.compile(r"[\w$'\-]+|[!?]{2,}|\$")
+_NAME_WORD = re.compile(r"[\w'\-]+")
+_PRODUCT = re.compile(r"[A-Za-z][A-Za-z\-]{2,20}")
+_DIGITS = re.compile(r"\d")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerOptions:
+    bigrams: bool = False
+    max_tokens: int = 3_000  # distinct tokens kept per message (hostile input bound)
+
+
+def hash_token(token: str) -> str:
+    """The key stored for ``token``: 16 hex characters of BLAKE2b-64."""
+    return hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def message_tokens(ctx: Context, options: TokenizerOptions) -> list[str]:
+    """Distinct tokens of the message in ``ctx``, in first-seen order, at most ``max_tokens``."""
+    seen: dict[str, None] = {}
+    for tok in _all_tokens(ctx, options):
+        if tok not in seen:
+            seen[tok] = None
+            if len(seen) >= options.max_tokens:
+                break
+    return list(seen)
+
+
+def _all_tokens(ctx: Context, options: TokenizerOptions) -> Iterator[str]:
+    yield from _header_tokens(ctx.message)
+    yield from _url_tokens(ctx)
+    yield from _body_tokens(ctx, options)
+
+
+# -- headers ------------------------------------------------------------------
+
+
+def _header(msg: Message, name: str) -> str:
+    try:
+        value = msg.get(name)
+    except Exception:  # a malformed header the policy=default parser chokes on
+        return ""
+    return "" if value is None else str(value)[:MAX_HEADER]
+
+
+def _address(msg: EmailMessage, name: str) -> tuple[str, str, str] | None:
+    """(display name, local part, domain) of the first address in header ``name``."""
+    try:
+        header = msg.get(name)
+        addresses: tuple[Address, ...] = getattr(header, "addresses", ())
+    except Exception:
+        return None
+    for addr in addresses[:1]:
+        return (str(addr.display_name), str(addr.username), str(addr.domain).lower().rstrip("."))
+    return None
+
+
+def _header_tokens(msg: EmailMessage) -> Iterator[str]:
+    names = {k.lower() for k in msg.keys()}  # noqa: SIM118  # Message has no keys view
+    for name in _PRESENCE:
+        yield f"hdr:{name}:{'yes' if name in names else 'no'}"
+    for name in _VALUE:
+        if name in names:
+            value = _header(msg, name).strip().lower()[:20]
+            yield f"hdr:{name}={value}"
+
+    subject = _header(msg, "subject")
+    if not subject:
+        yield "subject:none"
+    for word in _SUBJECT_WORD.findall(subject):
+        yield f"subject:{word.lower()}"
+    letters = [c for c in subject if c.isalpha()]
+    if len(letters) >= 8 and sum(c.isupper() for c in letters) / len(letters) > 0.8:
+        yield "subject:ALLCAPS"
+
+    sender = _address(msg, "from")
+    if sender is None:
+        yield "from:none"
+    else:
+        display, local, domain = sender
+        yield f"from:domain:{domain}"
+        yield f"from:rdomain:{registrable_domain(domain) if domain else ''}"
+        digits = len(_DIGITS.findall(local))
+        yield f"from:local-digits:{min(digits, 5)}"
+        if not display:
+            yield "from:noname"
+        for word in _NAME_WORD.findall(display.lower())[:8]:
+            yield f"from:name:{word}"
+        reply = _address(msg, "reply-to")
+        if reply is not None:
+            same = registrable_domain(reply[2]) == registrable_domain(domain)
+            yield f"reply-to:{'same' if same else 'other'}-domain"
+
+    count = 0
+    for name in ("to", "cc"):
+        count += _header(msg, name).count("@")
+    yield f"rcpt:count:{_bucket(count, (0, 1, 2, 5, 10, 20))}"
+    if "undisclosed" in _header(msg, "to").lower():
+        yield "rcpt:undisclosed"
+
+    mailer = _header(msg, "x-mailer") or _header(msg, "user-agent")
+    if mailer:
+        products = _PRODUCT.findall(mailer)[:2]
+        yield "mailer:" + " ".join(p.lower() for p in products)
+
+    yield from _mime_tokens(msg)
+
+
+def _mime_tokens(msg: EmailMessage) -> Iterator[str]:
+    for i, part in enumerate(msg.walk()):
+        if i >= 50:
+            break
+        try:
+            ctype = part.get_content_type()
+            charset = part.get_content_charset() or ""
+        except Exception:  # noqa: S112  # a part with a hopeless header adds no tokens
+            continue
+        yield f"ctype:{ctype}"
+        if charset:
+            yield f"charset:{charset.lower()[:20]}"
+        cte = _header(part, "content-transfer-encoding").strip().lower()[:20]
+        if cte:
+            yield f"cte:{cte}"
+        filename = part.get_filename()
+        if filename:
+            ext = filename.rpartition(".")[2].lower()[:8] if "." in filename else ""
+            yield f"filename:ext:{ext}"
+
+
+def _bucket(n: int, edges: tuple[int, ...]) -> str:
+    for edge in edges:
+        if n <= edge:
+            return str(edge)
+    return f">{edges[-1]}"
+
+
+# -- URLs ---------------------------------------------------------------------
+
+
+def _url_tokens(ctx: Context) -> Iterator[str]:
+    found = ctx.memo(urls)
+    yield f"url:count:{_bucket(len(found), (0, 1, 3, 10, 30))}"
+    for u in found:
+        if u.is_ip:
+            yield "url:ip"
+            continue
+        yield f"url:{u.domain}"
+        yield f"url:scheme:{u.scheme}"
+        if u.port is not None:
+            yield "url:port"
+        if u.redirector:
+            yield f"url:via:{registrable_domain(u.redirector)}"
+
+
+# -- body ---------------------------------------------------------------------
+
+
+def _body_tokens(ctx: Context, options: TokenizerOptions) -> Iterator[str]:
+    parts = ctx.memo(text_parts)
+    has_plain = any(not p.is_html for p in parts)
+    has_html = any(p.is_html for p in parts)
+    yield f"body:{'plain' if has_plain else ''}{'+' if has_plain and has_html else ''}" + (
+        "html" if has_html else ""
+    )
+    budget = MAX_TEXT
+    for part in parts:
+        if part.alternative or budget <= 0:
+            continue  # an HTML alternative repeats its text/plain sibling
+        text = part.text[:budget]
+        budget -= len(text)
+        yield from _words(text.lower(), options.bigrams)
+
+
+def _words(text: str, bigrams: bool) -> Iterator[str]:
+    previous = ""
+    for raw in text.split():
+        word = raw.strip(_PUNCT)
+        n = len(word)
+        if n < MIN_WORD:
+            previous = ""
+            continue
+        if n > MAX_WORD:
+            match = _EMAIL_IN_TEXT.search(word)
+            if match:
+                yield f"email:{registrable_domain(match.group(1))}"
+            elif "://" not in word and not word.startswith("www."):
+                # SpamBayes: long words are mostly noise, but their shape is a clue.
+                yield f"skip:{word[0]} {n // 10 * 10}"
+            previous = ""
+            continue
+        yield word
+        if bigrams and previous:
+            yield f"bi:{previous} {word}"
+        previous = word
