@@ -1,0 +1,323 @@
+"""Throughput benchmark: the gateway beside a do-nothing relay, in one run.
+
+    python -m bench.run                       # full: concurrency 10 and 50, 20 s rounds
+    python -m bench.run --quick               # a few seconds; CI smoke test, no assertions
+
+Alternating rounds of (a) the do-nothing aiosmtpd -> aiosmtplib relay and (b)
+the gateway with the full shipped default pipeline (config.example.toml), both
+relaying to the same fast sink in its own process, with DNS answered by a
+local authoritative server (SPF, DKIM, DMARC records, DNSBL zones). Prints
+messages/s, latency p50/p99 per message kind, server CPU ms per message, peak
+RSS, and the ratios b/a. Load is bounded by count and time; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosmtplib
+
+from bench.mix import BenchMessage, build_mix, make_domain
+from gateway.testing.dnsserver import DNSServer
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_IP = "127.0.0.1"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def _pids(root: int) -> list[int]:
+    """The process and its children (gateway workers)."""
+    out = [root]
+    try:
+        kids = Path(f"/proc/{root}/task/{root}/children").read_text().split()
+    except OSError:
+        return out
+    for k in kids:
+        out.extend(_pids(int(k)))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in _pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+def peak_rss_mb(pid: int) -> float:
+    total = 0
+    for p in _pids(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+@dataclass
+class RoundResult:
+    target: str
+    concurrency: int
+    sent: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    cpu: float = 0.0
+    rss_mb: float = 0.0
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000 * self.cpu / self.sent if self.sent else 0.0
+
+
+async def load(
+    port: int, messages: list[BenchMessage], concurrency: int, seconds: float, result: RoundResult
+) -> None:
+    """``concurrency`` sessions sending from the mix until time or messages run out."""
+    it = iter(messages)
+    deadline = time.monotonic() + seconds
+
+    async def session() -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60, start_tls=False)
+        await client.connect()
+        try:
+            for msg in it:
+                if time.monotonic() > deadline:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    await client.sendmail(msg.mail_from, [msg.rcpt_to], msg.data)
+                    result.sent += 1
+                    result.latencies[msg.kind].append(time.perf_counter() - t0)
+                except aiosmtplib.SMTPException:
+                    result.failed += 1
+                    if not client.is_connected:
+                        await client.connect()
+        finally:
+            if client.is_connected:
+                await client.quit()
+
+    await asyncio.gather(*(session() for _ in range(concurrency)))
+
+
+def run_round(
+    target: str, pid: int, port: int, messages: list[BenchMessage], concurrency: int, secs: float
+) -> RoundResult:
+    res = RoundResult(target, concurrency)
+    cpu0 = cpu_seconds(pid)
+    t0 = time.perf_counter()
+    asyncio.run(load(port, messages, concurrency, secs, res))
+    res.seconds = time.perf_counter() - t0
+    res.cpu = cpu_seconds(pid) - cpu0
+    res.rss_mb = peak_rss_mb(pid)
+    return res
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def start_sink(port: int) -> subprocess.Popen[bytes]:
+    smtp_sink = shutil.which("smtp-sink") or (
+        "/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None
+    )
+    if smtp_sink:
+        cmd = [smtp_sink, "-c", "-u", "nobody", f"127.0.0.1:{port}", "512"]
+    else:
+        cmd = [sys.executable, "-m", "bench.sink", "--port", str(port)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def gateway_config(tmp: Path, port: int, sink_port: int, dns: str, workers: int) -> Path:
+    text = (ROOT / "config.example.toml").read_text()
+    overrides = {
+        "server.listen": f'"127.0.0.1:{port}"',
+        "server.workers": str(workers),
+        "server.max_sessions_per_ip": "1000",
+        "relay.port": str(sink_port),
+        "relay.verify_recipients": "false",
+        "dns.nameservers": f'["{dns}"]',
+        "quarantine.path": f'"{tmp / "quarantine"}"',
+        "state.path": f'"{tmp / "state.sqlite"}"',
+        "metrics.listen": '"127.0.0.1:0"',
+        "log.level": '"warning"',
+    }
+    path = tmp / "gateway.toml"
+    path.write_text(apply_overrides(text, overrides))
+    return path
+
+
+def apply_overrides(text: str, overrides: dict[str, str]) -> str:
+    """Set ``section.key = value`` in a TOML text, adding keys that are missing."""
+    import re
+
+    for dotted, value in overrides.items():
+        section, key = dotted.rsplit(".", 1)
+        header = re.search(rf"^\[{re.escape(section)}\]\s*$", text, re.M)
+        if header is None:
+            text += f"\n[{section}]\n{key} = {value}\n"
+            continue
+        nxt = re.search(r"^\[", text[header.end() :], re.M)
+        end = header.end() + (nxt.start() if nxt else len(text) - header.end())
+        body = text[header.end() : end]
+        pat = re.compile(rf"^{re.escape(key)}\s*=.*$", re.M)
+        if pat.search(body):
+            body = pat.sub(f"{key} = {value}", body, count=1)
+        else:
+            body = f"\n{key} = {value}" + body
+        text = text[: header.end()] + body + text[end:]
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="a few seconds; smoke test")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--seconds", type=float, default=20.0, help="per round")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating (a, b) pairs per level")
+    ap.add_argument("--workers", type=int, default=1, help="gateway server.workers")
+    ap.add_argument("--messages", type=int, default=6000, help="size of the seeded mix")
+    args = ap.parse_args()
+    if args.quick:
+        args.concurrency, args.seconds, args.rounds, args.messages = [5], 3.0, 1, 300
+
+    domains = [make_domain(f"sender{i}.example") for i in range(4)]
+    messages = build_mix(args.messages, domains)
+    records: dict[str, list[tuple[str, str]]] = {}
+    for d in domains:
+        records.update(d.dns_records(CLIENT_IP))
+    # DNSBL zones present but not listing loopback; 127.0.0.2 is the standard test entry.
+    records["2.0.0.127.zen.spamhaus.org"] = [("A", "127.0.0.2")]
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    with DNSServer(records, zones=["spamhaus.org", "example", "example.org"]) as dns:
+        try:
+            sink_port, base_port, gw_port = free_port(), free_port(), free_port()
+            procs.append(start_sink(sink_port))
+            wait_port(sink_port, procs[-1])
+            base = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.baseline",
+                    "--port",
+                    str(base_port),
+                    "--relay-port",
+                    str(sink_port),
+                ],
+                cwd=ROOT,
+            )
+            procs.append(base)
+            wait_port(base_port, base)
+            cfg = gateway_config(tmp, gw_port, sink_port, dns.address, args.workers)
+            gw = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "--config", str(cfg)], cwd=ROOT
+            )
+            procs.append(gw)
+            wait_port(gw_port, gw)
+            # Warm-up: imports, DNS cache, pools.
+            run_round("warmup", gw.pid, gw_port, messages[:50], 5, 5)
+            run_round("warmup", base.pid, base_port, messages[:50], 5, 5)
+            results: list[tuple[RoundResult, RoundResult]] = []
+            for conc in args.concurrency:
+                for r in range(args.rounds):
+                    offset = (r * 997) % max(1, len(messages) - 1)
+                    pool = messages[offset:] + messages[:offset]
+                    a = run_round("relay", base.pid, base_port, pool, conc, args.seconds)
+                    b = run_round("gateway", gw.pid, gw_port, pool, conc, args.seconds)
+                    results.append((a, b))
+            report(results)
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def report(results: list[tuple[RoundResult, RoundResult]]) -> None:
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(
+        f"{'target':8} {'conc':>4} {'msgs':>6} {'fail':>4} {'msg/s':>8} "
+        f"{'cpu ms/msg':>10} {'rss MB':>7}"
+    )
+    by_conc: dict[int, list[tuple[RoundResult, RoundResult]]] = defaultdict(list)
+    for a, b in results:
+        by_conc[a.concurrency].append((a, b))
+        for r in (a, b):
+            print(
+                f"{r.target:8} {r.concurrency:>4} {r.sent:>6} {r.failed:>4} {r.rate:>8.1f} "
+                f"{r.cpu_ms:>10.2f} {r.rss_mb:>7.1f}"
+            )
+    print("\nlatency ms (p50/p99) by kind")
+    for a, b in results[-1:]:
+        for kind in sorted(set(a.latencies) | set(b.latencies)):
+            la, lb = a.latencies[kind], b.latencies[kind]
+            print(
+                f"  {kind:8} relay {pct(la, 0.5):7.1f}/{pct(la, 0.99):7.1f}"
+                f"   gateway {pct(lb, 0.5):7.1f}/{pct(lb, 0.99):7.1f}"
+            )
+    print("\nratios gateway/relay (mean over rounds)")
+    for conc, pairs in sorted(by_conc.items()):
+        thr = statistics.mean(b.rate / a.rate for a, b in pairs if a.rate)
+        cpu = statistics.mean(b.cpu_ms / a.cpu_ms for a, b in pairs if a.cpu_ms)
+        extra = statistics.mean(b.cpu_ms - a.cpu_ms for a, b in pairs)
+        print(
+            f"  concurrency {conc:>3}: throughput {thr:.2f}x, cpu/msg {cpu:.2f}x, "
+            f"pipeline cost {extra:+.2f} ms/msg"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
