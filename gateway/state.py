@@ -1,0 +1,287 @@
+"""Shared counters for policies: classifier tokens, rate limits, reputation.
+
+Two implementations of :class:`gateway.api.StateStore`:
+
+- ``local`` (default): one SQLite file (WAL), every call in a worker thread so
+  the event loop never waits on the disk. Shared by the processes of one host.
+- ``redis``: ``redis.asyncio`` with ``key_prefix`` from the config, so several
+  gateways count as one. Counter pairs are small hashes (``{prefix}c:{table}:{key}``
+  with fields ``a`` and ``b``), read and written in pipelines; sliding-window
+  hits are sorted sets (``{prefix}h:{key}``) that expire with their window.
+  Per-key hashes rather than one big hash per table keep Redis Cluster slots
+  balanced; redis-py's cluster and Sentinel clients speak the same commands.
+
+Every failure becomes :class:`gateway.api.StateUnavailableError`; policies
+step aside with a symbol and mail keeps flowing. Both stores recover by
+themselves (SQLite reopens, redis-py reconnects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.api import StateStore, StateUnavailableError
+from gateway.config import StateConfig
+
+__all__ = ["ClosableStateStore", "LocalState", "RedisState", "open_state"]
+
+_TIMEOUT = 5.0  # seconds for any one state operation
+_CHUNK = 500  # keys per statement / pipeline: bounded work per round trip
+_CLEANUP_EVERY = 1000  # hits between sweeps of expired hit rows (local)
+
+
+class ClosableStateStore(StateStore, Protocol):
+    async def close(self) -> None: ...
+
+
+def open_state(config: StateConfig, base_dir: Path) -> ClosableStateStore:
+    """The configured store. Nothing connects here; errors surface on first use."""
+    if config.backend == "redis":
+        return RedisState(config.url, config.key_prefix)
+    path = Path(config.path).expanduser()
+    return LocalState(path if path.is_absolute() else base_dir / path)
+
+
+def _check_table(table: str) -> None:
+    if not table or len(table) > 64:
+        raise ValueError(f"table name must be 1..64 characters, got {table!r}")
+
+
+# --- local: SQLite -------------------------------------------------------------
+
+_LOCAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (
+    tbl TEXT NOT NULL,
+    key TEXT NOT NULL,
+    a INTEGER NOT NULL,
+    b INTEGER NOT NULL,
+    PRIMARY KEY (tbl, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hits (
+    key TEXT NOT NULL,
+    at REAL NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hits_key_at ON hits (key, at);
+CREATE INDEX IF NOT EXISTS hits_expires ON hits (expires);
+"""
+
+
+class LocalState:
+    """SQLite on the local disk; counters survive restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._hits_since_sweep = 0
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(
+                self.path, timeout=_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")  # counters, not mail: WAL keeps them
+                db.executescript(_LOCAL_SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def _incr_sync(self, table: str, deltas: Mapping[str, tuple[int, int]]) -> None:
+        with self._lock:
+            db = self._open()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO counters (tbl, key, a, b) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (tbl, key) DO UPDATE SET a = a + excluded.a, b = b + excluded.b",
+                    [(table, k, int(a), int(b)) for k, (a, b) in deltas.items()],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _get_sync(self, table: str, keys: list[str]) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        with self._lock:
+            db = self._open()
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for key, a, b in db.execute(
+                    f"SELECT key, a, b FROM counters WHERE tbl = ? AND key IN ({marks})",  # noqa: S608
+                    (table, *chunk),
+                ):
+                    out[key] = (int(a), int(b))
+        return out
+
+    def _hit_sync(self, key: str, window: float, now: float) -> int:
+        with self._lock:
+            db = self._open()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM hits WHERE key = ? AND at <= ?", (key, now - window))
+                db.execute(
+                    "INSERT INTO hits (key, at, expires) VALUES (?, ?, ?)", (key, now, now + window)
+                )
+                (count,) = db.execute(
+                    "SELECT count(*) FROM hits WHERE key = ? AND at > ?", (key, now - window)
+                ).fetchone()
+                self._hits_since_sweep += 1
+                if self._hits_since_sweep >= _CLEANUP_EVERY:
+                    self._hits_since_sweep = 0
+                    db.execute("DELETE FROM hits WHERE expires < ?", (now,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return int(count)
+
+    def _close_sync(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            async with asyncio.timeout(_TIMEOUT * 2):
+                return await asyncio.to_thread(fn, *args)
+        except (OSError, sqlite3.Error, TimeoutError) as exc:
+            with self._lock:  # reopen on next use: the file may have been fixed
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+            raise StateUnavailableError(
+                f"local state at {self.path} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def incr_many(self, table: str, deltas: Mapping[str, tuple[int, int]]) -> None:
+        _check_table(table)
+        if deltas:
+            await self._call(self._incr_sync, table, dict(deltas))
+
+    async def get_many(self, table: str, keys: list[str]) -> dict[str, tuple[int, int]]:
+        _check_table(table)
+        if not keys:
+            return {}
+        result: dict[str, tuple[int, int]] = await self._call(self._get_sync, table, list(keys))
+        return result
+
+    async def hit(self, key: str, window: float, now: float | None = None) -> int:
+        if window <= 0:
+            raise ValueError(f"window must be > 0 seconds, got {window}")
+        return int(
+            await self._call(self._hit_sync, key, window, time.time() if now is None else now)
+        )
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close_sync)
+
+
+# --- Redis ----------------------------------------------------------------------
+
+
+class RedisState:
+    """Redis (redis.asyncio): counters shared by every gateway of a cluster."""
+
+    def __init__(self, url: str, key_prefix: str = "gateway:") -> None:
+        import redis.asyncio
+
+        self.url = url
+        self.prefix = key_prefix
+        self._redis: Any = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=_TIMEOUT,
+            socket_connect_timeout=_TIMEOUT,
+            health_check_interval=30,
+        )
+
+    def _where(self) -> str:
+        import re
+
+        return re.sub(r"//[^@/]*@", "//", self.url)  # no credentials in messages
+
+    def _counter_key(self, table: str, key: str) -> str:
+        return f"{self.prefix}c:{table}:{key}"
+
+    async def _run(self, coro: Any) -> Any:
+        import redis.exceptions
+
+        try:
+            async with asyncio.timeout(_TIMEOUT * 2):
+                return await coro
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            raise StateUnavailableError(
+                f"Redis state at {self._where()} failed: {type(exc).__name__}: "
+                f"{str(exc) or 'timed out'}"
+            ) from exc
+
+    async def incr_many(self, table: str, deltas: Mapping[str, tuple[int, int]]) -> None:
+        _check_table(table)
+        items = list(deltas.items())
+        for i in range(0, len(items), _CHUNK):
+            pipe = self._redis.pipeline(transaction=False)
+            for key, (a, b) in items[i : i + _CHUNK]:
+                name = self._counter_key(table, key)
+                if a:
+                    pipe.hincrby(name, "a", int(a))
+                if b:
+                    pipe.hincrby(name, "b", int(b))
+                if not a and not b:
+                    pipe.hsetnx(name, "a", 0)
+            await self._run(pipe.execute())
+
+    async def get_many(self, table: str, keys: list[str]) -> dict[str, tuple[int, int]]:
+        _check_table(table)
+        out: dict[str, tuple[int, int]] = {}
+        for i in range(0, len(keys), _CHUNK):
+            chunk = keys[i : i + _CHUNK]
+            pipe = self._redis.pipeline(transaction=False)
+            for key in chunk:
+                pipe.hmget(self._counter_key(table, key), "a", "b")
+            replies = await self._run(pipe.execute())
+            for key, (a, b) in zip(chunk, replies, strict=True):
+                if a is not None or b is not None:
+                    out[key] = (int(a or 0), int(b or 0))
+        return out
+
+    async def hit(self, key: str, window: float, now: float | None = None) -> int:
+        """One event in a sliding window: a sorted set of timestamps, trimmed on each hit."""
+        if window <= 0:
+            raise ValueError(f"window must be > 0 seconds, got {window}")
+        at = time.time() if now is None else now
+        name = f"{self.prefix}h:{key}"
+        pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC: one key, one slot
+        pipe.zremrangebyscore(name, "-inf", at - window)
+        pipe.zadd(name, {f"{at:.6f}:{secrets.token_hex(4)}": at})
+        pipe.zcount(name, f"({at - window}", "+inf")
+        pipe.pexpire(name, max(1, int(window * 1000) + 1000))
+        replies = await self._run(pipe.execute())
+        return int(replies[2])
+
+    async def ping(self) -> bool:
+        """Readiness: Redis answers."""
+        try:
+            return bool(await self._run(self._redis.ping()))
+        except StateUnavailableError:
+            return False
+
+    async def close(self) -> None:
+        try:
+            await self._redis.aclose()
+        except Exception:  # closing a client whose server is gone must not fail shutdown
+            pass
