@@ -19,6 +19,7 @@ themselves (SQLite reopens, redis-py reconnects).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import sqlite3
 import threading
@@ -281,7 +282,6 @@ class RedisState:
             return False
 
     async def close(self) -> None:
-        try:
+        # closing a client whose server is gone must not fail shutdown
+        with contextlib.suppress(Exception):
             await self._redis.aclose()
-        except Exception:  # closing a client whose server is gone must not fail shutdown
-            pass
