@@ -105,6 +105,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     workers: int = 1
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight sessions
 
     def __post_init__(self) -> None:
         _check_hostport("listen", self.listen, allow_port_zero=True)
@@ -133,6 +134,7 @@ class ServerConfig:
                 raise OptionError(key, f"must be at least 1, got {getattr(self, key)}")
         _positive("command_timeout", self.command_timeout)
         _positive("data_timeout", self.data_timeout)
+        _positive("drain_timeout", self.drain_timeout)
         if self.max_command_length < 512:  # RFC 5321 §4.5.3.1.4
             raise OptionError("max_command_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
         if bool(self.tls_cert) != bool(self.tls_key):
