@@ -1,0 +1,504 @@
+"""The running gateway: listener, current config generation, DATA hand-off, reload, drain.
+
+``python -m gateway run`` calls :func:`run`. The reply to DATA is decided
+here, and only after the message is safe: relayed and accepted by the
+downstream, or durably in quarantine. Anything else is a 4xx (or the
+downstream's own 5xx), never a 2xx.
+
+SIGHUP builds a new :class:`~gateway.engine.Engine` from the re-read config
+and policy files and swaps it in; sessions already evaluating finish on the
+old one. An invalid new config is logged and the old one stays in force.
+SIGTERM/SIGINT stop accepting, let in-flight messages finish (bounded by
+``server.drain_timeout``) and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from gateway import headers, metrics, replies
+from gateway.api import Action, Services
+from gateway.config import Config, ConfigError, LogConfig, load_config, parse_hostport
+from gateway.dns import CachingResolver
+from gateway.engine import Engine, Evaluation
+from gateway.quarantine import (
+    QuarantineError,
+    QuarantineStore,
+    new_quarantine_item,
+    open_quarantine,
+)
+from gateway.relay import Relay, RelayError
+from gateway.replies import Reply
+from gateway.smtp import GatewaySMTP, ListenerSettings, SessionLimits, Transaction
+from gateway.state import ClosableStateStore, open_state
+
+__all__ = ["Gateway", "configure_logging", "run", "serve"]
+
+log = logging.getLogger("gateway.server")
+
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$", re.S)
+_RELOAD_GRACE = 5.0  # seconds between retiring a generation's relay and closing it
+
+
+# --- logging ------------------------------------------------------------------
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, event, and the record's extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``event key=value ...`` for people reading a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(
+            f"{k}={json.dumps(v, default=str, ensure_ascii=False)}"
+            for k, v in record.__dict__.items()
+            if k not in _STANDARD and not k.startswith("_")
+        )
+        line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()} {extras}"
+        if record.exc_info and record.exc_info[0] is not None:
+            line += "\n" + self.formatException(record.exc_info)
+        return line.rstrip()
+
+
+def configure_logging(config: LogConfig) -> None:
+    """Route every ``gateway.*`` (and library) log record to stderr in the configured format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if config.format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level.upper())
+    # aiosmtpd logs every command at INFO; its own view adds nothing to ours.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+# --- one config generation ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class Generation:
+    """A config, its engine and the services built for it."""
+
+    config: Config
+    engine: Engine
+    relay: Relay
+    settings: ListenerSettings
+    inflight: int = 0
+    retired: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _listener_settings(config: Config) -> ListenerSettings:
+    server = config.server
+    if server.tls_cert:
+        server = replace(
+            server,
+            tls_cert=str(config.resolve_path(server.tls_cert)),
+            tls_key=str(config.resolve_path(server.tls_key)),
+        )
+    return ListenerSettings.from_config(server, verify_recipients=config.relay.verify_recipients)
+
+
+def _listen_address(listen: str) -> tuple[str, int]:
+    text = listen.strip()
+    if text.endswith(":0"):
+        host, _ = parse_hostport(text[:-2] + ":1")
+        return host, 0
+    return parse_hostport(text)
+
+
+def _downstream_reply(code: int, text: str, default_status: str) -> Reply:
+    m = _ENHANCED.match(text)
+    if m and m.group(1)[0] == str(code)[0]:
+        return Reply(code, m.group(1), m.group(2) or "downstream refused the message")
+    return Reply(code, default_status, text or "downstream refused the message")
+
+
+class Gateway:
+    """What the SMTP sessions talk to (``gateway.smtp.Backend``)."""
+
+    def __init__(self, generation: Generation, state: ClosableStateStore) -> None:
+        self.gen = generation
+        self.state = state
+        self.quarantine: QuarantineStore = open_quarantine(
+            generation.config.quarantine, generation.config.base_dir
+        )
+        self.limits = SessionLimits()
+        self.sessions: set[GatewaySMTP] = set()
+        self._draining = False
+        self._retired: list[Generation] = []
+        self._reloading = asyncio.Lock()
+        self._all_closed = asyncio.Event()
+
+    # -- Backend ---------------------------------------------------------------
+
+    @property
+    def settings(self) -> ListenerSettings:
+        return self.gen.settings
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def session_opened(self, session: GatewaySMTP) -> None:
+        self.sessions.add(session)
+
+    def session_closed(self, session: GatewaySMTP) -> None:
+        self.sessions.discard(session)
+        if self._draining and not self.sessions:
+            self._all_closed.set()
+
+    async def verify_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
+        """RCPT-time check with the downstream: its 5xx is ours, a 4xx or silence is 451 4.4.1."""
+        try:
+            code, text = await self.gen.relay.verify_recipient(mail_from, rcpt)
+        except RelayError as exc:
+            if exc.permanent and exc.code is not None:
+                return _downstream_reply(exc.code, exc.text, "5.1.1")
+            log.info("recipient_unverified", extra={"rcpt": rcpt, "reply": exc.text})
+            return replies.RELAY_UNAVAILABLE
+        except Exception:
+            log.exception("recipient_verify_failed", extra={"rcpt": rcpt})
+            return replies.RELAY_UNAVAILABLE
+        if 200 <= code < 300:
+            return None
+        if 500 <= code < 600:
+            return _downstream_reply(code, text, "5.1.1")
+        return replies.RELAY_UNAVAILABLE
+
+    async def deliver(self, tx: Transaction) -> Reply:
+        """Evaluate, then relay / quarantine / refuse; the reply to DATA."""
+        gen = self.gen
+        gen.inflight += 1
+        started = time.monotonic()
+        try:
+            reply, action, evaluation, fields = await self._deliver(gen, tx)
+        finally:
+            gen.inflight -= 1
+            if gen.retired and gen.inflight == 0:
+                gen.closed.set()
+        metrics.MESSAGE_SIZE.observe(len(tx.raw))
+        metrics.record_action(action)
+        env = tx.envelope
+        log.info(
+            "message_processed",
+            extra={
+                "queue_id": env.queue_id,
+                "client_ip": env.client_ip,
+                "helo": env.helo,
+                "mail_from": env.mail_from,
+                "rcpt_tos": list(env.rcpt_to),
+                "size": len(tx.raw),
+                "tls": env.tls.version if env.tls else None,
+                "action": action,
+                "score": float(evaluation.verdict.score) if evaluation else None,
+                "symbols": {s.name: float(s.score) for s in evaluation.verdict.symbols}
+                if evaluation
+                else {},
+                "timings": {r.name: round(r.seconds, 4) for r in evaluation.run.runs}
+                if evaluation
+                else {},
+                "policy_errors": [r.name for r in evaluation.run.runs if r.outcome != "ok"]
+                if evaluation
+                else [],
+                "reply": str(reply),
+                "seconds": round(time.monotonic() - started, 4),
+                **fields,
+            },
+        )
+        return reply
+
+    async def _deliver(
+        self, gen: Generation, tx: Transaction
+    ) -> tuple[Reply, str, Evaluation | None, dict[str, Any]]:
+        env = tx.envelope
+        try:
+            evaluation = await gen.engine.evaluate(env, tx.raw)
+        except Exception:
+            log.exception("evaluation_failed", extra={"queue_id": env.queue_id})
+            return replies.LOCAL_ERROR, "tempfail", None, {}
+        metrics.record_evaluation(evaluation)
+        action = evaluation.action
+        if action in (Action.REJECT, Action.TEMPFAIL):
+            return evaluation.reply(), action.value, evaluation, {}
+        hostname = gen.config.server.hostname
+        clean = headers.remove_fields(tx.raw, headers.untrusted_field(hostname))
+        if action is Action.QUARANTINE:
+            return await self._quarantine(evaluation, tx, clean), action.value, evaluation, {}
+        data = headers.prepend(clean, [tx.received, *evaluation.headers])
+        try:
+            result = await gen.relay.send(env.mail_from, env.rcpt_to, data)
+        except RelayError as exc:
+            fields: dict[str, Any] = {"downstream": f"{exc.code or ''} {exc.text}".strip()}
+            if exc.permanent and exc.code is not None:
+                return _downstream_reply(exc.code, exc.text, "5.0.0"), "reject", evaluation, fields
+            if exc.code is None:
+                return replies.RELAY_UNAVAILABLE, "tempfail", evaluation, fields
+            return replies.RELAY_TEMPFAIL, "tempfail", evaluation, fields
+        except Exception:
+            log.exception("relay_crashed", extra={"queue_id": env.queue_id})
+            return replies.LOCAL_ERROR, "tempfail", evaluation, {}
+        downstream = f"{result.reply[0]} {result.reply[1]}"
+        fields = {"downstream": downstream, "accepted": list(result.accepted)}
+        if set(result.accepted) != set(env.rcpt_to):
+            # Never half a delivery behind a 2xx: the client retries every recipient
+            # (duplicates for the accepted ones are what SMTP allows, RFC 5321 §4.5.4.1).
+            log.warning(
+                "relay_partial",
+                extra={"queue_id": env.queue_id, "accepted": list(result.accepted)},
+            )
+            return replies.RELAY_TEMPFAIL, "tempfail", evaluation, fields
+        return replies.queued(env.queue_id, downstream), action.value, evaluation, fields
+
+    async def _quarantine(self, evaluation: Evaluation, tx: Transaction, clean: bytes) -> Reply:
+        item = new_quarantine_item(evaluation, len(clean))
+        # Released mail carries exactly what relaying it would have sent.
+        item = replace(item, headers=(tx.received, *item.headers))
+        try:
+            await self.quarantine.put(item, clean)
+        except QuarantineError as exc:
+            log.error("quarantine_failed", extra={"queue_id": item.queue_id, "error": str(exc)})
+            return replies.QUARANTINE_FAILED
+        except Exception:
+            log.exception("quarantine_failed", extra={"queue_id": item.queue_id})
+            return replies.QUARANTINE_FAILED
+        log.info("message_quarantined", extra={"queue_id": item.queue_id, "id": item.id})
+        with contextlib.suppress(Exception):
+            metrics.QUARANTINE_MESSAGES.inc()
+        return replies.quarantined(item.queue_id)
+
+    # -- readiness, reload, drain ---------------------------------------------
+
+    async def ready(self) -> tuple[bool, str]:
+        if self._draining:
+            return False, "shutting down"
+        if await self.gen.relay.check():
+            return True, ""
+        return False, "downstream relay does not answer"
+
+    async def reload(self, path: Path) -> bool:
+        """Re-read config and policies; swap in a new engine, or keep the old one and say why."""
+        async with self._reloading:
+            try:
+                new = await build_generation(path, self.state)
+            except ConfigError as exc:
+                metrics.CONFIG_RELOADS.labels(result="invalid").inc()
+                log.error("config_reload_invalid", extra={"problems": list(exc.problems)})
+                return False
+            except Exception as exc:
+                metrics.CONFIG_RELOADS.labels(result="invalid").inc()
+                log.error(
+                    "config_reload_invalid",
+                    extra={"problems": [f"{type(exc).__name__}: {exc}"]},
+                )
+                return False
+            old = self.gen
+            self.gen = new
+            if new.config.server.listen != old.config.server.listen:
+                log.warning(
+                    "config_listen_changed",
+                    extra={"detail": "server.listen takes effect on restart"},
+                )
+            old.retired = True
+            if old.inflight == 0:
+                old.closed.set()
+            self._retired.append(old)
+            asyncio.get_running_loop().create_task(self._close_when_idle(old))
+            metrics.CONFIG_RELOADS.labels(result="ok").inc()
+            log.info(
+                "config_reloaded",
+                extra={"policies": [p.name for p in new.engine.plan.policies]},
+            )
+            return True
+
+    async def _close_when_idle(self, gen: Generation) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(gen.config.server.command_timeout):
+                await gen.closed.wait()
+        await asyncio.sleep(_RELOAD_GRACE)
+        await _close_generation(gen)
+        with contextlib.suppress(ValueError):
+            self._retired.remove(gen)
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new sessions, close idle ones with 421, let messages in flight finish."""
+        self._draining = True
+        for session in list(self.sessions):
+            session.shutdown()
+        if self.sessions:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._all_closed.wait()
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+        if self.sessions:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for gen in [*self._retired, self.gen]:
+            await _close_generation(gen)
+        with contextlib.suppress(Exception):
+            await self.quarantine.close()
+        with contextlib.suppress(Exception):
+            await self.state.close()
+
+
+async def _close_generation(gen: Generation) -> None:
+    with contextlib.suppress(Exception):
+        await gen.engine.close()
+    with contextlib.suppress(Exception):
+        await gen.relay.close()
+
+
+async def build_generation(path: Path, state: ClosableStateStore | None) -> Generation:
+    """Load and validate the config, plan and start the policies; raises ConfigError."""
+    config = await asyncio.to_thread(load_config, path)
+    plan = Engine.make_plan(config)
+    if state is None:
+        state = open_state(config.state, config.base_dir)
+    services = Services(
+        resolver=CachingResolver(config.dns),
+        state=state,
+        hostname=config.server.hostname,
+        config_dir=config.base_dir,
+    )
+    engine = Engine(config, plan, services)
+    await engine.start()
+    unknown = engine.unknown_score_keys()
+    if unknown:
+        await engine.close()
+        raise ConfigError(
+            [f"scores.{k}: no enabled policy declares this symbol" for k in sorted(unknown)]
+        )
+    settings = _listener_settings(config)
+    return Generation(config, engine, Relay(config.relay, config.server.hostname), settings)
+
+
+# --- the process ----------------------------------------------------------------
+
+
+async def serve(config_path: Path) -> int:
+    """The body of ``python -m gateway run``: serve until SIGTERM/SIGINT, then drain; exit code."""
+    path = Path(config_path)
+    try:
+        config = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 2
+    configure_logging(config.log)
+    state = open_state(config.state, config.base_dir)
+    try:
+        gen = await build_generation(path, state)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        with contextlib.suppress(Exception):
+            await state.close()
+        return 2
+    gateway = Gateway(gen, state)
+    loop = asyncio.get_running_loop()
+    host, port = _listen_address(config.server.listen)
+    try:
+        listener = await loop.create_server(
+            lambda: GatewaySMTP(gateway, gateway.limits),
+            host or None,
+            port,
+            reuse_address=True,
+            backlog=1024,
+        )
+    except OSError as exc:
+        log.error("listen_failed", extra={"listen": config.server.listen, "error": str(exc)})
+        await gateway.close()
+        return 1
+    smtp_port = int(listener.sockets[0].getsockname()[1])
+    endpoint = None
+    if config.metrics.listen:
+        try:
+            endpoint = await metrics.start_http(config.metrics.listen, gateway.ready)
+        except OSError as exc:
+            log.error(
+                "metrics_listen_failed", extra={"listen": config.metrics.listen, "error": str(exc)}
+            )
+            listener.close()
+            await gateway.close()
+            return 1
+    with contextlib.suppress(Exception):
+        metrics.QUARANTINE_MESSAGES.set(await gateway.quarantine.count())
+
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(gateway.reload(path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    log.info(
+        "gateway_started",
+        extra={
+            "listen": config.server.listen,
+            "smtp_port": smtp_port,
+            "metrics_port": endpoint.port if endpoint else None,
+            "policies": [p.name for p in gen.engine.plan.policies],
+            "hostname": config.server.hostname,
+        },
+    )
+    await stop.wait()
+    log.info("gateway_stopping", extra={"sessions": len(gateway.sessions)})
+    listener.close()
+    await gateway.drain(gateway.gen.config.server.drain_timeout)
+    for task in reloads:
+        task.cancel()
+    if endpoint is not None:
+        await endpoint.close()
+    await gateway.close()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+    log.info("gateway_stopped")
+    return 0
+
+
+def run(config_path: Path | str) -> int:
+    """Synchronous entry point; uses uvloop when it is installed."""
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve(Path(config_path)))

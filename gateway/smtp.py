@@ -1,0 +1,733 @@
+"""The SMTP front door: aiosmtpd's wire protocol behind one small adapter.
+
+aiosmtpd parses commands; this module decides. :class:`GatewaySMTP`
+subclasses ``aiosmtpd.smtp.SMTP`` (one instance per connection) and overrides
+what a gateway on port 25 must control itself:
+
+- EHLO advertises SIZE, 8BITMIME, SMTPUTF8, PIPELINING, ENHANCEDSTATUSCODES
+  and STARTTLS when a certificate is configured; AUTH is not offered.
+- RCPT refuses every recipient outside ``server.accepted_domains`` with
+  550 5.7.1, including the classic open-relay tricks (``%`` and ``!`` hacks,
+  source routes, quoted local parts holding an ``@``, several ``@``), caps the
+  recipients per message (452) and optionally verifies them downstream.
+- DATA is read in large chunks (not line by line), dot-unstuffed with the
+  strict ``CRLF.CRLF`` end of RFC 5321 §4.1.1.4, bounded by
+  ``max_message_size`` while it streams (552 5.3.4), and handed to the
+  server's :class:`Backend`; the reply comes only after the hand-off.
+- Session limits (total and per client IP, 421 4.7.0), timeouts (421 4.4.2),
+  HAProxy PROXY v1/v2 accepted only from trusted networks.
+- No exception text ever reaches the peer; every reply carries an RFC 3463
+  enhanced status code on an ESMTP session (RFC 2034).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import enum
+import ipaddress
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, AnyStr, Protocol
+
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import SMTP
+
+from gateway import metrics, replies
+from gateway.api import TLSInfo
+from gateway.config import ServerConfig
+from gateway.engine import Envelope
+from gateway.replies import Reply
+
+__all__ = [
+    "Backend",
+    "GatewaySMTP",
+    "ListenerSettings",
+    "RecipientError",
+    "SessionLimits",
+    "Transaction",
+    "check_recipient",
+    "new_queue_id",
+    "received_field",
+    "tls_context",
+]
+
+log = logging.getLogger("gateway.smtp")
+
+IDENT = "ESMTP gateway"
+_READ_CHUNK = 256 * 1024  # bytes per DATA read; memory per session is bounded by max_message_size
+_PROXY_TIMEOUT = 10.0  # seconds a trusted proxy has to send its PROXY header
+
+
+# --- queue ids and the Received field ---------------------------------------
+
+
+def new_queue_id() -> str:
+    """A unique, roughly time-ordered queue id (16 base32 characters)."""
+    stamp = int(time.time() * 1000).to_bytes(6, "big")[1:]
+    return base64.b32encode(stamp + os.urandom(5)).decode("ascii")
+
+
+_HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def _token(text: str, limit: int = 255) -> str:
+    """Client-controlled text made safe for a header field (no CR/LF, no comments)."""
+    return _HELO_SAFE.sub("?", text)[:limit] or "unknown"
+
+
+def received_field(
+    *,
+    helo: str,
+    client_ip: str | None,
+    client_name: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    tls: TLSInfo | None,
+    recipient: str | None,
+    when: datetime,
+) -> str:
+    """Our trace field (RFC 5321 §4.4), folded, without the trailing CRLF.
+
+    ``protocol`` is an RFC 3848 / RFC 6531 "with" keyword (ESMTP, ESMTPS,
+    UTF8SMTPS, ...). The recipient is named only for single-recipient mail
+    (RFC 5321 §7.6: naming one of several would leak the others).
+    """
+    ip = client_ip or "unknown"
+    literal = f"IPv6:{ip}" if ":" in ip else ip
+    lines = [f"Received: from {_token(helo)} ({_token(client_name or 'unknown')} [{literal}])"]
+    lines.append(f"\tby {_token(hostname)} (gateway) with {protocol}")
+    if tls is not None:
+        lines.append(f"\t(using {_token(tls.version, 40)} with cipher {_token(tls.cipher, 80)})")
+    lines.append(f"\tid {queue_id}")
+    if recipient is not None and _ADDR_SAFE.fullmatch(recipient):
+        lines.append(f"\tfor <{recipient}>")
+    lines[-1] += ";"
+    lines.append(f"\t{format_datetime(when)}")
+    return "\r\n".join(lines)
+
+
+_ADDR_SAFE = re.compile(r"[\x21-\x7e\u0080-\U0010ffff]{1,320}")
+
+
+# --- recipients: never an open relay ----------------------------------------
+
+
+class RecipientError(enum.Enum):
+    """Why a recipient is refused at RCPT."""
+
+    SYNTAX = "syntax"
+    NOT_ACCEPTED = "not_accepted"
+
+
+_LOCAL_ATOM = re.compile(r"[A-Za-z0-9!#$&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+")
+_DOMAIN = re.compile(r"[A-Za-z0-9\-\u0080-\U0010ffff]+(?:\.[A-Za-z0-9\-\u0080-\U0010ffff]+)*\.?")
+
+
+def _split_path(arg: str) -> tuple[str, str] | None:
+    """``<path> params`` -> (path, params); quoted strings may hold ``>``."""
+    text = arg.strip()
+    if not text.startswith("<"):
+        return None
+    quoted = False
+    escaped = False
+    for i in range(1, len(text)):
+        c = text[i]
+        if escaped:
+            escaped = False
+        elif c == "\\" and quoted:
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return text[1:i], text[i + 1 :].strip()
+    return None
+
+
+def check_recipient(path: str, accepted_domains: Iterable[str]) -> RecipientError | None:
+    """Decide a RCPT TO path (without the angle brackets); None means acceptable.
+
+    Only a plain ``local@domain`` whose domain is exactly one of
+    ``accepted_domains`` (case-insensitive; subdomains only when listed) is
+    accepted. Everything a downstream MTA might route elsewhere is refused:
+    source routes (RFC 5321 §4.1.1.3, obsolete), ``%`` and ``!`` routing
+    hacks, quoted local parts holding ``@``, several ``@``, address literals.
+    """
+    if not path or path.startswith("@"):
+        return RecipientError.NOT_ACCEPTED if path else RecipientError.SYNTAX
+    if path.startswith('"'):
+        end = path.find('"', 1)
+        while end > 0 and path[end - 1] == "\\":
+            end = path.find('"', end + 1)
+        if end < 0 or path[end + 1 : end + 2] != "@":
+            return RecipientError.SYNTAX
+        local, domain = path[1:end], path[end + 2 :]
+        if "@" in local or "%" in local or "!" in local or "\\" in local:
+            return RecipientError.NOT_ACCEPTED
+        if any(ord(c) < 32 or ord(c) == 127 for c in local):
+            return RecipientError.SYNTAX
+    else:
+        if path.count("@") != 1:
+            return RecipientError.NOT_ACCEPTED if path.count("@") > 1 else RecipientError.SYNTAX
+        local, _, domain = path.partition("@")
+        if "%" in local or "!" in local:
+            return RecipientError.NOT_ACCEPTED
+        if not all(_LOCAL_ATOM.fullmatch(a) for a in local.split(".")):
+            return RecipientError.SYNTAX
+    if "@" in domain or "%" in domain or "!" in domain or domain.startswith("["):
+        return RecipientError.NOT_ACCEPTED
+    if not _DOMAIN.fullmatch(domain):
+        return RecipientError.SYNTAX
+    if domain.lower().rstrip(".") not in set(accepted_domains):
+        return RecipientError.NOT_ACCEPTED
+    return None
+
+
+# --- what the listener needs from the server --------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One received message, ready for evaluation and hand-off."""
+
+    envelope: Envelope
+    raw: bytes  # exactly as received, dot-unstuffed
+    received: str  # our Received: field (folded, no trailing CRLF)
+
+
+class Backend(Protocol):
+    """The running gateway, as the SMTP sessions see it."""
+
+    @property
+    def settings(self) -> ListenerSettings: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    async def verify_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
+        """None to accept the recipient, else the reply refusing it."""
+        ...
+
+    async def deliver(self, tx: Transaction) -> Reply:
+        """Evaluate and hand the message on; the reply to DATA."""
+        ...
+
+    def session_opened(self, session: GatewaySMTP) -> None: ...
+
+    def session_closed(self, session: GatewaySMTP) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    """The per-connection knobs, taken from the config generation current at connect."""
+
+    server: ServerConfig
+    tls: ssl.SSLContext | None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    verify_recipients: bool
+
+    @classmethod
+    def from_config(cls, server: ServerConfig, *, verify_recipients: bool) -> ListenerSettings:
+        nets = tuple(ipaddress.ip_network(n, strict=False) for n in server.proxy_trusted_networks)
+        return cls(server, tls_context(server), nets, verify_recipients)
+
+    def is_trusted_proxy(self, ip: str | None) -> bool:
+        if ip is None:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted_proxies)
+
+
+def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """The STARTTLS context (TLS 1.2 minimum), or None when no certificate is configured."""
+    if not server.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_NONE  # senders rarely present client certificates
+    ctx.load_cert_chain(server.tls_cert, server.tls_key)
+    return ctx
+
+
+class SessionLimits:
+    """Concurrent sessions in total and per client IP (one abusive client never starves others)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_ip: collections.Counter[str] = collections.Counter()
+
+    def acquire(self, ip: str, max_total: int, max_per_ip: int) -> str | None:
+        """None when admitted (and counted), else the refusal reason (a metric label)."""
+        if self.total >= max_total:
+            return "max_sessions"
+        if self.per_ip[ip] >= max_per_ip:
+            return "max_sessions_per_ip"
+        self.total += 1
+        self.per_ip[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+
+# --- the session --------------------------------------------------------------
+
+_ENHANCED = re.compile(r"^\d\.\d{1,3}\.\d{1,3} ")
+_DEFAULT_STATUS = {
+    211: "2.0.0",
+    214: "2.0.0",
+    221: "2.0.0",
+    250: "2.0.0",
+    252: "2.5.0",
+    421: "4.3.0",
+    450: "4.2.0",
+    451: "4.3.0",
+    452: "4.3.1",
+    454: "4.7.0",
+    500: "5.5.2",
+    501: "5.5.4",
+    502: "5.5.1",
+    503: "5.5.1",
+    504: "5.5.4",
+    530: "5.7.0",
+    550: "5.7.1",
+    552: "5.3.4",
+    553: "5.1.3",
+    554: "5.3.0",
+    555: "5.5.4",
+}
+_STAGES = {"HELO": "helo", "EHLO": "helo", "MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}
+_SMUGGLE = re.compile(rb"(?:(?<!\r)\n|\r(?!\n))\.")  # a dot after a bare LF or CR
+_SMUGGLING_REPLY = Reply(
+    550,
+    "5.5.2",
+    "Message refused: a period follows a bare CR or LF; send CRLF line endings "
+    "(RFC 5321 section 2.3.8)",
+)
+
+
+class _ClientGone(Exception):
+    """The connection closed or timed out in the middle of DATA."""
+
+
+class GatewaySMTP(SMTP):
+    """One SMTP session. Built by the listener's protocol factory."""
+
+    def __init__(self, backend: Backend, limits: SessionLimits) -> None:
+        settings = backend.settings
+        server = settings.server
+        self.backend = backend
+        self.limits = limits
+        self.settings = settings
+        # The StreamReader limit bounds a command line (RFC 5321 §4.5.3.1.4).
+        self.line_length_limit = server.max_command_length + 2
+        super().__init__(
+            _NoHandler(),
+            data_size_limit=server.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=server.hostname,
+            ident=IDENT,
+            tls_context=settings.tls,
+            timeout=server.command_timeout,
+            auth_require_tls=True,
+            command_call_limit={
+                "*": 1000,
+                "RCPT": max(1000, 10 * server.max_recipients),
+                "NOOP": 100,
+                "VRFY": 20,
+                "EXPN": 20,
+                "HELP": 20,
+                "STARTTLS": 2,
+            },
+        )
+        limit = server.max_command_length
+        self.command_size_limit = limit
+        self.command_size_limits = collections.defaultdict(lambda: limit)
+        self.client_ip: str | None = None
+        self.peer_ip: str | None = None
+        self.helo = ""
+        self._counted = False
+        self._stage = "connect"
+        self.busy = False  # inside a DATA transaction (reading, evaluating, handing off)
+        self._closing = False
+        self._registered = False
+        self._smtp_methods = {
+            name: self._staged(name, method) for name, method in self._smtp_methods.items()
+        }
+
+    # -- connection lifecycle ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and self.transport is None:
+            peer = transport.get_extra_info("peername")
+            self.peer_ip = _ip_of(peer)
+            self.client_ip = self.peer_ip
+            server = self.settings.server
+            if server.proxy_protocol and self.settings.is_trusted_proxy(self.peer_ip):
+                self._proxy_timeout = _PROXY_TIMEOUT
+            self.backend.session_opened(self)
+            self._registered = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self.limits.release(self.client_ip or "unknown")
+            metrics.SESSIONS_ACTIVE.dec()
+        if self._registered:
+            self._registered = False
+            self.backend.session_closed(self)
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2: say why before closing instead of just dropping the line.
+        self._write_now(replies.TIMEOUT)
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _write_now(self, reply: Reply) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            self._count_reply(reply.code)
+            transport.write(f"{reply}\r\n".encode("ascii", "replace"))
+
+    def shutdown(self) -> None:
+        """Drain: idle sessions get 421 now; a session inside DATA finishes its message first."""
+        self._closing = True
+        if not self.busy and self.transport is not None:
+            self._write_now(replies.SHUTTING_DOWN)
+            self.transport.close()
+
+    async def _handle_client(self) -> None:
+        server = self.settings.server
+        if self._proxy_timeout is not None:
+            # HAProxy PROXY v1/v2, only from trusted networks (connection_made decided).
+            self._reset_timeout(self._proxy_timeout)
+            proxy = await get_proxy(self._reader)
+            if not proxy or not proxy.valid:
+                log.warning("proxy_header_invalid", extra={"peer": self.peer_ip})
+                metrics.SESSIONS_REFUSED.labels(reason="proxy_invalid").inc()
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if proxy.src_addr is not None:
+                self.client_ip = _ip_of((str(proxy.src_addr), 0))
+            self._proxy_timeout = None
+            self._reset_timeout()
+        if self.backend.draining:
+            await self._refuse(replies.SHUTTING_DOWN, "draining")
+            return
+        refused = self.limits.acquire(
+            self.client_ip or "unknown", server.max_sessions, server.max_sessions_per_ip
+        )
+        if refused is not None:
+            reply = (
+                replies.TOO_MANY_SESSIONS if refused == "max_sessions" else replies.TOO_MANY_FROM_IP
+            )
+            await self._refuse(reply, refused)
+            return
+        self._counted = True
+        metrics.SESSIONS_ACTIVE.inc()
+        await super()._handle_client()
+
+    async def _refuse(self, reply: Reply, reason: str) -> None:
+        metrics.SESSIONS_REFUSED.labels(reason=reason).inc()
+        log.info("session_refused", extra={"client_ip": self.client_ip, "reason": reason})
+        try:
+            await self.push(str(reply))
+        finally:
+            if self.transport is not None:
+                self.transport.close()
+
+    # -- replies ---------------------------------------------------------------
+
+    def _staged(self, name: str, method: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        stage = _STAGES.get(name, "other")
+
+        async def run(arg: Any) -> Any:
+            self._stage = stage
+            return await method(arg)
+
+        return run
+
+    def _count_reply(self, code: int) -> None:
+        if self._stage != "other":
+            metrics.REPLIES.labels(stage=self._stage, code=str(code)).inc()
+
+    async def push(self, status: AnyStr) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        # Never echo control characters (a client's bogus command name) back.
+        text = "".join(c if c >= " " and c != "\x7f" else "?" for c in text)
+        code_text, sep, rest = text[:3], text[3:4], text[4:]
+        if code_text.isdigit() and sep in (" ", ""):
+            code = int(code_text)
+            self._count_reply(code)
+            extended = self.session is not None and self.session.extended_smtp
+            status_code = _DEFAULT_STATUS.get(code)
+            if extended and status_code and not _ENHANCED.match(rest + " "):
+                # RFC 2034 §3: every reply but the greeting carries a status code.
+                text = f"{code} {status_code} {rest}".rstrip()
+        await super().push(text)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Exception text is for the log only (STYLE habit 5), never for the peer.
+        log.error(
+            "smtp_session_error",
+            exc_info=(type(error), error, error.__traceback__),
+            extra={"client_ip": self.client_ip},
+        )
+        return str(replies.LOCAL_ERROR)
+
+    # -- commands --------------------------------------------------------------
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        await super().smtp_HELO(hostname)
+        if self.session is not None and self.session.host_name:
+            self.helo = self.session.host_name
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        assert self.session is not None
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        self.helo = hostname
+        lines = [
+            self.hostname,
+            f"SIZE {self.settings.server.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.tls_context is not None and self._tls_protocol is None:
+            lines.append("STARTTLS")
+        text = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
+        self._count_reply(250)
+        await SMTP.push(self, text)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push("502 5.5.1 AUTH not supported on this service")
+
+    async def smtp_PROXY(self, arg: str) -> None:
+        # A PROXY header here is either from an untrusted source or out of place.
+        log.warning("proxy_header_refused", extra={"client_ip": self.client_ip})
+        metrics.SESSIONS_REFUSED.labels(reason="proxy_untrusted").inc()
+        await self.push("554 5.7.0 PROXY not accepted from your address")
+        if self.transport is not None:
+            self.transport.close()
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        rest = self._strip_command_keyword("TO:", arg or "")
+        parts = _split_path(rest) if rest is not None else None
+        if parts is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        path, params = parts
+        if params:
+            await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
+            return
+        problem = check_recipient(path, self.settings.server.accepted_domains)
+        if problem is RecipientError.SYNTAX:
+            await self.push(str(replies.BAD_RECIPIENT_SYNTAX))
+            return
+        if problem is RecipientError.NOT_ACCEPTED:
+            log.info(
+                "recipient_refused",
+                extra={"client_ip": self.client_ip, "rcpt": path[:320], "reason": "relay_denied"},
+            )
+            await self.push(str(replies.RELAY_DENIED))
+            return
+        if len(self.envelope.rcpt_tos) >= self.settings.server.max_recipients:
+            await self.push(str(replies.TOO_MANY_RECIPIENTS))
+            return
+        if self.settings.verify_recipients:
+            mail_from = _mail_from(self.envelope.mail_from)
+            refusal = await self.backend.verify_recipient(mail_from, path)
+            if refusal is not None:
+                await self.push(str(refusal))
+                return
+        self.envelope.rcpt_tos.append(path)
+        await self.push("250 2.1.5 OK")
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        server = self.settings.server
+        self.busy = True
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            received_at = datetime.now(UTC)
+            self._reset_timeout(server.data_timeout)
+            try:
+                raw, too_big = await self._read_data(server.max_message_size)
+            except _ClientGone:
+                return
+            # Evaluation and hand-off are bounded by their own timeouts; keep the line open.
+            self._reset_timeout(server.command_timeout + server.data_timeout)
+            if too_big:
+                metrics.MESSAGE_SIZE.observe(server.max_message_size)
+                await self.push(str(replies.MESSAGE_TOO_BIG))
+                return
+            if _SMUGGLE.search(raw):
+                log.warning(
+                    "message_refused_bare_newline",
+                    extra={"client_ip": self.client_ip, "size": len(raw)},
+                )
+                await self.push(str(_SMUGGLING_REPLY))
+                return
+            reply = await self.backend.deliver(self._transaction(raw, received_at))
+            await self.push(str(reply))
+        finally:
+            self.busy = False
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self._reset_timeout()
+            if self._closing and self.transport is not None:
+                self._write_now(replies.SHUTTING_DOWN)
+                self.transport.close()
+
+    def _transaction(self, raw: bytes, received_at: datetime) -> Transaction:
+        assert self.envelope is not None
+        tls = self._tls_info()
+        utf8 = bool(self.envelope.smtp_utf8)
+        extended = self.session is not None and self.session.extended_smtp
+        protocol = ("UTF8SMTP" if utf8 else "ESMTP" if extended else "SMTP") + (
+            "S" if tls is not None else ""
+        )
+        queue_id = new_queue_id()
+        rcpts = tuple(self.envelope.rcpt_tos)
+        envelope = Envelope(
+            client_ip=self.client_ip,
+            helo=self.helo,
+            mail_from=_mail_from(self.envelope.mail_from),
+            rcpt_to=rcpts,
+            queue_id=queue_id,
+            tls=tls,
+            received_at=received_at,
+        )
+        received = received_field(
+            helo=self.helo,
+            client_ip=self.client_ip,
+            client_name="",
+            hostname=self.settings.server.hostname,
+            protocol=protocol,
+            queue_id=queue_id,
+            tls=tls,
+            recipient=rcpts[0] if len(rcpts) == 1 else None,
+            when=received_at.astimezone(),
+        )
+        return Transaction(envelope, raw, received)
+
+    def _tls_info(self) -> TLSInfo | None:
+        if self._tls_protocol is None or self.transport is None:
+            return None
+        obj = self.transport.get_extra_info("ssl_object")
+        if obj is None:
+            return None
+        cipher = obj.cipher()
+        return TLSInfo(version=obj.version() or "TLS", cipher=cipher[0] if cipher else "")
+
+    async def _read_data(self, limit: int) -> tuple[bytes, bool]:
+        """Read the message up to the strict CRLF.CRLF end; (raw, too_big).
+
+        Reads large chunks instead of lines. The buffer always starts with the
+        CRLF that ended the previous line (a virtual one before the first), so
+        the end marker is ``CRLF . CRLF`` and transparency (RFC 5321 §4.5.2) is
+        ``CRLF . -> CRLF`` on whole lines only. A bare LF or CR never ends a
+        line here. Past ``limit`` the bytes are counted and discarded, so
+        memory stays bounded by the limit however much is sent.
+        """
+        reader = self._reader
+        buf = bytearray(b"\r\n")
+        out = bytearray()
+        first = True
+        too_big = False
+        scan = 0
+        while True:
+            if self.transport is None:
+                raise _ClientGone
+            try:
+                chunk = await reader.read(_READ_CHUNK)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                raise _ClientGone from None
+            if not chunk:
+                raise _ClientGone
+            buf += chunk
+            end = buf.find(b"\r\n.\r\n", scan)
+            if end >= 0:
+                leftover = bytes(buf[end + 5 :])
+                if leftover:
+                    # Pipelined commands after the end of data (RFC 2920) stay for the command loop.
+                    reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
+                if not too_big:
+                    segment = bytes(buf[:end]).replace(b"\r\n.", b"\r\n")
+                    out += segment[2:] if first else segment
+                    if end > 0 or not first:
+                        out += b"\r\n"
+                    if len(out) > limit:
+                        return b"", True
+                return bytes(out), too_big
+            if too_big:
+                del buf[:-4]
+                scan = 0
+                continue
+            last = buf.rfind(b"\r\n")
+            if last > 0:
+                segment = bytes(buf[:last]).replace(b"\r\n.", b"\r\n")
+                out += segment[2:] if first else segment
+                first = False
+                del buf[:last]
+            scan = max(0, len(buf) - 4)
+            if len(out) + len(buf) - 2 > limit:
+                too_big = True
+                out = bytearray()
+                del buf[:-4]
+                scan = 0
+
+
+class _NoHandler:
+    """aiosmtpd wants a handler object; the subclass does all the work itself."""
+
+
+def _ip_of(peer: Any) -> str | None:
+    if isinstance(peer, tuple) and peer:
+        host = str(peer[0])
+        return host.removeprefix("::ffff:") if host.startswith("::ffff:") else host
+    return None
+
+
+def _mail_from(value: str | None) -> str:
+    """aiosmtpd keeps the null reverse-path as ``<>``; the gateway uses ``""``."""
+    return "" if not value or value == "<>" else value
