@@ -42,7 +42,15 @@ from gateway.replies import Reply
 from gateway.smtp import GatewaySMTP, ListenerSettings, SessionLimits, Transaction
 from gateway.state import ClosableStateStore, open_state
 
-__all__ = ["Gateway", "configure_logging", "run", "serve"]
+__all__ = [
+    "Gateway",
+    "RunningGateway",
+    "StartupError",
+    "configure_logging",
+    "run",
+    "serve",
+    "start",
+]
 
 log = logging.getLogger("gateway.server")
 
@@ -407,25 +415,64 @@ async def build_generation(path: Path, state: ClosableStateStore | None) -> Gene
 # --- the process ----------------------------------------------------------------
 
 
-async def serve(config_path: Path) -> int:
-    """The body of ``python -m gateway run``: serve until SIGTERM/SIGINT, then drain; exit code."""
+class StartupError(Exception):
+    """The gateway could not start; ``problems`` are lines for the operator."""
+
+    def __init__(self, problems: list[str], exit_code: int = 2) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+        self.exit_code = exit_code
+
+
+class RunningGateway:
+    """A started gateway in the current event loop (``serve`` and in-process tests)."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        listener: asyncio.Server,
+        endpoint: metrics.HTTPEndpoint | None,
+        path: Path,
+    ) -> None:
+        self.gateway = gateway
+        self.listener = listener
+        self.endpoint = endpoint
+        self.path = path
+        self.smtp_port = int(listener.sockets[0].getsockname()[1])
+        self.metrics_port = endpoint.port if endpoint is not None else None
+
+    @property
+    def config(self) -> Config:
+        return self.gateway.gen.config
+
+    async def reload(self) -> bool:
+        return await self.gateway.reload(self.path)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop listening, drain in-flight sessions, close every service."""
+        self.listener.close()
+        await self.gateway.drain(self.config.server.drain_timeout if grace is None else grace)
+        if self.endpoint is not None:
+            await self.endpoint.close()
+        await self.gateway.close()
+
+
+async def start(config_path: Path | str, *, setup_logging: bool = False) -> RunningGateway:
+    """Load the config, start policies, listener and metrics; raises StartupError."""
     path = Path(config_path)
     try:
         config = await asyncio.to_thread(load_config, path)
     except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return 2
-    configure_logging(config.log)
+        raise StartupError(list(exc.problems)) from None
+    if setup_logging:
+        configure_logging(config.log)
     state = open_state(config.state, config.base_dir)
     try:
         gen = await build_generation(path, state)
     except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
         with contextlib.suppress(Exception):
             await state.close()
-        return 2
+        raise StartupError(list(exc.problems)) from None
     gateway = Gateway(gen, state)
     loop = asyncio.get_running_loop()
     host, port = _listen_address(config.server.listen)
@@ -438,56 +485,65 @@ async def serve(config_path: Path) -> int:
             backlog=1024,
         )
     except OSError as exc:
-        log.error("listen_failed", extra={"listen": config.server.listen, "error": str(exc)})
         await gateway.close()
-        return 1
-    smtp_port = int(listener.sockets[0].getsockname()[1])
+        raise StartupError(
+            [f"server.listen: cannot listen on {config.server.listen}: {exc}"], 1
+        ) from None
     endpoint = None
     if config.metrics.listen:
         try:
             endpoint = await metrics.start_http(config.metrics.listen, gateway.ready)
         except OSError as exc:
-            log.error(
-                "metrics_listen_failed", extra={"listen": config.metrics.listen, "error": str(exc)}
-            )
             listener.close()
             await gateway.close()
-            return 1
+            raise StartupError(
+                [f"metrics.listen: cannot listen on {config.metrics.listen}: {exc}"], 1
+            ) from None
     with contextlib.suppress(Exception):
         metrics.QUARANTINE_MESSAGES.set(await gateway.quarantine.count())
+    running = RunningGateway(gateway, listener, endpoint, path)
+    log.info(
+        "gateway_started",
+        extra={
+            "listen": config.server.listen,
+            "smtp_port": running.smtp_port,
+            "metrics_port": running.metrics_port,
+            "policies": [p.name for p in gen.engine.plan.policies],
+            "hostname": config.server.hostname,
+        },
+    )
+    return running
 
+
+async def serve(config_path: Path) -> int:
+    """The body of ``python -m gateway run``: serve until SIGTERM/SIGINT, then drain; exit code."""
+    try:
+        running = await start(config_path, setup_logging=True)
+    except StartupError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return exc.exit_code
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
 
     def on_hup() -> None:
-        task = loop.create_task(gateway.reload(path))
+        task = loop.create_task(running.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    log.info(
-        "gateway_started",
-        extra={
-            "listen": config.server.listen,
-            "smtp_port": smtp_port,
-            "metrics_port": endpoint.port if endpoint else None,
-            "policies": [p.name for p in gen.engine.plan.policies],
-            "hostname": config.server.hostname,
-        },
-    )
-    await stop.wait()
-    log.info("gateway_stopping", extra={"sessions": len(gateway.sessions)})
-    listener.close()
-    await gateway.drain(gateway.gen.config.server.drain_timeout)
-    for task in reloads:
-        task.cancel()
-    if endpoint is not None:
-        await endpoint.close()
-    await gateway.close()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.remove_signal_handler(sig)
+    try:
+        await stop.wait()
+        log.info("gateway_stopping", extra={"sessions": len(running.gateway.sessions)})
+        await running.stop()
+        for task in reloads:
+            task.cancel()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
     log.info("gateway_stopped")
     return 0
 
