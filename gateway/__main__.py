@@ -1,0 +1,611 @@
+"""The command line: ``python -m gateway {run,check-config,scan,symbols,quarantine,learn}``.
+
+Exit codes: 0 ok, 1 problems or failures (invalid config, failed release,
+store unreachable), 2 usage (bad arguments, a command that does not apply to
+this config). Output meant for people goes to stdout; errors to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import itertools
+import json
+import logging
+import mailbox
+import os
+import sys
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TextIO
+
+from gateway.api import Action, AuthResult, OptionError, Services
+from gateway.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+_LEARN_CHUNK = 200  # messages read (in a worker thread) per call to the classifier
+
+
+class CLIError(Exception):
+    """A failure to report as one line on stderr; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_PROBLEMS) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- shared helpers ------------------------------------------------------------
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise _Problems(exc.problems) from None
+
+
+class _Problems(Exception):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+@dataclass
+class _Runtime:
+    """An engine for one CLI command, with the services it opened."""
+
+    engine: Any  # gateway.engine.Engine; imported lazily to keep `--help` fast
+    state: Any
+
+    async def close(self) -> None:
+        await self.engine.close()
+        await self.state.close()
+
+
+def _services(config: Config) -> tuple[Services, Any]:
+    from gateway.dns import CachingResolver
+    from gateway.state import open_state
+
+    state = open_state(config.state, config.base_dir)
+    services = Services(
+        resolver=CachingResolver(config.dns),
+        state=state,
+        hostname=config.server.hostname,
+        config_dir=config.base_dir,
+    )
+    return services, state
+
+
+async def _build(config: Config, *, start: bool = True) -> tuple[_Runtime, list[str]]:
+    """Plan, construct and (optionally) start every enabled policy, collecting problems.
+
+    Each policy is constructed and started on its own so a failure names it.
+    Starting loads rule files and such; no policy talks to the network here.
+    """
+    from gateway.engine import Engine
+
+    problems: list[str] = []
+    try:
+        plan = Engine.make_plan(config)
+    except ConfigError as exc:
+        raise _Problems(exc.problems) from None
+    for ep in plan.policies:
+        try:
+            ep.cls(ep.options)
+        except OptionError as exc:
+            problems.append(f"policies.{ep.name}.{exc.key}: {exc.message}")
+        except Exception as exc:
+            problems.append(f"policies.{ep.name}: cannot construct: {type(exc).__name__}: {exc}")
+    if problems:
+        raise _Problems(problems)
+    services, state = _services(config)
+    engine = Engine(config, plan, services)
+    runtime = _Runtime(engine, state)
+    if start:
+        for name, policy in engine.pipeline.policies.items():
+            try:
+                await policy.start(services)
+            except OptionError as exc:
+                problems.append(f"policies.{name}.{exc.key}: {exc.message}")
+            except Exception as exc:
+                problems.append(f"policies.{name}: cannot start: {type(exc).__name__}: {exc}")
+    return runtime, problems
+
+
+def _unknown_scores(engine: Any) -> list[str]:
+    known = list(engine.declared_symbols())
+    lines = []
+    for key in engine.unknown_score_keys():
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        lines.append(
+            f"scores.{key}: no enabled policy declares this symbol{hint}; "
+            "fix the name or enable the policy that emits it"
+        )
+    return lines
+
+
+def _num(value: Decimal | float) -> float:
+    return float(value)
+
+
+# --- check-config --------------------------------------------------------------
+
+
+async def _check_config(args: argparse.Namespace, out: TextIO) -> int:
+    config = _load(args.config)
+    runtime, problems = await _build(config)
+    try:
+        problems += _unknown_scores(runtime.engine)
+    finally:
+        await runtime.close()
+    if problems:
+        raise _Problems(problems)
+    names = ", ".join(p.name for p in runtime.engine.plan.policies) or "none"
+    print(f"{config.path}: OK (policies: {names})", file=out)
+    return EXIT_OK
+
+
+# --- scan ----------------------------------------------------------------------
+
+
+def _read_message(source: str, limit: int) -> bytes:
+    if source == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+    else:
+        try:
+            with open(source, "rb") as fh:
+                data = fh.read(limit + 1)
+        except OSError as exc:
+            raise CLIError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise CLIError(
+            f"{source}: message is larger than server.max_message_size ({limit} bytes); "
+            "the gateway would refuse it with 552 5.3.4"
+        )
+    return data
+
+
+def _auth_json(auth: Sequence[AuthResult]) -> dict[str, Any]:
+    """``auth`` of ``scan --json`` from the RFC 8601 results (INTERFACE.md)."""
+    spf, spf_helo = "none", "none"
+    dkim: list[dict[str, str]] = []
+    dmarc: dict[str, str] = {"result": "none", "policy": "none", "domain": ""}
+    for a in auth:
+        method = a.method.lower()
+        if method == "spf":
+            if a.prop("smtp.helo") is not None and a.prop("smtp.mailfrom") is None:
+                spf_helo = a.result
+            else:
+                spf = a.result
+        elif method == "dkim":
+            dkim.append(
+                {
+                    "domain": a.prop("header.d") or "",
+                    "selector": a.prop("header.s") or "",
+                    "result": a.result,
+                }
+            )
+        elif method == "dmarc":
+            dmarc = {
+                "result": a.result,
+                "policy": a.prop("policy.dmarc") or "none",
+                "domain": a.prop("header.from") or "",
+            }
+    return {"spf": spf, "spf_helo": spf_helo, "dkim": dkim, "dmarc": dmarc}
+
+
+async def _scan(args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.engine import Envelope
+    from gateway.quarantine import new_id
+
+    config = _load(args.config)
+    raw = await asyncio.to_thread(_read_message, args.file, config.server.max_message_size)
+    runtime, problems = await _build(config)
+    try:
+        if problems:
+            raise _Problems(problems)
+        rcpts = tuple(args.rcpt) or (f"postmaster@{config.server.accepted_domains[0]}",)
+        envelope = Envelope(
+            client_ip=args.ip,
+            helo=args.helo,
+            mail_from=args.mail_from,
+            rcpt_to=rcpts,
+            queue_id=f"scan{new_id()[-8:]}",
+        )
+        evaluation = await runtime.engine.evaluate(envelope, raw)
+        reply = str(runtime.engine.preview_reply(evaluation))
+    finally:
+        await runtime.close()
+    verdict = evaluation.verdict
+    if args.json:
+        doc = {
+            "action": verdict.action.value,
+            "score": _num(verdict.score),
+            "symbols": [
+                {
+                    "name": s.name,
+                    "score": _num(s.score),
+                    "policy": s.policy,
+                    "detail": s.detail,
+                    "description": s.description,
+                }
+                for s in verdict.symbols
+            ],
+            "auth": _auth_json(verdict.auth),
+            "smtp_reply": reply,
+            "headers": list(evaluation.headers),
+        }
+        print(json.dumps(doc, ensure_ascii=False), file=out)
+        return EXIT_OK
+    _print_explanation(config, evaluation, reply, out)
+    return EXIT_OK
+
+
+def _print_explanation(config: Config, evaluation: Any, reply: str, out: TextIO) -> None:
+    """Like ``spamassassin -t``: the verdict, then every symbol with its points and evidence."""
+    v = evaluation.verdict
+    t = config.actions
+    print(f"Action:     {v.action.value}", file=out)
+    print(
+        f"Score:      {v.score} (add_header {t.add_header}, quarantine {t.quarantine}, "
+        f"reject {t.reject})",
+        file=out,
+    )
+    if v.forced_by:
+        print(f"Forced by:  {v.forced_by}", file=out)
+    if v.reason:
+        print(f"Reason:     {v.reason}", file=out)
+    print(f"SMTP reply: {reply}", file=out)
+    print("", file=out)
+    print(" pts   symbol                       policy        description", file=out)
+    print("------ ---------------------------- ------------- " + "-" * 40, file=out)
+    for s in v.symbols:
+        print(f"{s.score:6} {s.name:<28} {s.policy:<13} {s.description}", file=out)
+        if s.detail:
+            print(f"{'':50} [{s.detail}]", file=out)
+    if not v.symbols:
+        print("  (no symbols)", file=out)
+    print("", file=out)
+    print("Authentication:", file=out)
+    for a in v.auth:
+        props = " ".join(f"{k}={val}" for k, val in a.properties)
+        reason = f" ({a.reason})" if a.reason else ""
+        print(f"  {a.method}={a.result}{reason} {props}".rstrip(), file=out)
+    if not v.auth:
+        print("  (none)", file=out)
+    print("", file=out)
+    print("Headers added when relayed:", file=out)
+    for h in evaluation.headers:
+        print(f"  {h}".replace("\r\n", "\n  "), file=out)
+    print("", file=out)
+    print("Policy timings:", file=out)
+    for run in evaluation.run.runs:
+        print(f"  {run.name:<13} {run.seconds * 1000:8.1f} ms  {run.outcome}", file=out)
+
+
+# --- symbols -------------------------------------------------------------------
+
+
+async def _symbols(args: argparse.Namespace, out: TextIO) -> int:
+    config = _load(args.config)
+    runtime, problems = await _build(config)
+    try:
+        if problems:
+            raise _Problems(problems)
+        engine = runtime.engine
+        from_classes = engine.plan.symbols()
+        rows = []
+        for name, (policy, sdef) in sorted(engine.declared_symbols().items()):
+            override = config.scores.get(name)
+            if isinstance(override, Action):
+                score, source = sdef.score, f"[scores] override: forces {override.value}"
+            elif override is not None:
+                score, source = float(override), "[scores] override"
+            else:
+                score = sdef.score
+                source = "default" if name in from_classes else "rule file"
+            rows.append(
+                {
+                    "name": name,
+                    "score": score,
+                    "source": source,
+                    "policy": policy,
+                    "description": sdef.description,
+                }
+            )
+    finally:
+        await runtime.close()
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False), file=out)
+        return EXIT_OK
+    for r in rows:
+        print(
+            f"{r['name']:<30} {r['score']:7.2f}  {r['source']:<34} {r['policy']:<13} "
+            f"{r['description']}",
+            file=out,
+        )
+    return EXIT_OK
+
+
+# --- quarantine ----------------------------------------------------------------
+
+
+async def _quarantine(args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.quarantine import QuarantineError, open_quarantine, retention_cutoff, valid_id
+
+    config = _load(args.config)
+    store = open_quarantine(config.quarantine, config.base_dir)
+    try:
+        if getattr(args, "id", None) is not None and not valid_id(args.id):
+            raise CLIError(f'"{args.id}" is not a quarantine id (see `quarantine list`)')
+        if args.qcommand == "list":
+            items = await store.list(
+                limit=args.limit, offset=args.offset, mail_from=args.sender, rcpt=args.rcpt
+            )
+            if args.json:
+                print(json.dumps([i.to_json() for i in items], ensure_ascii=False), file=out)
+            else:
+                for i in items:
+                    reason = i.reasons[0] if i.reasons else ""
+                    print(
+                        f"{i.id}  {i.received_at:%Y-%m-%d %H:%M:%S}  {i.score:6.2f}  "
+                        f"{i.size:>9}  <{i.mail_from}> -> {', '.join(i.rcpt_tos)}  {reason}",
+                        file=out,
+                    )
+            return EXIT_OK
+        if args.qcommand == "purge":
+            n = await store.purge(retention_cutoff(config.quarantine))
+            print(
+                f"purged {n} messages older than {config.quarantine.retention_days} days",
+                file=out,
+            )
+            return EXIT_OK
+        if args.qcommand == "delete":
+            if not await store.delete(args.id):
+                raise CLIError(f"no quarantined message with id {args.id}")
+            print(f"deleted {args.id}", file=out)
+            return EXIT_OK
+        got = await store.get(args.id)
+        if got is None:
+            raise CLIError(f"no quarantined message with id {args.id}")
+        item, raw = got
+        if args.qcommand == "show":
+            out.flush()
+            buffer = getattr(out, "buffer", None)
+            if buffer is not None:
+                buffer.write(raw)
+                buffer.flush()
+            else:
+                out.write(raw.decode("utf-8", "replace"))
+            return EXIT_OK
+        return await _release(config, store, item, raw, out)
+    except QuarantineError as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        await store.close()
+
+
+async def _release(config: Config, store: Any, item: Any, raw: bytes, out: TextIO) -> int:
+    """Deliver with the original envelope and the stored headers prepended, then remove."""
+    from gateway.headers import prepend
+    from gateway.quarantine import QuarantineError
+    from gateway.relay import Relay, RelayError
+
+    relay = Relay(config.relay, config.server.hostname)
+    try:
+        result = await relay.send(item.mail_from, item.rcpt_tos, prepend(raw, list(item.headers)))
+    except RelayError as exc:
+        said = f"{exc.code} {exc.text}" if exc.code is not None else exc.text
+        raise CLIError(
+            f"release of {item.id} failed, message kept in quarantine: downstream "
+            f"{config.relay.host}:{config.relay.port}: {said}"
+        ) from None
+    finally:
+        await relay.close()
+    try:
+        await store.delete(item.id)
+    except QuarantineError as exc:
+        raise CLIError(
+            f"{item.id} was delivered but could not be removed from quarantine ({exc}); "
+            f"remove it with `gateway quarantine delete {item.id}` to avoid a second delivery"
+        ) from None
+    refused = [r for r in item.rcpt_tos if r not in result.accepted]
+    code, text = result.reply
+    print(f"released {item.id} to {', '.join(result.accepted)}: {code} {text}", file=out)
+    if refused:
+        print(f"downstream refused: {', '.join(refused)}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+# --- learn ---------------------------------------------------------------------
+
+
+def _message_files(paths: Sequence[str]) -> Iterator[Path]:
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for f in sorted(files):
+                    if not f.startswith("."):
+                        yield Path(root) / f
+        elif path.exists():
+            yield path
+        else:
+            raise CLIError(f"{p}: no such file or directory")
+
+
+def _messages(paths: Sequence[str], limit: int, skipped: list[str]) -> Iterator[bytes]:
+    """Single-message files, directories of them (maildir too) and mbox files."""
+    for path in _message_files(paths):
+        with open(path, "rb") as fh:
+            head = fh.read(5)
+        if head == b"From ":
+            for msg in mailbox.mbox(path, create=False):
+                data = msg.as_bytes()
+                if len(data) <= limit:
+                    yield data
+                else:
+                    skipped.append(f"{path}: a message over {limit} bytes")
+            continue
+        if path.stat().st_size > limit:
+            skipped.append(f"{path}: over {limit} bytes")
+            continue
+        yield path.read_bytes()
+
+
+async def _learn(args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.api import StateUnavailableError
+
+    config = _load(args.config)
+    runtime, _ = await _build(config, start=False)
+    try:
+        policy = runtime.engine.pipeline.policies.get("bayes")
+        learn: Callable[..., Coroutine[Any, Any, int]] | None = getattr(policy, "learn", None)
+        if policy is None or learn is None:
+            raise CLIError(
+                f"the bayes policy is not enabled in {config.path}; add a [policies.bayes] "
+                "table to train the classifier",
+                EXIT_USAGE,
+            )
+        await policy.start(runtime.engine.services)
+        spam = args.kind == "spam"
+        skipped: list[str] = []
+        source = _messages(args.paths, config.server.max_message_size, skipped)
+        read = learned = 0
+        while True:
+            chunk = await asyncio.to_thread(lambda: list(itertools.islice(source, _LEARN_CHUNK)))
+            if not chunk:
+                break
+            read += len(chunk)
+            learned += await learn(chunk, spam)
+    except StateUnavailableError as exc:
+        raise CLIError(f"cannot reach the state store: {exc}") from None
+    finally:
+        await runtime.close()
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    print(
+        f"learned {learned} of {read} messages as {args.kind} "
+        f"({read - learned} already known as {args.kind})",
+        file=out,
+    )
+    return EXIT_OK
+
+
+# --- run -----------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway.server import run
+
+    return run(Path(args.config))
+
+
+# --- argument parsing ----------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    default_config = os.environ.get("GATEWAY_CONFIG")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default_config,
+        required=default_config is None,
+        help="TOML config file (default: $GATEWAY_CONFIG)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="Inbound mail filtering gateway (SMTP proxy in front of your MTA).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="serve in the foreground until SIGTERM/SIGINT")
+    sub.add_parser(
+        "check-config", parents=[common], help="validate the config; one line per problem"
+    )
+    scan = sub.add_parser(
+        "scan", parents=[common], help="run the whole pipeline on one message (no relay, no store)"
+    )
+    scan.add_argument("--ip", default=None, help="client IP address as the gateway would see it")
+    scan.add_argument("--helo", default="", help="HELO/EHLO name the client sent")
+    scan.add_argument("--mail-from", default="", help="reverse-path as sent (unvalidated)")
+    scan.add_argument("--rcpt", action="append", default=[], help="recipient (repeat for several)")
+    scan.add_argument("--json", action="store_true", help="print one JSON object")
+    scan.add_argument("file", metavar="FILE|-", help="the message; - reads stdin")
+    symbols = sub.add_parser(
+        "symbols", parents=[common], help="every enabled symbol, its effective score and source"
+    )
+    symbols.add_argument("--json", action="store_true", help="print a JSON array")
+    q = sub.add_parser("quarantine", help="list, show, release or delete quarantined mail")
+    qsub = q.add_subparsers(dest="qcommand", required=True, metavar="ACTION")
+    qlist = qsub.add_parser("list", parents=[common], help="newest first")
+    qlist.add_argument("--json", action="store_true", help="print a JSON array")
+    qlist.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    qlist.add_argument("--offset", type=int, default=0, help="skip this many (paging)")
+    qlist.add_argument("--from", dest="sender", default=None, help="only this envelope sender")
+    qlist.add_argument("--rcpt", default=None, help="only messages for this recipient")
+    for name, text in (
+        ("show", "print the stored message"),
+        ("release", "deliver to the relay with the original envelope, then remove"),
+        ("delete", "remove without delivering"),
+    ):
+        p = qsub.add_parser(name, parents=[common], help=text)
+        p.add_argument("id", metavar="ID")
+    qsub.add_parser(
+        "purge", parents=[common], help="remove messages older than quarantine.retention_days"
+    )
+    learn = sub.add_parser(
+        "learn", parents=[common], help="train the classifier (the bayes policy)"
+    )
+    learn.add_argument("kind", choices=["spam", "ham"])
+    learn.add_argument(
+        "paths", nargs="+", metavar="FILE_OR_DIR", help="message files, directories, mbox files"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if (
+        args.command == "quarantine"
+        and args.qcommand == "list"
+        and (args.limit < 1 or args.offset < 0)
+    ):
+        print("gateway: --limit must be >= 1 and --offset >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    out = sys.stdout
+    commands: dict[str, Callable[[argparse.Namespace, TextIO], Coroutine[Any, Any, int]]] = {
+        "check-config": _check_config,
+        "scan": _scan,
+        "symbols": _symbols,
+        "quarantine": _quarantine,
+        "learn": _learn,
+    }
+    try:
+        if args.command == "run":
+            return _run(args)
+        return asyncio.run(commands[args.command](args, out))
+    except _Problems as exc:
+        stream = out if args.command == "check-config" else sys.stderr
+        for line in exc.lines:
+            print(line, file=stream)
+        return EXIT_PROBLEMS
+    except CLIError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
