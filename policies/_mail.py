@@ -57,6 +57,8 @@ def _raw_headers(ctx: Context) -> tuple[tuple[str, str], ...]:
         if n >= MAX_FIELDS:
             break
         text = str(value)[:MAX_VALUE]
+        if not text.isascii():  # raw 8-bit (RFC 6532 UTF-8, or junk) arrives surrogate-escaped
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         out.append((name.strip().lower(), " ".join(text.split())))
     return tuple(out)
 

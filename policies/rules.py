@@ -389,7 +389,7 @@ class _Family:
     def matching(self, texts: list[str]) -> set[int]:
         found: set[int] = set()
         for text in texts:
-            found.update(self._set.Match(text))
+            found.update(self._set.Match(text) or ())
             if len(found) == len(self.rules):
                 break
         return found
