@@ -1,0 +1,106 @@
+"""Helpers shared by the authentication policies (SPF, DKIM, DMARC, ARC).
+
+Key records for DKIM and ARC are fetched *before* verification, concurrently,
+through the gateway's one async resolver; dkimpy then verifies with a DNS
+function that only reads those answers. So verification (CPU-bound) never
+waits on the network, and a SERVFAIL stays a ``temperror`` instead of being
+folded into dkimpy's "no key" (which would read as a failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from gateway.api import DNSError, DNSTemporaryError, Resolver
+
+__all__ = [
+    "KeyAnswer",
+    "fetch_keys",
+    "key_dnsfunc",
+    "key_name",
+    "org_aligned",
+    "printable",
+    "valid_domain",
+]
+
+
+def printable(text: str | bytes, limit: int = 200) -> str:
+    """Printable ASCII on one line: details come from hostile input and end up in logs."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:limit]
+
+
+def valid_domain(name: str, *, multi_label: bool = True) -> bool:
+    """A syntactically usable DNS name (RFC 1035 §2.3.4 lengths; RFC 7208 §4.3)."""
+    name = name.rstrip(".")
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    if multi_label and len(labels) < 2:
+        return False
+    for label in labels:
+        if not label or len(label) > 63:
+            return False
+        if any(c.isspace() or c in '()<>[]:;@\\,"' for c in label):
+            return False
+    return True
+
+
+def org_aligned(a: str, b: str) -> bool:
+    """Either name is the other or a subdomain of it (used for operator lists)."""
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    return a == b or a.endswith("." + b)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyAnswer:
+    """The TXT record at a key name; ``temperror`` is set when DNS failed temporarily."""
+
+    name: str
+    record: bytes | None
+    temperror: str = ""
+
+
+async def _fetch_one(resolver: Resolver, name: str) -> KeyAnswer:
+    try:
+        answer = await resolver.query(name, "TXT")
+    except DNSTemporaryError as exc:
+        return KeyAnswer(name, None, temperror=printable(str(exc)) or "DNS temporary failure")
+    except DNSError:
+        return KeyAnswer(name, None)
+    if not answer.records:
+        return KeyAnswer(name, None)
+    # RFC 6376 §3.6.2.2: one key record per name; if there are several, prefer one with p=.
+    records = sorted(answer.records, key=lambda r: "p=" not in r)
+    return KeyAnswer(name, records[0].encode("utf-8", "surrogateescape"))
+
+
+async def fetch_keys(resolver: Resolver, names: Iterable[str]) -> dict[str, KeyAnswer]:
+    """Look up every key name concurrently (names lower-cased, without trailing dot)."""
+    unique = sorted({n.lower().rstrip(".") for n in names})
+    answers = await asyncio.gather(*(_fetch_one(resolver, n) for n in unique))
+    return {a.name: a for a in answers}
+
+
+def key_dnsfunc(keys: dict[str, KeyAnswer]) -> Callable[..., bytes | None]:
+    """A dkimpy ``dnsfunc`` answering only from prefetched records."""
+
+    def dnsfunc(name: bytes | str, timeout: float = 5.0) -> bytes | None:
+        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        answer = keys.get(text.lower().rstrip("."))
+        return answer.record if answer is not None else None
+
+    return dnsfunc
+
+
+def key_name(selector: bytes, domain: bytes) -> str | None:
+    """``<s>._domainkey.<d>`` (RFC 6376 §3.6.2.1), or None when it cannot be a DNS name."""
+    try:
+        name = f"{selector.decode('ascii')}._domainkey.{domain.decode('ascii')}"
+    except UnicodeDecodeError:
+        return None
+    name = name.lower().rstrip(".")
+    return name if valid_domain(name) else None
