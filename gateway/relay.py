@@ -81,7 +81,7 @@ MAX_REPLY_TEXT = 300
 TLS_FALLBACK_MEMORY = 300.0
 
 # RFC 5321 §4.5.2: a line (delimited by CRLF) that starts with "." gets one more.
-_DOT_AFTER_CRLF = re.compile(rb"(?<=\r\n)\.")
+_LINE_START_DOT = re.compile(rb"(?:\A|(?<=\r\n))\.")
 # A bare CR or LF, then ".", then CR or LF: an end-of-data sequence to a
 # downstream that (wrongly) accepts bare line endings -- the SMTP smuggling
 # vector (CVE-2023-51764 and kin). Relaying it unchanged would let a client
@@ -153,7 +153,12 @@ def sanitize_reply_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
 
 
 def wire_data(data: bytes) -> bytes:
-    """The DATA payload as sent: CRLF-terminated, dot-stuffed, plus ``.CRLF``.
+    """The whole DATA payload, terminator included (see ``_stuffed``)."""
+    return _stuffed(data) + b".\r\n"
+
+
+def _stuffed(data: bytes) -> bytes:
+    """The message as sent after DATA: CRLF-terminated and dot-stuffed.
 
     Unstuffed by a conforming server this yields ``data`` exactly, plus a
     final CRLF when ``data`` did not end with one (RFC 5321 §4.1.1.4: the
@@ -170,10 +175,7 @@ def wire_data(data: bytes) -> bytes:
             "send it with CRLF line endings (RFC 5321 §2.3.8)",
             reason=FailureReason.PERMFAIL,
         )
-    stuffed = _DOT_AFTER_CRLF.sub(b"..", data)
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n"
+    return _LINE_START_DOT.sub(b"..", data)
 
 
 def _check_address(address: str, what: str) -> bytes:
@@ -231,14 +233,15 @@ class _Connection:
             reply = await self.smtp.execute_command(*args, timeout=limit or self.timeout)
         return self._checked(reply.code, reply.message)
 
-    async def send_body(self, wire: bytes) -> tuple[int, str]:
-        """Write the dot-stuffed body and its terminator; return the final reply."""
+    async def send_body(self, stuffed: bytes) -> tuple[int, str]:
+        """Write the dot-stuffed message and the terminator; return the final reply."""
         protocol = self.smtp.protocol
         if protocol is None:
             self.broken = True
             raise RelayError(None, "4.4.1 Connection to the downstream lost")
         with self._failures():
-            protocol.write(wire)
+            protocol.write(stuffed)
+            protocol.write(b".\r\n")  # RFC 5321 §4.1.1.4
             # From here on the downstream may have the complete message: never
             # retry this transaction (a retry could deliver it twice).
             self.body_sent = True
@@ -261,6 +264,16 @@ class _Connection:
     def close(self) -> None:
         self.broken = True
         self.smtp.close()
+
+    def expect_failure(self, code: int, stage: str) -> None:
+        """A reply that is not a success must be a 4xx/5xx; anything else is a protocol error."""
+        if code < 400:
+            self.close()
+            raise RelayError(
+                None,
+                f"4.4.0 Downstream sent an invalid reply ({code}) to {stage}",
+                reason=FailureReason.TEMPFAIL,
+            )
 
     def _checked(self, code: int, text: str) -> tuple[int, str]:
         if not 200 <= code <= 599:
@@ -302,7 +315,17 @@ class Relay:
 
     def __init__(self, config: RelayConfig, local_hostname: str) -> None:
         self.config = config
-        self.helo = config.helo or local_hostname
+        self.helo = (config.helo or local_hostname).strip()
+        if (
+            not self.helo
+            or not self.helo.isascii()
+            or not self.helo.isprintable()
+            or " " in self.helo
+        ):
+            # RFC 5321 §4.1.1.1: EHLO takes a domain (A-labels) or an address literal.
+            raise ValueError(
+                f'relay.helo: must be a host name in ASCII (A-labels), got "{self.helo}"'
+            )
         self._idle: deque[_Connection] = deque()
         self._tls_ctx: ssl.SSLContext | None = None
         self._tls_fallback_until = 0.0
@@ -318,10 +341,10 @@ class Relay:
         try:
             sender = _check_address(mail_from, "sender")
             rcpts = [(r, _check_address(r, "recipient")) for r in rcpt_to]
-            wire = wire_data(data)
+            stuffed = _stuffed(data)
 
             async def transaction(conn: _Connection) -> RelayResult:
-                return await self._transaction(conn, sender, rcpts, data, wire)
+                return await self._transaction(conn, sender, rcpts, data, stuffed)
 
             result = await self._with_connection(transaction)
         except RelayError as exc:
@@ -344,9 +367,16 @@ class Relay:
 
         async def probe(conn: _Connection) -> tuple[int, str]:
             utf8 = not (sender.isascii() and recipient.isascii())
-            code, text = await self._mail_from(conn, sender, utf8, b"")
+            try:
+                code, text = await self._mail_from(conn, sender, utf8, b"")
+            except RelayError as exc:
+                if exc.code is None:
+                    raise
+                return exc.code, exc.text  # no SMTPUTF8 downstream: an answer, not a failure
             if 200 <= code < 300:
                 code, text = await conn.command(b"RCPT", b"TO:<" + recipient + b">")
+            if not 200 <= code < 300:
+                conn.expect_failure(code, "RCPT")
             if code == 421:
                 raise RelayError(code, text)
             await conn.reset()
@@ -378,11 +408,12 @@ class Relay:
         sender: bytes,
         rcpts: Sequence[tuple[str, bytes]],
         data: bytes,
-        wire: bytes,
+        stuffed: bytes,
     ) -> RelayResult:
         utf8 = not (sender.isascii() and all(raw.isascii() for _, raw in rcpts))
         code, text = await self._mail_from(conn, sender, utf8, data)
         if not 200 <= code < 300:
+            conn.expect_failure(code, "MAIL")
             await conn.reset()
             raise RelayError(code, text)
 
@@ -390,12 +421,13 @@ class Relay:
         refused: list[tuple[str, int, str]] = []
         for address, raw in rcpts:
             code, text = await conn.command(b"RCPT", b"TO:<" + raw + b">")
-            if code in (250, 251):
+            if 200 <= code < 300:  # RFC 5321 §4.1.1.3: 250 or 251
                 accepted.append(address)
-            elif code == 421:
+                continue
+            conn.expect_failure(code, "RCPT")
+            if code == 421:
                 raise RelayError(code, text)
-            else:
-                refused.append((address, code, text))
+            refused.append((address, code, text))
         if refused:
             await conn.reset()
             if not accepted:
@@ -415,26 +447,14 @@ class Relay:
 
         code, text = await conn.command(b"DATA")
         if code != 354:
-            if code < 400:
-                conn.close()
-                raise RelayError(
-                    None,
-                    "4.4.0 Downstream sent an invalid reply to DATA",
-                    reason=FailureReason.TEMPFAIL,
-                )
+            conn.expect_failure(code, "DATA")
             await conn.reset()
             raise RelayError(code, text)
-        code, text = await conn.send_body(wire)
+        code, text = await conn.send_body(stuffed)
         conn.transactions += 1
         if 200 <= code < 300:
             return RelayResult(accepted=tuple(accepted), reply=(code, sanitize_reply_text(text)))
-        if code < 400:
-            conn.close()
-            raise RelayError(
-                None,
-                "4.4.0 Downstream sent an invalid reply to the message",
-                reason=FailureReason.TEMPFAIL,
-            )
+        conn.expect_failure(code, "the message")
         raise RelayError(code, text)
 
     async def _mail_from(
@@ -497,6 +517,9 @@ class Relay:
                 code, _ = await conn.command(b"RSET", limit=min(self.config.timeout, PROBE_TIMEOUT))
             except RelayError:
                 continue
+            except BaseException:  # cancelled mid-probe: its state is unknown
+                conn.close()
+                raise
             if code == 250:
                 conn.body_sent = False
                 return conn, True
@@ -521,6 +544,15 @@ class Relay:
             cfg.tls == "opportunistic" and time.monotonic() >= self._tls_fallback_until
         )
         conn = await self._connect()
+        try:
+            return await self._secure(conn, want_tls)
+        except BaseException:
+            conn.close()
+            raise
+
+    async def _secure(self, conn: _Connection, want_tls: bool) -> _Connection:
+        """Apply ``relay.tls`` to a fresh connection (RFC 3207)."""
+        cfg = self.config
         if not want_tls:
             return conn
         if not conn.supports("starttls"):

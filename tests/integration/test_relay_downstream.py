@@ -815,3 +815,93 @@ async def test_send_duration_is_observed(down: Downstream, closing: list[Relay])
     closing.append(relay)
     await relay.send("a@example.com", ["b@example.org"], MESSAGE)
     assert metrics.REGISTRY.get_sample_value("gateway_relay_duration_seconds_count") == count + 1
+
+
+# -- protocol oddities and cancellation -----------------------------------------------
+
+
+async def test_a_non_failure_reply_to_rcpt_is_a_protocol_error_not_a_reply_to_pass_on(
+    closing: list[Relay],
+) -> None:
+    async def odd(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await smtp_until(r, w, lambda line: line.upper().startswith(b"RCPT"))
+        w.write(b"354 what?\r\n")
+        await r.read()
+
+    async with Scripted(odd) as s:
+        relay = relay_for(s.port)
+        closing.append(relay)
+        with pytest.raises(RelayError) as info:
+            await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+        assert (info.value.code, info.value.reason) == (None, FailureReason.TEMPFAIL)
+        assert "invalid reply (354) to RCPT" in info.value.text
+
+
+async def test_421_on_a_pooled_connection_before_data_is_retried_on_a_fresh_one(
+    closing: list[Relay],
+) -> None:
+    async def closing_at_second_mail(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int
+    ) -> None:
+        mails = 0
+
+        def stop(line: bytes) -> bool:
+            nonlocal mails
+            mails += line.upper().startswith(b"MAIL")
+            return n == 1 and mails == 2
+
+        await smtp_until(r, w, stop)
+        w.write(b"421 4.4.2 idle too long, closing\r\n")
+
+    async with Scripted(closing_at_second_mail) as s:
+        relay = relay_for(s.port)
+        closing.append(relay)
+        await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+        await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+        assert s.connections == 2
+
+
+async def test_verify_recipient_answers_553_style_refusal_for_utf8_without_smtputf8(
+    closing: list[Relay],
+) -> None:
+    async with Downstream(smtputf8=False) as d:
+        relay = relay_for(d.port)
+        closing.append(relay)
+        code, text = await relay.verify_recipient("a@example.com", "\u00fc@example.org")
+        assert code == 550 and text.startswith("5.6.7")
+
+
+async def test_cancelled_send_leaves_no_half_used_connection_in_the_pool(
+    down: Downstream, closing: list[Relay]
+) -> None:
+    down.handler.data_delay = 5.0
+    relay = relay_for(down.port)
+    closing.append(relay)
+    task = asyncio.create_task(relay.send("a@example.com", ["b@example.org"], MESSAGE))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(relay._idle) == 0
+    down.handler.data_delay = 0.0
+    await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+    assert down.connections == 2
+
+
+async def test_relay_still_delivers_after_close_without_pooling(
+    down: Downstream,
+) -> None:
+    """In-flight sessions during a reload may still send through a closed Relay."""
+    relay = relay_for(down.port)
+    await relay.close()
+    await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+    assert len(relay._idle) == 0
+    assert len(down.handler.messages) == 1
+
+
+def test_helo_must_be_an_ascii_host_name() -> None:
+    with pytest.raises(ValueError, match=r"relay\.helo"):
+        Relay(RelayConfig(helo="bad name"), "gw.test")
+    with pytest.raises(ValueError, match=r"relay\.helo"):
+        Relay(RelayConfig(), "m\u00fcller.example")
+    assert Relay(RelayConfig(), "gw.test").helo == "gw.test"
