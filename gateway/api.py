@@ -327,12 +327,15 @@ class Policy:
     - ``name``: the entry-point and config table name.
     - ``symbols``: every symbol it may emit, with its default score.
     - ``after``: names of policies whose results it reads (ordering and data).
+    - ``after_optional``: like ``after``, but only when that policy is enabled
+      (the lists policy reads DMARC if it runs, and still works without it).
     - ``Options``: a frozen dataclass of its options, filled from its table.
     """
 
     name: ClassVar[str] = ""
     symbols: ClassVar[Mapping[str, SymbolDef]] = {}
     after: ClassVar[tuple[str, ...]] = ()
+    after_optional: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[Any]] = NoOptions
 
     def __init__(self, options: Any) -> None:

@@ -53,7 +53,12 @@ class Pipeline:
         self.on_error = on_error
         self.policies: dict[str, Policy] = {p.name: p.cls(p.options) for p in plan.policies}
         self._timeouts = {p.name: p.timeout or default_timeout for p in plan.policies}
-        self._after = {p.name: p.cls.after for p in plan.policies}
+        names = {p.name for p in plan.policies}
+        self._after = {
+            p.name: p.cls.after
+            + tuple(d for d in getattr(p.cls, "after_optional", ()) if d in names)
+            for p in plan.policies
+        }
 
     async def start(self, services: Services) -> None:
         for policy in self.policies.values():

@@ -140,7 +140,8 @@ def plan_policies(
                     f'runs after "{dep}", which is not enabled; add a [policies.{dep}] table '
                     f"or set policies.{name}.enabled = false",
                 )
-        sorter.add(name, *(d for d in ep.cls.after if d in enabled))
+        deps = (*ep.cls.after, *getattr(ep.cls, "after_optional", ()))
+        sorter.add(name, *(d for d in deps if d in enabled))
     try:
         order = list(sorter.static_order())
     except graphlib.CycleError as exc:
