@@ -1,0 +1,441 @@
+"""List and read archive members in memory, never expanding without a bound.
+
+Every byte decompressed is charged to one per-message :class:`Budget`
+(expanded bytes, members, wall time); declared sizes are checked before any
+decompression (a zip member never yields more than its declared size in
+:mod:`zipfile`), and actual reads are capped, so a bomb costs at most the
+budget. Nothing is written to disk. Members are read only as far as needed:
+the first 64 KiB for the type, whole only for nested archives and Office files.
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import lzma
+import struct
+import tarfile
+import time
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies._filetypes import HEAD_BYTES, Kind, sniff
+
+__all__ = ["ArchiveBombError", "Budget", "Listing", "Member", "ole_info", "open_archive"]
+
+# Ratios are judged only above this size: small files of zeros compress 1000:1 honestly.
+RATIO_FLOOR = 1 << 20
+
+# OLE root CLSIDs of Windows Installer packages and patches (MS-CFB §2.6.3).
+_MSI_CLSIDS = frozenset(
+    {"000C1084-0000-0000-C000-000000000046", "000C1086-0000-0000-C000-000000000046"}
+)
+
+
+class ArchiveBombError(Exception):
+    """An archive exceeded a bound; ``str(exc)`` says which."""
+
+
+@dataclass(slots=True)
+class Budget:
+    """What one message may cost: expanded bytes, members and time."""
+
+    expanded_left: int
+    members_left: int
+    max_ratio: float
+    deadline: float
+
+    def take(self, nbytes: int, where: str) -> None:
+        self.expanded_left -= nbytes
+        if self.expanded_left < 0:
+            raise ArchiveBombError(f"{where}: expands beyond the total size limit")
+        self.check_time(where)
+
+    def count(self, n: int, where: str) -> None:
+        self.members_left -= n
+        if self.members_left < 0:
+            raise ArchiveBombError(f"{where}: more archive members than the limit")
+
+    def check_time(self, where: str) -> None:
+        if time.monotonic() > self.deadline:
+            raise ArchiveBombError(f"{where}: inspection exceeded the time limit")
+
+    def ratio(self, expanded: int, compressed: int, where: str) -> None:
+        if expanded > RATIO_FLOOR and expanded > self.max_ratio * max(compressed, 1):
+            raise ArchiveBombError(
+                f"{where}: compression ratio {expanded // max(compressed, 1)}:1 "
+                f"over {self.max_ratio:g}:1"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    name: str
+    size: int
+    data: bytes  # prefix, whole, or b"" when unreadable
+    complete: bool
+    encrypted: bool = False
+
+
+@dataclass(slots=True)
+class Listing:
+    members: list[Member] = field(default_factory=list)
+    encrypted: bool = False  # members or headers need a password
+    problem: str = ""  # corrupt or unreadable, in words
+    container: str = ""  # "ooxml", "odf", "jar" for zip-based formats
+    macros: tuple[str, ...] = ()  # member names that carry macros
+
+
+WantFull = Callable[[str, bytes], bool]
+
+
+def open_archive(
+    kind: Kind, data: bytes, name: str, budget: Budget, want_full: WantFull
+) -> Listing:
+    """Members of an archive of ``kind``; raises ArchiveBombError when a bound is hit."""
+    budget.check_time(name)
+    if kind is Kind.ZIP:
+        return _zip(data, name, budget, want_full)
+    if kind is Kind.SEVENZ:
+        return _sevenzip(data, name, budget)
+    if kind is Kind.TAR:
+        return _tar(data, name, budget, want_full)
+    if kind in (Kind.GZIP, Kind.BZIP2, Kind.XZ):
+        return _compressed(kind, data, name, budget, want_full)
+    if kind is Kind.RAR:
+        return _rar(data, name, budget)
+    if kind is Kind.CAB:
+        return _cab(data, name, budget)
+    return Listing(problem=f"{kind.value} cannot be inspected")
+
+
+def _zip_declared_count(data: bytes) -> int | None:
+    """Entry count from the end-of-central-directory record (APPNOTE 4.3.16), before parsing."""
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))
+    if at < 0 or at + 22 > len(data):
+        return None
+    (total,) = struct.unpack_from("<H", data, at + 10)
+    return None if total == 0xFFFF else int(total)  # 0xFFFF: see the Zip64 record
+
+
+def _zip(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing:
+    declared = _zip_declared_count(data)
+    if declared is not None:
+        budget.count(declared, name)
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+        return Listing(problem=f"corrupt zip ({type(exc).__name__})")
+    if declared is None:
+        budget.count(len(infos), name)
+    listing = Listing()
+    lowered = [i.filename.casefold() for i in infos]
+    if "[content_types].xml" in lowered:
+        listing.container = "ooxml"
+        listing.macros = tuple(
+            i.filename
+            for i, low in zip(infos, lowered, strict=True)
+            if low.endswith("vbaproject.bin") or low.startswith("xl/macrosheets/")
+        )
+        return listing
+    if "mimetype" in lowered and "meta-inf/manifest.xml" in lowered:
+        listing.container = "odf"
+        listing.macros = tuple(
+            i.filename for i, low in zip(infos, lowered, strict=True) if low.startswith("basic/")
+        )
+        return listing
+    if "meta-inf/manifest.mf" in lowered and any(low.endswith(".class") for low in lowered):
+        listing.container = "jar"
+    total = sum(i.file_size for i in infos)
+    if total > budget.expanded_left:
+        raise ArchiveBombError(f"{name}: declares {total} bytes expanded, over the total limit")
+    for info in infos:
+        where = f"{name} > {info.filename}"
+        budget.ratio(info.file_size, info.compress_size, where)
+    for info in infos:
+        if info.is_dir():
+            continue
+        if info.flag_bits & 0x1:  # APPNOTE 4.4.4 bit 0: encrypted (ZipCrypto or AES)
+            listing.encrypted = True
+            listing.members.append(Member(info.filename, info.file_size, b"", False, True))
+            continue
+        listing.members.append(
+            _zip_member(zf, info, f"{name} > {info.filename}", budget, want_full)
+        )
+    return listing
+
+
+def _zip_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, budget: Budget, want_full: WantFull
+) -> Member:
+    try:
+        with zf.open(info) as fh:
+            head = fh.read(HEAD_BYTES)
+            budget.take(len(head), where)
+            if len(head) < HEAD_BYTES or not want_full(info.filename, head):
+                return Member(info.filename, info.file_size, head, len(head) < HEAD_BYTES)
+            rest = fh.read(max(0, budget.expanded_left) + 1)
+            budget.take(len(rest), where)
+            return Member(info.filename, info.file_size, head + rest, True)
+    except ArchiveBombError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, ValueError, OSError, EOFError):
+        return Member(info.filename, info.file_size, b"", False)
+
+
+class _CappedWriter:
+    """py7zr output that charges the budget and aborts extraction when it runs out."""
+
+    def __init__(self, name: str, budget: Budget) -> None:
+        self.name = name
+        self.budget = budget
+        self.buffer = io.BytesIO()
+
+    def write(self, s: bytes | bytearray) -> int:
+        self.budget.take(len(s), self.name)
+        return self.buffer.write(s)
+
+    def read(self, size: int | None = None) -> bytes:
+        return self.buffer.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.buffer.seek(offset, whence)
+
+    def flush(self) -> None:
+        return None
+
+    def size(self) -> int:
+        return self.buffer.getbuffer().nbytes
+
+    def close(self) -> None:
+        return None
+
+
+def _sevenzip(data: bytes, name: str, budget: Budget) -> Listing:
+    import py7zr
+    import py7zr.io
+
+    try:
+        archive = py7zr.SevenZipFile(io.BytesIO(data))
+    except py7zr.exceptions.PasswordRequired:
+        return Listing(encrypted=True, problem="7z with encrypted headers: names hidden")
+    except (py7zr.exceptions.ArchiveError, EOFError, ValueError, OSError, KeyError) as exc:
+        return Listing(problem=f"corrupt 7z ({type(exc).__name__})")
+    with archive:
+        try:
+            infos = [f for f in archive.list() if not f.is_directory]
+            encrypted = bool(archive.needs_password())
+        except (py7zr.exceptions.ArchiveError, ValueError, KeyError, AttributeError) as exc:
+            return Listing(problem=f"corrupt 7z ({type(exc).__name__})")
+        budget.count(len(infos), name)
+        if encrypted:
+            return Listing(
+                [
+                    Member(str(f.filename), int(f.uncompressed or 0), b"", False, True)
+                    for f in infos
+                ],
+                encrypted=True,
+            )
+        total = sum(int(f.uncompressed or 0) for f in infos)
+        if total > budget.expanded_left:
+            raise ArchiveBombError(f"{name}: declares {total} bytes expanded, over the total limit")
+        budget.ratio(total, len(data), name)
+        writers: dict[str, _CappedWriter] = {}
+
+        class Factory(py7zr.io.WriterFactory):
+            def create(self, filename: str) -> Any:
+                writers[filename] = _CappedWriter(f"{name} > {filename}", budget)
+                return writers[filename]
+
+        try:
+            archive.extract(factory=Factory())
+        except ArchiveBombError:
+            raise
+        except Exception as exc:  # py7zr raises many types on hostile input
+            return Listing(problem=f"unreadable 7z ({type(exc).__name__})")
+    members = []
+    for f in infos:
+        writer = writers.get(str(f.filename))
+        content = writer.buffer.getvalue() if writer else b""
+        members.append(
+            Member(str(f.filename), int(f.uncompressed or 0), content, writer is not None)
+        )
+    return Listing(members)
+
+
+def _tar(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing:
+    listing = Listing()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for ti in tf:
+                budget.count(1, name)
+                if not ti.isfile():
+                    continue
+                fh = tf.extractfile(ti)
+                content = fh.read(HEAD_BYTES) if fh else b""
+                if fh and len(content) == HEAD_BYTES and want_full(ti.name, content):
+                    content += fh.read()  # already in memory: ``data`` is the bounded tar
+                listing.members.append(Member(ti.name, ti.size, content, len(content) >= ti.size))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        listing.problem = f"corrupt tar ({type(exc).__name__})"
+    return listing
+
+
+def _compressed(kind: Kind, data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing:
+    """gzip, bzip2, xz: one stream, decompressed with a hard cap; a tar inside is listed."""
+    cap = max(0, budget.expanded_left)
+    inner = _inner_name(kind, data, name)
+    try:
+        out = _decompress(kind, data, cap + 1)
+    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
+        return Listing(problem=f"corrupt {kind.value} ({type(exc).__name__})")
+    budget.take(len(out), name)
+    budget.ratio(len(out), len(data), name)
+    if sniff(out[:HEAD_BYTES]).kind is Kind.TAR:
+        return _tar(out, name, budget, want_full)
+    return Listing([Member(inner, len(out), out, True)])
+
+
+def _decompress(kind: Kind, data: bytes, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    rest = data
+    while rest and got < limit:  # concatenated streams (RFC 1952 §2.2 members)
+        dec: Any
+        if kind is Kind.GZIP:
+            dec = zlib.decompressobj(wbits=31)
+        elif kind is Kind.BZIP2:
+            dec = bz2.BZ2Decompressor()
+        else:
+            dec = lzma.LZMADecompressor()
+        piece = dec.decompress(rest, limit - got)
+        chunks.append(piece)
+        got += len(piece)
+        if got >= limit:
+            break
+        if kind is Kind.GZIP:
+            if not dec.eof:
+                break
+            rest = dec.unused_data
+        else:
+            if not dec.eof:
+                break
+            rest = dec.unused_data
+        if rest and sniff(rest[:8]).kind is not kind:
+            break
+    return b"".join(chunks)
+
+
+def _inner_name(kind: Kind, data: bytes, name: str) -> str:
+    """gzip FNAME (RFC 1952 §2.3.1) or the outer name without its compression suffix."""
+    if kind is Kind.GZIP and len(data) > 10 and data[3] & 0x08:
+        start = 10
+        if data[3] & 0x04:  # FEXTRA
+            (xlen,) = struct.unpack_from("<H", data, 10) if len(data) >= 12 else (0,)
+            start = 12 + xlen
+        end = data.find(b"\0", start, start + 1024)
+        if end > start:
+            return data[start:end].decode("latin-1")
+    base = name.rsplit(" > ", 1)[-1]
+    for suffix in (".gz", ".gzip", ".bz2", ".xz", ".tgz", ".tbz2", ".txz"):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)] + (".tar" if suffix.startswith(".t") else "")
+    return base + ".decompressed"
+
+
+def _rar(data: bytes, name: str, budget: Budget) -> Listing:
+    """Names and encryption from the headers; content only of stored members (no unrar here)."""
+    import rarfile
+
+    try:
+        rf = rarfile.RarFile(io.BytesIO(data))
+    except rarfile.PasswordRequired:
+        return Listing(encrypted=True, problem="rar with encrypted headers: names hidden")
+    except (rarfile.Error, OSError, EOFError, ValueError) as exc:
+        return Listing(problem=f"corrupt rar ({type(exc).__name__})")
+    listing = Listing()
+    with rf:
+        try:
+            if rf.needs_password() and not rf.infolist():
+                return Listing(encrypted=True, problem="rar with encrypted headers: names hidden")
+            infos = [i for i in rf.infolist() if not i.is_dir()]
+        except (rarfile.Error, OSError, ValueError) as exc:
+            return Listing(problem=f"corrupt rar ({type(exc).__name__})")
+        budget.count(len(infos), name)
+        for info in infos:
+            fname = str(info.filename)
+            if info.needs_password():
+                listing.encrypted = True
+                listing.members.append(Member(fname, int(info.file_size or 0), b"", False, True))
+                continue
+            content = b""
+            if (
+                info.compress_type == rarfile.RAR_M0
+                and (info.file_size or 0) <= budget.expanded_left
+            ):
+                try:
+                    with rf.open(info) as fh:
+                        content = fh.read(HEAD_BYTES)
+                    budget.take(len(content), f"{name} > {fname}")
+                except (rarfile.Error, OSError, ValueError):
+                    content = b""
+            listing.members.append(Member(fname, int(info.file_size or 0), content, False))
+    return listing
+
+
+def _cab(data: bytes, name: str, budget: Budget) -> Listing:
+    """File names from CFFILE records ([MS-CAB] §2.3); content is not decompressed."""
+    if len(data) < 36:
+        return Listing(problem="truncated cabinet")
+    (coff_files,) = struct.unpack_from("<I", data, 16)
+    (c_files,) = struct.unpack_from("<H", data, 28)
+    budget.count(c_files, name)
+    listing = Listing()
+    at = coff_files
+    for _ in range(c_files):
+        if at + 16 > len(data):
+            listing.problem = "truncated cabinet"
+            break
+        (size,) = struct.unpack_from("<I", data, at)
+        end = data.find(b"\0", at + 16, at + 16 + 512)
+        if end < 0:
+            listing.problem = "corrupt cabinet file name"
+            break
+        fname = data[at + 16 : end].decode("latin-1")
+        listing.members.append(Member(fname, size, b"", False))
+        at = end + 1
+    return listing
+
+
+@dataclass(frozen=True, slots=True)
+class OleInfo:
+    macros: tuple[str, ...]  # stream paths of VBA projects
+    msi: bool
+    problem: str = ""
+
+
+def ole_info(data: bytes) -> OleInfo:
+    """VBA projects (``_VBA_PROJECT`` / ``VBA`` storages, MS-OVBA §2.2) and MSI packages in OLE."""
+    import olefile  # type: ignore[import-untyped]
+
+    try:
+        ole = olefile.OleFileIO(data)
+    except Exception as exc:  # olefile raises many types on hostile input
+        return OleInfo((), False, f"corrupt OLE document ({type(exc).__name__})")
+    try:
+        entries = ole.listdir(streams=True, storages=True)
+        clsid = str(getattr(ole.root, "clsid", "") or "").upper()
+    except Exception as exc:
+        return OleInfo((), False, f"corrupt OLE document ({type(exc).__name__})")
+    finally:
+        ole.close()
+    macros = tuple(
+        "/".join(path)
+        for path in entries
+        if any(p.lower() in ("_vba_project", "vba", "_vba_project_cur", "macros") for p in path)
+    )
+    return OleInfo(macros[:1], clsid in _MSI_CLSIDS)
