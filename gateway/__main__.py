@@ -185,6 +185,8 @@ def _auth_json(auth: Sequence[AuthResult]) -> dict[str, Any]:
             else:
                 spf = a.result
         elif method == "dkim":
+            if a.prop("header.d") is None and a.result == "none":
+                continue  # "message not signed": the list holds signatures only
             dkim.append(
                 {
                     "domain": a.prop("header.d") or "",

@@ -200,6 +200,7 @@ def test_auth_json_maps_rfc8601_results_to_the_interface_fields() -> None:
     auth = (
         AuthResult("spf", "pass", properties=(("smtp.mailfrom", "b.test"),)),
         AuthResult("spf", "softfail", properties=(("smtp.helo", "mx.b.test"),)),
+        AuthResult("dkim", "none", reason="message not signed"),
         AuthResult("dkim", "pass", properties=(("header.d", "b.test"), ("header.s", "s1"))),
         AuthResult("dkim", "fail", properties=(("header.d", "c.test"), ("header.s", "s2"))),
         AuthResult(
