@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import ssl
 import time
 from collections import deque
@@ -79,14 +78,6 @@ MAX_REPLY_TEXT = 300
 # After an opportunistic STARTTLS handshake failed, go plain for this long
 # instead of paying a failed handshake plus a reconnect for every message.
 TLS_FALLBACK_MEMORY = 300.0
-
-# RFC 5321 §4.5.2: a line (delimited by CRLF) that starts with "." gets one more.
-_LINE_START_DOT = re.compile(rb"(?:\A|(?<=\r\n))\.")
-# A bare CR or LF, then ".", then CR or LF: an end-of-data sequence to a
-# downstream that (wrongly) accepts bare line endings -- the SMTP smuggling
-# vector (CVE-2023-51764 and kin). Relaying it unchanged would let a client
-# smuggle a second, unfiltered message past the gateway.
-_BARE_EOL_DOT = re.compile(rb"(?:\r(?!\n)|(?<!\r)\n)\.[\r\n]")
 
 
 class FailureReason(StrEnum):
@@ -163,19 +154,39 @@ def _stuffed(data: bytes) -> bytes:
     Unstuffed by a conforming server this yields ``data`` exactly, plus a
     final CRLF when ``data`` did not end with one (RFC 5321 §4.1.1.4: the
     first CRLF of ``CRLF.CRLF`` ends the last line, so the last line must
-    end). Bare CR and bare LF are left alone -- except in front of a lone dot
-    (see ``_BARE_EOL_DOT``), which raises RelayError 550.
+    end). Bare CR and bare LF are left alone -- except a bare CR or LF, then
+    ".", then CR or LF: an end of data to a downstream that (wrongly) accepts
+    bare line endings, the SMTP smuggling vector (CVE-2023-51764 and kin).
+    Relaying that unchanged would let a client smuggle a second, unfiltered
+    message past the gateway, so it raises RelayError 550 instead.
+
+    Only C-speed bytes operations: a 25 MB message takes milliseconds, not
+    seconds of a blocked event loop (a regex over it took 2-3 s).
     """
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
-    if _BARE_EOL_DOT.search(data):
+    if _bare_line_end_dot(data):
         raise RelayError(
             550,
             "5.6.0 Message contains a bare CR or LF followed by a lone '.'; "
             "send it with CRLF line endings (RFC 5321 §2.3.8)",
             reason=FailureReason.PERMFAIL,
         )
-    return _LINE_START_DOT.sub(b"..", data)
+    # RFC 5321 §4.5.2: a line (delimited by CRLF) that starts with "." gets one more.
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def _bare_line_end_dot(data: bytes) -> bool:
+    """True if a bare CR or bare LF is followed by "." and then CR or LF."""
+    # CR "." is always a bare CR.
+    if b"\r.\r" in data or b"\r.\n" in data:
+        return True
+    if b"\n.\r" not in data and b"\n.\n" not in data:
+        return False  # the common case: no copy needed
+    # Hide every CRLF; any LF left is bare. (CRLF cannot overlap itself.)
+    masked = data.replace(b"\r\n", b"\r_")
+    return b"\n.\r" in masked or b"\n.\n" in masked
 
 
 def _check_address(address: str, what: str) -> bytes:
@@ -474,7 +485,8 @@ class Relay:
                 params.append(b"SIZE=%d" % len(data))
             if not data.isascii() and conn.supports("8bitmime"):  # RFC 6152
                 params.append(b"BODY=8BITMIME")
-        head = data.split(b"\r\n\r\n", 1)[0]
+        end = data.find(b"\r\n\r\n")
+        head = data[:end] if end >= 0 else data
         if (needs_utf8 or not head.isascii()) and conn.supports("smtputf8"):  # RFC 6531 §3.4
             params.append(b"SMTPUTF8")
         return await conn.command(b"MAIL", b"FROM:<" + sender + b">", *params)

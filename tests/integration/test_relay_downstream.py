@@ -242,6 +242,7 @@ def make_tls_context(tmp: Path, *, max_version: ssl.TLSVersion | None = None) ->
             warnings.simplefilter("ignore", DeprecationWarning)
             ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
             ctx.maximum_version = max_version
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let OpenSSL really offer TLS 1.1
     return ctx
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 
 import pytest
@@ -133,3 +134,13 @@ def test_tls_context_requires_tls_1_2_and_verifies_by_default() -> None:
     lax = relay._tls_context(verify=False)
     assert lax.verify_mode == ssl.CERT_NONE and not lax.check_hostname
     assert lax.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+# The rule, stated as a regex: a bare CR or bare LF, then ".", then CR or LF.
+_REFERENCE = re.compile(rb"(?:\r(?!\n)|(?<!\r)\n)\.[\r\n]")
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"a"]), max_size=40))
+def test_fast_smuggling_check_matches_the_reference_rule(parts: list[bytes]) -> None:
+    data = b"".join(parts)
+    assert relay._bare_line_end_dot(data) == bool(_REFERENCE.search(data))
