@@ -26,6 +26,28 @@ Delivery rules (the "never lose, never duplicate" contract):
 * Every network wait (connect, greeting, TLS handshake, each reply) is bounded
   by ``relay.timeout``; probing an idle pooled connection is bounded by
   ``min(relay.timeout, 5 s)`` so a half-open socket cannot stall a delivery.
+
+Pooling: up to ``relay.pool_size`` idle connections are kept (LIFO); each is
+probed with RSET before reuse (RFC 5321 §4.1.1.5), which also resets any
+leftover state. Connections that errored, got a 421, are older than 5 minutes,
+idle for 30 s or served 100 transactions are closed instead. Concurrent
+sends are not capped here: each one holds its own connection, so the
+downstream sees at most as many sessions as the gateway has in DATA.
+
+STARTTLS (RFC 3207), ``relay.tls``: "off" never; "opportunistic" when
+advertised, and after a failed handshake a new plain connection (remembered
+for 5 minutes so each message does not pay for a failing handshake);
+"required" fails with RelayError(code None, reason tls) when STARTTLS is not
+offered or the handshake fails. TLS 1.2 minimum; ``relay.tls_verify``
+toggles certificate and host name checks against ``relay.host``.
+
+Message bytes are passed as received. ESMTP parameters on MAIL FROM:
+``SIZE`` (RFC 1870) and ``BODY=8BITMIME`` for 8-bit data (RFC 6152) when the
+downstream advertises them -- 8-bit data goes unchanged even when it does
+not, since rewriting it would break signatures; ``SMTPUTF8`` (RFC 6531) when
+the envelope or the header section is not ASCII and the downstream offers it.
+A non-ASCII envelope to a downstream without SMTPUTF8 is refused with a
+permanent 550 5.6.7 (RFC 6531 §3.2 forbids a silent downgrade).
 """
 
 from __future__ import annotations
@@ -557,10 +579,12 @@ class Relay:
         )
         conn = await self._connect()
         try:
-            return await self._secure(conn, want_tls)
+            conn = await self._secure(conn, want_tls)
         except BaseException:
             conn.close()
             raise
+        log.debug("relay_connected", extra={"host": cfg.host, "port": cfg.port, "tls": conn.tls})
+        return conn
 
     async def _secure(self, conn: _Connection, want_tls: bool) -> _Connection:
         """Apply ``relay.tls`` to a fresh connection (RFC 3207)."""
@@ -595,6 +619,16 @@ class Relay:
             start_tls=False,
         )
         conn = _Connection(smtp, cfg.timeout)
+        try:
+            await self._greet(conn)
+        except BaseException:  # including cancellation half-way through
+            smtp.close()
+            raise
+        return conn
+
+    async def _greet(self, conn: _Connection) -> None:
+        """Connect, read the greeting, EHLO (or HELO)."""
+        smtp = conn.smtp
         with conn._failures():
             try:
                 await smtp.connect()
@@ -619,8 +653,6 @@ class Relay:
                         f"4.4.1 Downstream refused HELO: {exc.code} {exc.message}",
                         reason=FailureReason.UNREACHABLE,
                     ) from None
-        log.debug("relay_connected", extra={"host": cfg.host, "port": cfg.port})
-        return conn
 
     async def _starttls(self, conn: _Connection) -> None:
         """STARTTLS (RFC 3207) and a fresh EHLO; any failure -> RelayError(reason tls)."""
