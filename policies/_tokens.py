@@ -8,7 +8,7 @@ carries over to the next message:
 - Body: lower-cased words of the decoded text parts (HTML rendered to text),
   3..12 characters kept whole; longer words become a "skip" token of their
   first character and length bucket; e-mail addresses in the text become
-  their domain. Optional word bigrams.
+  their domain. Optional: word bigrams, HTML tag names.
 - URLs: each host's registrable domain, "IP literal", scheme.
 - Headers, by an explicit list: Subject words, the From domain and display
   name words (and the shape of its local part), whether Reply-To is on
@@ -78,6 +78,7 @@ _DIGITS = re.compile(r"\d")
 @dataclass(frozen=True, slots=True)
 class TokenizerOptions:
     bigrams: bool = False
+    html_tags: bool = False
     max_tokens: int = 3_000  # distinct tokens kept per message (hostile input bound)
 
 
@@ -240,6 +241,22 @@ def _body_tokens(ctx: Context, options: TokenizerOptions) -> Iterator[str]:
         text = part.text[:budget]
         budget -= len(text)
         yield from _words(text.lower(), options.bigrams)
+    if options.html_tags:
+        for part in parts:
+            if part.is_html:
+                yield from _html_tokens(part.raw_html[:MAX_TEXT])
+
+
+_TAG = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,10})[\s/>]")
+
+
+def _html_tokens(html: str) -> Iterator[str]:
+    """Markup the reader never sees: tag names (off by default, see docs/quality.md)."""
+    for i, m in enumerate(_TAG.finditer(html)):
+        if i >= 2000:
+            break
+        tag = m.group(1).lower()
+        yield f"html:<{tag}"
 
 
 def _words(text: str, bigrams: bool) -> Iterator[str]:

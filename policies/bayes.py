@@ -79,7 +79,8 @@ class BayesOptions:
     max_clues: int = 150  # strongest tokens combined (SpamBayes max_discriminators)
     min_strength: float = 0.1  # |f(w) - 0.5| below this is no evidence
     unknown_word_strength: float = 0.45  # Robinson's s: weight of the 0.5 prior
-    bigrams: bool = False  # also word pairs (more tokens, little gain on our benchmark)
+    bigrams: bool = False  # also word pairs (more tokens, no gain on our benchmark)
+    html_tags: bool = False  # also HTML tag names (more spam caught, more newsletters too)
     max_tokens: int = 3_000  # distinct tokens per message, a bound for hostile input
     state_timeout: float = 2.0  # seconds for one state-store call before stepping aside
 
@@ -209,7 +210,9 @@ class BayesPolicy(Policy):
     def __init__(self, options: BayesOptions) -> None:
         super().__init__(options)
         self.options: BayesOptions = options
-        self._tokenizer = TokenizerOptions(bigrams=options.bigrams, max_tokens=options.max_tokens)
+        self._tokenizer = TokenizerOptions(
+            bigrams=options.bigrams, html_tags=options.html_tags, max_tokens=options.max_tokens
+        )
         self._services: Services | None = None
 
     async def start(self, services: Services) -> None:
