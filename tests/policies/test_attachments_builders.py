@@ -87,6 +87,49 @@ def png_bytes(width: int = 4, height: int = 4) -> bytes:
     )
 
 
+def ole_bytes(
+    storages: tuple[str, ...] = ("Macros", "VBA"),
+    stream: str = "_VBA_PROJECT",
+    clsid: bytes = b"\0" * 16,
+) -> bytes:
+    """A minimal OLE compound file (MS-CFB v3): root -> storages (nested) -> one empty stream.
+
+    The default is a Word 97 document's VBA project path (Macros/VBA/_VBA_PROJECT);
+    ``clsid`` sets the root CLSID (MSI packages are recognised by theirs).
+    """
+    end, free, fat_sect, nostream = 0xFFFFFFFE, 0xFFFFFFFF, 0xFFFFFFFD, 0xFFFFFFFF
+    header = bytearray(512)
+    header[0:8] = bytes.fromhex("d0cf11e0a1b11ae1")
+    struct.pack_into("<HHHHH", header, 24, 0x3E, 3, 0xFFFE, 9, 6)
+    struct.pack_into("<IIIIIIII", header, 40, 0, 1, 1, 0, 4096, end, 0, end)
+    struct.pack_into("<I", header, 76, 0)  # DIFAT[0]: the FAT is sector 0
+    for i in range(1, 109):
+        struct.pack_into("<I", header, 76 + 4 * i, free)
+    fat = struct.pack("<II", fat_sect, end) + struct.pack("<I", free) * 126
+
+    def entry(name: str, kind: int, child: int, cls: bytes = b"\0" * 16) -> bytes:
+        encoded = name.encode("utf-16-le") + b"\0\0"
+        return (
+            encoded.ljust(64, b"\0")
+            + struct.pack("<HBB", len(encoded), kind, 1)
+            + struct.pack("<III", nostream, nostream, child)
+            + cls
+            + b"\0" * 20
+            + struct.pack("<IQ", end, 0)
+        )
+
+    names = [*storages, stream]
+    entries = [entry("Root Entry", 5, 1, clsid)]
+    for i, name in enumerate(names, 1):
+        last = i == len(names)
+        entries.append(entry(name, 2 if last else 1, nostream if last else i + 1))
+    directory = b"".join(entries).ljust(512, b"\0")
+    return bytes(header) + fat + directory
+
+
+MSI_CLSID = struct.pack("<IHH", 0x000C1084, 0, 0) + bytes.fromhex("c000000000000046")
+
+
 # --------------------------------------------------------------------------- archives
 
 
@@ -194,6 +237,30 @@ def docm_bytes(macros: bool = True) -> bytes:
     return zip_bytes(members)
 
 
+def rar_bytes(members: dict[str, bytes], *, encrypted: bool = False) -> bytes:
+    """A RAR 2.9/4.x archive with stored (uncompressed) members, written by hand.
+
+    Block layout per the RAR 4 technote: marker, archive header (0x73), one file
+    header (0x74) per member followed by its data, end block (0x7b); each header
+    carries the low 16 bits of the CRC-32 of its bytes after the CRC field.
+    """
+
+    def block(kind: int, flags: int, body: bytes) -> bytes:
+        head = struct.pack("<BHH", kind, flags, 7 + len(body)) + body
+        return struct.pack("<H", zlib.crc32(head) & 0xFFFF) + head
+
+    out = b"Rar!\x1a\x07\x00" + block(0x73, 0, b"\0" * 6)
+    for name, data in members.items():
+        fname = name.encode()
+        flags = 0x8000 | (0x04 if encrypted else 0)  # LONG_BLOCK, PASSWORD
+        body = struct.pack(
+            "<IIBIIBBHI", len(data), len(data), 2, zlib.crc32(data), 0x5A210000, 29, 0x30,
+            len(fname), 0x20,
+        ) + fname  # fmt: skip
+        out += block(0x74, flags, body) + data
+    return out + block(0x7B, 0x4000, b"")
+
+
 # --------------------------------------------------------------------------- messages
 
 
@@ -261,3 +328,22 @@ def test_pe_builder_has_a_pe_signature_at_e_lfanew() -> None:
 def test_encrypted_7z_builder_needs_a_password() -> None:
     with py7zr.SevenZipFile(io.BytesIO(sevenzip_bytes({"a.txt": b"x"}, "pw"))) as z:
         assert z.needs_password()
+
+
+def test_ole_builder_makes_a_compound_file_olefile_reads() -> None:
+    import olefile
+
+    ole = olefile.OleFileIO(ole_bytes())
+    assert ["Macros", "VBA", "_VBA_PROJECT"] in ole.listdir()
+    msi = olefile.OleFileIO(ole_bytes((), "SummaryInformation", MSI_CLSID))
+    assert msi.root.clsid == "000C1084-0000-0000-C000-000000000046"
+
+
+def test_rar_builder_makes_an_archive_rarfile_lists_and_reads() -> None:
+    import rarfile
+
+    with rarfile.RarFile(io.BytesIO(rar_bytes({"a.txt": b"hello"}))) as rf:
+        assert rf.namelist() == ["a.txt"]
+        assert rf.read("a.txt") == b"hello"
+    with rarfile.RarFile(io.BytesIO(rar_bytes({"a.txt": b"hello"}, encrypted=True))) as rf:
+        assert rf.infolist()[0].needs_password()

@@ -36,7 +36,9 @@ def resolver(dns_server: DNSServer) -> CachingResolver:
     return CachingResolver(DNSConfig(nameservers=(dns_server.address,), timeout=0.5))
 
 
-async def check(resolver: CachingResolver, raw: bytes, **options: int) -> tuple[set[str], list[AuthResult]]:
+async def check(
+    resolver: CachingResolver, raw: bytes, **options: int
+) -> tuple[set[str], list[AuthResult]]:
     result = await DKIMPolicy(DKIMOptions(**options)).check(make_context(raw, resolver=resolver))
     return {s.name for s in result.symbols}, list(result.auth)
 
@@ -86,7 +88,7 @@ async def test_rsa_512_key_fails(resolver: CachingResolver) -> None:
 async def test_rsa_sha1_fails(resolver: CachingResolver) -> None:
     """RFC 8301 §3.1: rsa-sha1 MUST NOT be used for verifying."""
     raw = sign(message(), "example.com", "s1", algorithm=b"rsa-sha1")
-    symbols, auth = await check(resolver, raw)
+    symbols, _auth = await check(resolver, raw)
     assert symbols == {"DKIM_FAIL", "DKIM_SHA1"}
 
 

@@ -225,7 +225,7 @@ async def test_whole_check_is_bounded_and_never_blocks_the_loop(
 
     task = asyncio.create_task(ticker())
     started = time.monotonic()
-    symbols, auth, _ = await run(
+    symbols, _auth, _ = await run(
         slow, ip="192.0.2.10", mail_from="a@drop.example", check_helo=False, check_timeout=0.4
     )
     elapsed = time.monotonic() - started
