@@ -1,0 +1,280 @@
+"""Rule-file engine: loading, errors that name file/rule/problem, reloads, bounded regexes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.api import Action, OptionError, Services
+from gateway.testing.context import NoDNS, make_context
+from policies.rules import RulesOptions, RulesPolicy, _parse_expression
+
+MSG = """From: alice@example.net
+To: bob@example.org
+Subject: Cheap watches here
+
+Buy a watch today from our shop.
+"""
+
+
+def services(config_dir: Path) -> Services:
+    return Services(resolver=NoDNS(), state=None, hostname="mx", config_dir=config_dir)  # type: ignore[arg-type]
+
+
+async def started(tmp_path: Path, text: str, **opts: object) -> RulesPolicy:
+    (tmp_path / "local.toml").write_text(text)
+    policy = RulesPolicy(RulesOptions(files=("local.toml",), **opts))  # type: ignore[arg-type]
+    await policy.start(services(tmp_path))
+    return policy
+
+
+async def load_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(OptionError) as err:
+        await started(tmp_path, text)
+    return str(err.value)
+
+
+async def test_operator_rules_of_every_family_fire_with_evidence(tmp_path: Path) -> None:
+    policy = await started(
+        tmp_path,
+        """
+[[rule]]
+name = "LOCAL_SUBJ_WATCH"
+type = "header"
+header = "Subject"
+pattern = '(?i)watch'
+score = 1.5
+description = "watches in the subject"
+
+[[rule]]
+name = "LOCAL_NO_LIST_ID"
+type = "header"
+header = "List-Id"
+exists = false
+score = 0.1
+description = "not a list"
+
+[[rule]]
+name = "LOCAL_BODY_SHOP"
+type = "body"
+pattern = 'our shop'
+score = 1.0
+description = "shop"
+
+[[rule]]
+name = "LOCAL_RAW_TO"
+type = "raw"
+pattern = '(?m)^To: bob@'
+score = 0.1
+description = "raw"
+
+[[rule]]
+name = "LOCAL_NOT_URGENT"
+type = "body"
+pattern = 'urgent'
+negate = true
+score = 0.0
+description = "no urgency"
+
+[[rule]]
+name = "LOCAL_META"
+type = "meta"
+expression = "LOCAL_SUBJ_WATCH && (LOCAL_BODY_SHOP || !LOCAL_NO_LIST_ID) && !__NEVER"
+score = 2.0
+description = "both"
+
+[[rule]]
+name = "__NEVER"
+type = "body"
+pattern = 'zzzzzz'
+description = "sub-rule"
+""",
+        builtin=False,
+    )
+    result = await policy.check(make_context(MSG))
+    got = {s.name: s.detail for s in result.symbols}
+    assert set(got) == {
+        "LOCAL_SUBJ_WATCH",
+        "LOCAL_NO_LIST_ID",
+        "LOCAL_BODY_SHOP",
+        "LOCAL_RAW_TO",
+        "LOCAL_NOT_URGENT",
+        "LOCAL_META",
+    }
+    assert got["LOCAL_SUBJ_WATCH"] == "Subject: watch"
+    assert got["LOCAL_BODY_SHOP"] == "our shop"
+    symbols = policy.rule_symbols()
+    assert symbols["LOCAL_META"].score == 2.0
+    assert "__NEVER" not in symbols  # sub-rules are never symbols
+    assert result.force is None
+
+
+async def test_operator_file_overrides_a_shipped_rule_and_disable_removes_one(
+    tmp_path: Path,
+) -> None:
+    policy = await started(
+        tmp_path,
+        """
+[[rule]]
+name = "SUBJ_FREE"
+type = "header"
+header = "Subject"
+pattern = 'watches'
+score = 0.7
+description = "operator's own version"
+""",
+        disable=("GTUBE",),
+    )
+    symbols = policy.rule_symbols()
+    assert symbols["SUBJ_FREE"].score == 0.7
+    assert "GTUBE" not in symbols
+    result = await policy.check(make_context(MSG))
+    assert {s.name for s in result.symbols} == {"SUBJ_FREE"}
+
+
+async def test_forced_action_rule_sets_the_floor_and_reason(tmp_path: Path) -> None:
+    raw = MSG.replace(
+        "Buy a watch", "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+    )
+    policy = RulesPolicy(RulesOptions())
+    await policy.start(services(tmp_path))
+    result = await policy.check(make_context(raw))
+    assert result.force is Action.REJECT
+    assert "GTUBE" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[[rule]]\nname = 'bad name'\n", "local.toml: rule bad name: name must be UPPER_SNAKE"),
+        (
+            "[[rule]]\nname = 'R1'\ntype = 'body'\npattern = '(a)\\1'\nscore = 1\ndescription = 'x'\n",
+            "rule R1: pattern '(a)\\\\1' is not a valid RE2 expression",
+        ),
+        (
+            "[[rule]]\nname = 'R2'\ntype = 'body'\npattern = '(?<=a)b'\nscore = 1\ndescription = 'x'\n",
+            "look-around are not supported",
+        ),
+        ("[[rule]]\nname = 'R3'\ntype = 'bogus'\n", "rule R3: type must be one of header, body"),
+        (
+            "[[rule]]\nname = 'R4'\ntype = 'body'\npattern = 'x'\ndescription = 'x'\n",
+            "rule R4: score must be a number",
+        ),
+        (
+            "[[rule]]\nname = 'R5'\ntype = 'body'\npattern = 'x'\nscore = 1\n",
+            "rule R5: description must be a non-empty string",
+        ),
+        (
+            "[[rule]]\nname = 'R6'\ntype = 'meta'\nexpression = 'A &&'\nscore = 1\ndescription = 'x'\n",
+            "rule R6: bad expression: expression ends too early",
+        ),
+        (
+            "[[rule]]\nname = 'R7'\ntype = 'meta'\nexpression = 'NOPE'\nscore = 1\ndescription = 'x'\n",
+            "rule R7: expression names NOPE, which no rule file defines",
+        ),
+        (
+            "[[rule]]\nname = 'M1'\ntype = 'meta'\nexpression = 'M2'\nscore = 1\ndescription = 'x'\n"
+            "[[rule]]\nname = 'M2'\ntype = 'meta'\nexpression = 'M1'\nscore = 1\ndescription = 'x'\n",
+            "meta rules form a cycle: M1 -> M2 -> M1",
+        ),
+        (
+            "[[rule]]\nname = 'R8'\ntype = 'body'\npattern = 'x'\nscore = 1\ndescription = 'x'\n"
+            "[[rule]]\nname = 'R8'\ntype = 'body'\npattern = 'y'\nscore = 1\ndescription = 'x'\n",
+            "rule R8: defined twice in this file",
+        ),
+        (
+            "[[rule]]\nname = 'R9'\ntype = 'body'\npattern = 'x'\nscore = 1\ndescription = 'x'\nsocre = 2\n",
+            "rule R9: unknown key 'socre'",
+        ),
+        (
+            "[[rule]]\nname = 'R10'\ntype = 'header'\npattern = 'x'\nscore = 1\ndescription = 'x'\n",
+            'rule R10: header rules need header = "Field-Name"',
+        ),
+        (
+            "[[rule]]\nname = 'R11'\ntype = 'body'\npattern = 'x'\nscore = 1\ndescription = 'x'\naction = 'explode'\n",
+            "rule R11: action must be one of add_header, quarantine, reject",
+        ),
+        ("[[rule]\nname = 'X'\n", "local.toml: not valid TOML"),
+        ("rules = 1\n", "unknown top-level key 'rules'"),
+    ],
+)
+async def test_load_errors_name_the_file_the_rule_and_the_problem(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    message = await load_error(tmp_path, text)
+    assert message.startswith("files: ")
+    assert str(tmp_path / "local.toml") in message
+    assert expected in message
+
+
+async def test_missing_rule_file_is_a_clear_error(tmp_path: Path) -> None:
+    policy = RulesPolicy(RulesOptions(files=("nope.toml",)))
+    with pytest.raises(OptionError, match=r"nope.toml: no such file; fix policies.rules.files"):
+        await policy.start(services(tmp_path))
+
+
+async def test_absolute_path_errors_show_at_construction_for_check_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        "[[rule]]\nname = 'R'\ntype = 'body'\npattern = '('\nscore = 1\ndescription = 'x'\n"
+    )
+    with pytest.raises(OptionError, match="rule R: pattern"):
+        RulesPolicy(RulesOptions(files=(str(bad),)))
+
+
+async def test_a_new_policy_instance_rereads_changed_files_as_a_reload_does(
+    tmp_path: Path,
+) -> None:
+    rule = "[[rule]]\nname = 'LOCAL_{n}'\ntype = 'body'\npattern = 'watch'\nscore = 1\ndescription = 'x'\n"
+    first = await started(tmp_path, rule.format(n="ONE"), builtin=False)
+    second = await started(tmp_path, rule.format(n="TWO"), builtin=False)
+    assert set(first.rule_symbols()) == {"LOCAL_ONE"}
+    assert set(second.rule_symbols()) == {"LOCAL_TWO"}
+    # A broken edit fails the new instance and leaves the running one intact.
+    with pytest.raises(OptionError):
+        await started(
+            tmp_path,
+            "[[rule]]\nname = 'X'\ntype = 'body'\npattern = '['\nscore = 1\ndescription = 'x'\n",
+        )
+    assert {s.name for s in (await first.check(make_context(MSG))).symbols} == {"LOCAL_ONE"}
+
+
+async def test_hostile_input_against_a_catastrophic_pattern_stays_linear(tmp_path: Path) -> None:
+    """(a+)+$ backtracks exponentially in Python's re; RE2 runs it in linear time."""
+    policy = await started(
+        tmp_path,
+        "[[rule]]\nname = 'EVIL'\ntype = 'body'\npattern = '(a+)+$'\nnegate = false\nscore = 1\ndescription = 'x'\n"
+        "[[rule]]\nname = 'EVIL_RAW'\ntype = 'raw'\npattern = '(x+x+)+y'\nscore = 1\ndescription = 'x'\n",
+        builtin=False,
+    )
+    raw = "From: a@example.net\nSubject: x\n\n" + ("a" * 200_000 + "!\n") + ("x" * 100_000)
+    started_at = time.process_time()
+    result = await policy.check(make_context(raw))
+    assert time.process_time() - started_at < 0.5
+    assert {s.name for s in result.symbols} == set()
+
+
+@pytest.mark.parametrize(
+    ("expression", "values", "expected"),
+    [
+        ("A && (B || !C)", {"A": True, "C": True}, False),
+        ("A && (B || !C)", {"A": True}, True),
+        ("!A || B && C", {"A": True, "B": True, "C": True}, True),
+        ("!(A || B)", {}, True),
+        ("!!A", {"A": True}, True),
+    ],
+)
+def test_meta_expressions_follow_boolean_precedence(
+    expression: str, values: dict[str, bool], expected: bool
+) -> None:
+    expr, names = _parse_expression(expression)
+    assert expr(values) is expected
+    assert names <= {"A", "B", "C"}
+
+
+@pytest.mark.parametrize("bad", ["A &&& B", "__import__('os')", "A B", "(A", "A)", "", "A || "])
+def test_meta_expressions_reject_anything_but_names_and_operators(bad: str) -> None:
+    with pytest.raises(ValueError):
+        _parse_expression(bad)
