@@ -400,8 +400,8 @@ class GatewaySMTP(SMTP):
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _write_now(self, reply: Reply) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport: Any = self.transport  # uvloop transports are not asyncio.WriteTransport
+        if transport is not None and not transport.is_closing():
             self._count_reply(reply.code)
             transport.write(f"{reply}\r\n".encode("ascii", "replace"))
 

@@ -1,0 +1,244 @@
+"""STARTTLS, HAProxy PROXY v1/v2 and session limits on the real gateway."""
+
+from __future__ import annotations
+
+import ipaddress
+import smtplib
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ServerConfig
+from gateway.smtp import tls_context
+from gateway.testing.harness import GatewayProcess
+from gateway.testing.sink import SinkServer, make_self_signed
+
+GatewayFactory = Callable[..., GatewayProcess]
+Connect = Callable[..., smtplib.SMTP]
+MSG = b"Subject: tls\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def cert(tmp_path: Path) -> tuple[Path, Path]:
+    return make_self_signed(tmp_path, "mx.example.org")
+
+
+def _client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def test_starttls_is_offered_and_the_received_field_records_it(
+    make_gateway: GatewayFactory, sink: SinkServer, cert: tuple[Path, Path], connect: Connect
+) -> None:
+    gw = make_gateway(sink, {"server.tls_cert": str(cert[0]), "server.tls_key": str(cert[1])})
+    with connect(gw.smtp_port) as client:
+        assert client.has_extn("starttls")
+        code, _ = client.starttls(context=_client_tls())
+        assert code == 220
+        version = client.sock.version()  # type: ignore[union-attr]
+        client.ehlo("client.sender.test")
+        assert not client.has_extn("starttls")  # not twice
+        client.sendmail("a@sender.test", ["x@example.org"], MSG)
+    (got,) = sink.wait_for(1)
+    received = got.data.split(b"\r\n\t")
+    assert b"with ESMTPS" in received[1]
+    assert f"(using {version} with cipher ".encode() in got.data
+    assert version in ("TLSv1.2", "TLSv1.3")
+
+
+def test_starttls_context_requires_tls_1_2(cert: tuple[Path, Path]) -> None:
+    server = ServerConfig(
+        accepted_domains=("example.org",), tls_cert=str(cert[0]), tls_key=str(cert[1])
+    )
+    ctx = tls_context(server)
+    assert ctx is not None and ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_tls_handshake_garbage_closes_only_that_session(
+    make_gateway: GatewayFactory, sink: SinkServer, cert: tuple[Path, Path], connect: Connect
+) -> None:
+    gw = make_gateway(sink, {"server.tls_cert": str(cert[0]), "server.tls_key": str(cert[1])})
+    with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as sock:
+        sock.recv(4096)
+        sock.sendall(b"EHLO x.test\r\n")
+        time.sleep(0.1)
+        sock.recv(4096)
+        sock.sendall(b"STARTTLS\r\n")
+        assert sock.recv(4096).startswith(b"220")
+        sock.sendall(b"\x16\x03\x01\x00\x05garbagegarbage" * 10)
+        with pytest.raises((ConnectionError, TimeoutError)):
+            while sock.recv(4096):
+                pass
+            raise ConnectionResetError
+    with connect(gw.smtp_port) as client:
+        client.sendmail("a@sender.test", ["x@example.org"], MSG)
+    assert len(sink.wait_for(1)) == 1
+
+
+# --- PROXY protocol -----------------------------------------------------------------
+
+
+def proxy_v2(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """A HAProxy PROXY v2 header (PROXY command, TCP over IPv4 or IPv6)."""
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    fam = 0x11 if s.version == 4 else 0x21
+    body = s.packed + d.packed + struct.pack("!HH", sport, dport)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, fam]) + struct.pack("!H", len(body)) + body
+
+
+def _send_via_proxy(port: int, header: bytes) -> list[bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(header)
+        f = sock.makefile("rb")
+        replies = [f.readline()]
+        for cmd in (
+            b"EHLO relay.sender.test\r\n",
+            b"MAIL FROM:<a@sender.test>\r\n",
+            b"RCPT TO:<x@example.org>\r\n",
+            b"DATA\r\n",
+            MSG + b".\r\n",
+            b"QUIT\r\n",
+        ):
+            sock.sendall(cmd)
+            line = f.readline()
+            while line[3:4] == b"-":
+                line = f.readline()
+            replies.append(line)
+        return replies
+
+
+@pytest.mark.parametrize(
+    ("header", "client_ip"),
+    [
+        (b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\n", "198.51.100.7"),
+        (proxy_v2("203.0.113.9", "192.0.2.1", 40000, 25), "203.0.113.9"),
+        (proxy_v2("2001:db8::7", "2001:db8::1", 40000, 25), "2001:db8::7"),
+    ],
+    ids=["v1", "v2-ipv4", "v2-ipv6"],
+)
+def test_proxy_header_from_trusted_network_sets_the_client_address(
+    header: bytes, client_ip: str, make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    gw = make_gateway(sink, {"server.proxy_protocol": True})
+    replies = _send_via_proxy(gw.smtp_port, header)
+    assert replies[0].startswith(b"220 ")
+    assert replies[5].startswith(b"250 "), replies
+    (got,) = sink.wait_for(1)
+    literal = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
+    assert f"(unknown [{literal}])".encode() in got.data.split(b"\r\n")[0]
+    assert gw.wait_for_event("message_processed")["client_ip"] == client_ip  # type: ignore[index]
+
+
+def test_proxy_from_trusted_network_without_header_is_dropped(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    gw = make_gateway(sink, {"server.proxy_protocol": True})
+    with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as sock:
+        sock.sendall(b"EHLO no-proxy-header.test\r\n")
+        assert sock.recv(4096) == b""
+
+
+def test_proxy_header_from_untrusted_network_is_refused(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    """Only configured networks may claim another client address."""
+    gw = make_gateway(
+        sink, {"server.proxy_protocol": True, "server.proxy_trusted_networks": ["192.0.2.0/24"]}
+    )
+    for header in (
+        b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\n",
+        proxy_v2("198.51.100.7", "192.0.2.1", 40000, 25),
+    ):
+        with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as sock:
+            f = sock.makefile("rb")
+            assert f.readline().startswith(b"220 ")  # an ordinary client to us
+            sock.sendall(header + b"MAIL FROM:<a@sender.test>\r\n")
+            rest = f.read()
+        assert rest.startswith((b"554 5.7.0", b"500")) or rest == b"", rest
+        assert b"250" not in rest
+    assert sink.messages == []
+
+
+# --- session limits -----------------------------------------------------------------
+
+
+def test_sessions_per_ip_over_the_limit_get_421_and_others_still_work(
+    make_gateway: GatewayFactory, sink: SinkServer, connect: Connect
+) -> None:
+    gw = make_gateway(sink, {"server.max_sessions_per_ip": 2, "server.proxy_protocol": True})
+    # Two sessions from 198.51.100.7 (through the trusted proxy) use its quota ...
+    held = []
+    for _ in range(2):
+        sock = socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5)
+        sock.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\n")
+        assert sock.recv(4096).startswith(b"220 ")
+        held.append(sock)
+    try:
+        sock = socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5)
+        sock.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.1 40001 25\r\n")
+        assert sock.recv(4096).startswith(b"421 4.7.0")
+        assert sock.recv(4096) == b""
+        sock.close()
+        # ... while another address is still served.
+        replies = _send_via_proxy(gw.smtp_port, b"PROXY TCP4 198.51.100.8 192.0.2.1 1 25\r\n")
+        assert replies[5].startswith(b"250 ")
+    finally:
+        for s in held:
+            s.close()
+    # A released slot is usable again.
+    time.sleep(0.2)
+    replies = _send_via_proxy(gw.smtp_port, b"PROXY TCP4 198.51.100.7 192.0.2.1 2 25\r\n")
+    assert replies[5].startswith(b"250 ")
+
+
+def test_total_sessions_over_the_limit_get_421(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    gw = make_gateway(sink, {"server.max_sessions": 2})
+    held = [socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) for _ in range(2)]
+    try:
+        for s in held:
+            assert s.recv(4096).startswith(b"220 ")
+        with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as extra:
+            assert extra.recv(4096).startswith(b"421 4.7.0")
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_idle_client_is_timed_out_with_421(make_gateway: GatewayFactory, sink: SinkServer) -> None:
+    gw = make_gateway(sink, {"server.command_timeout": 0.5})
+    with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as sock:
+        assert sock.recv(4096).startswith(b"220 ")
+        started = time.monotonic()
+        assert sock.recv(4096).startswith(b"421 4.4.2")
+        assert time.monotonic() - started < 3
+
+
+def test_slow_data_is_bounded_by_the_data_timeout(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    gw = make_gateway(sink, {"server.data_timeout": 1.0})
+    with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"HELO slow.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<x@example.org>\r\n")
+        for _ in range(3):
+            f.readline()
+        sock.sendall(b"DATA\r\n")
+        assert f.readline().startswith(b"354")
+        started = time.monotonic()
+        with pytest.raises((ConnectionError, OSError)):
+            for _ in range(50):  # a byte every 0.1 s: slowloris
+                sock.sendall(b"x")
+                time.sleep(0.1)
+        assert time.monotonic() - started < 4
+    assert sink.messages == []
