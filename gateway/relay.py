@@ -93,6 +93,10 @@ _T = TypeVar("_T")
 # MTAs drop idle clients well before their 5-minute RFC 5321 §4.5.3.2.7 limit).
 MAX_CONNECTION_AGE = 300.0
 MAX_IDLE = 30.0
+# A connection whose last transaction ended cleanly (2xx to the message, or a
+# 250 to RSET) less than this long ago is reused without an RSET probe; if it
+# died meanwhile, the retry-once rule covers it.
+FRESH_REUSE = 2.0
 MAX_TRANSACTIONS = 100
 PROBE_TIMEOUT = 5.0
 # Reply texts go back to our own SMTP clients: one printable line, bounded.
@@ -231,7 +235,16 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
 class _Connection:
     """One SMTP session to the downstream, EHLO'd (and STARTTLS'd if so configured)."""
 
-    __slots__ = ("body_sent", "broken", "created", "last_used", "smtp", "timeout", "transactions")
+    __slots__ = (
+        "body_sent",
+        "broken",
+        "clean",
+        "created",
+        "last_used",
+        "smtp",
+        "timeout",
+        "transactions",
+    )
 
     def __init__(self, smtp: SMTP, timeout: float) -> None:
         self.smtp = smtp
@@ -240,6 +253,7 @@ class _Connection:
         self.transactions = 0
         self.broken = False
         self.body_sent = False
+        self.clean = True  # no transaction open on the server side (RFC 5321 §4.1.4)
 
     @property
     def tls(self) -> bool:
@@ -286,6 +300,7 @@ class _Connection:
         with contextlib.suppress(RelayError):
             code, _ = await self.command(b"RSET")
             if code == 250:
+                self.clean = True
                 return
         self.broken = True
 
@@ -485,6 +500,7 @@ class Relay:
             raise RelayError(code, text)
         code, text = await conn.send_body(stuffed)
         conn.transactions += 1
+        conn.clean = True  # RFC 5321 §4.1.1.4: the reply to the message ends the transaction
         if 200 <= code < 300:
             return RelayResult(accepted=tuple(accepted), reply=(code, sanitize_reply_text(text)))
         conn.expect_failure(code, "the message")
@@ -511,6 +527,7 @@ class Relay:
         head = data[:end] if end >= 0 else data
         if (needs_utf8 or not head.isascii()) and conn.supports("smtputf8"):  # RFC 6531 §3.4
             params.append(b"SMTPUTF8")
+        conn.clean = False
         return await conn.command(b"MAIL", b"FROM:<" + sender + b">", *params)
 
     # -- connections ------------------------------------------------------
@@ -544,9 +561,12 @@ class Relay:
         """An idle pooled connection that answers RSET, else a new one."""
         while self._idle:
             conn = self._idle.pop()
-            if not conn.reusable(time.monotonic()):
+            now = time.monotonic()
+            if not conn.reusable(now):
                 conn.close()
                 continue
+            if conn.clean and now - conn.last_used < FRESH_REUSE:
+                return conn, True
             try:
                 code, _ = await conn.command(b"RSET", limit=min(self.config.timeout, PROBE_TIMEOUT))
             except RelayError:

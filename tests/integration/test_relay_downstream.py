@@ -906,3 +906,71 @@ def test_helo_must_be_an_ascii_host_name() -> None:
     with pytest.raises(ValueError, match=r"relay\.helo"):
         Relay(RelayConfig(), "m\u00fcller.example")
     assert Relay(RelayConfig(), "gw.test").helo == "gw.test"
+
+
+class Recording:
+    """A scripted downstream that records command verbs; RCPT to bad@ is refused."""
+
+    def __init__(self) -> None:
+        self.verbs: list[str] = []
+
+    async def __call__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        w.write(b"220 recording.test ESMTP\r\n")
+        while True:
+            line = await r.readuntil(b"\r\n")
+            verb = line.split()[0].upper().decode()
+            self.verbs.append(verb)
+            if verb == "EHLO":
+                w.write(b"250-recording.test\r\n250 8BITMIME\r\n")
+            elif verb == "DATA":
+                w.write(b"354 go ahead\r\n")
+                await r.readuntil(b"\r\n.\r\n")
+                w.write(b"250 2.0.0 Ok\r\n")
+            elif verb == "RCPT" and b"bad@" in line:
+                w.write(b"550 5.1.1 no such user\r\n")
+            elif verb == "QUIT":
+                w.write(b"221 bye\r\n")
+                return
+            else:
+                w.write(b"250 Ok\r\n")
+
+
+async def test_back_to_back_transactions_skip_the_rset_probe(closing: list[Relay]) -> None:
+    rec = Recording()
+    async with Scripted(rec) as s:
+        relay = relay_for(s.port)
+        closing.append(relay)
+        await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+        await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+    assert rec.verbs[:7] == ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA"]
+
+
+async def test_idle_pooled_connection_is_probed_with_rset_before_reuse(
+    closing: list[Relay], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.relay.FRESH_REUSE", 0.0)
+    rec = Recording()
+    async with Scripted(rec) as s:
+        relay = relay_for(s.port)
+        closing.append(relay)
+        await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+        await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+    assert rec.verbs[:8] == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA"]
+
+
+async def test_refused_recipient_resets_before_anything_else(closing: list[Relay]) -> None:
+    rec = Recording()
+    async with Scripted(rec) as s:
+        relay = relay_for(s.port)
+        closing.append(relay)
+        with pytest.raises(RelayError):
+            await relay.send("a@example.com", ["b@example.org", "bad@example.org"], MESSAGE)
+        assert await relay.verify_recipient("a@example.com", "bad@example.org") == (
+            550,
+            "5.1.1 no such user",
+        )
+    assert rec.verbs == [
+        "EHLO",
+        *("MAIL", "RCPT", "RCPT", "RSET"),  # no DATA after a partial refusal
+        *("MAIL", "RCPT", "RSET"),  # verify_recipient
+    ]
