@@ -1,0 +1,362 @@
+"""The statistical classifier: tokenizer, the mathematics, learning and classifying.
+
+Policy tests are pure calls with small generated messages (never the
+development corpus) and the real local state store (SQLite in tmp_path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from gateway.api import OptionError, Services, StateUnavailableError
+from gateway.config import StateConfig
+from gateway.state import ClosableStateStore, open_state
+from gateway.testing import NoDNS, make_context
+from policies._tokens import TokenizerOptions, hash_token, message_tokens
+from policies.bayes import (
+    TOTALS_KEY,
+    BayesOptions,
+    BayesPolicy,
+    bucket,
+    chi2q,
+    spam_probability,
+    token_probability,
+)
+
+SPAM_WORDS = (
+    "viagra mortgage winner cash offer free click guaranteed million credit refinance "
+    "unsubscribe casino pills discount limited urgent bonus lottery prize investment"
+).split()
+HAM_WORDS = (
+    "meeting patch kernel review lunch tomorrow release branch commit build agenda "
+    "minutes draft thanks regards compiler debugger benchmark changelog mailing"
+).split()
+NEUTRAL = "the and for you this that with have from your will about there".split()
+
+
+def make_message(rng: random.Random, spam: bool, n: int) -> bytes:
+    words = SPAM_WORDS if spam else HAM_WORDS
+    body = " ".join(
+        rng.choice(words) if rng.random() < 0.6 else rng.choice(NEUTRAL) for _ in range(40)
+    )
+    subject = " ".join(rng.choice(words) for _ in range(3))
+    sender = "deals@promo.example" if spam else "dev@project.example"
+    return (
+        f"From: {sender}\r\nTo: user@example.org\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{'s' if spam else 'h'}{n}@gen.example>\r\n"
+        f"Date: Mon, 1 Jul 2024 10:00:00 +0000\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+@pytest.fixture
+async def state(tmp_path: Path) -> ClosableStateStore:
+    store = open_state(StateConfig(path=str(tmp_path / "state.sqlite")), tmp_path)
+    yield store  # type: ignore[misc]
+    await store.close()
+
+
+async def started(state: object, **options: object) -> BayesPolicy:
+    policy = BayesPolicy(BayesOptions(**options))  # type: ignore[arg-type]
+    await policy.start(Services(NoDNS(), state, "mx.example.org", Path(".")))  # type: ignore[arg-type]
+    return policy
+
+
+async def trained(state: object, n: int = 30, **options: object) -> BayesPolicy:
+    options = {"min_spam": 10, "min_ham": 10, **options}
+    policy = await started(state, **options)
+    rng = random.Random(5)
+    assert await policy.learn((make_message(rng, True, i) for i in range(n)), spam=True) == n
+    assert await policy.learn((make_message(rng, False, i) for i in range(n)), spam=False) == n
+    return policy
+
+
+def symbol(result: object) -> tuple[str, str]:
+    (sym,) = result.symbols  # type: ignore[attr-defined]
+    return sym.name, sym.detail
+
+
+# -- mathematics ----------------------------------------------------------------
+
+
+def test_chi2q_matches_the_closed_form_for_two_degrees_of_freedom() -> None:
+    for x2 in (0.5, 4.0, 30.0):
+        assert chi2q(x2, 2) == pytest.approx(math.exp(-x2 / 2))
+    assert chi2q(0.0, 10) == 1.0
+
+
+def test_chi2q_does_not_underflow_on_long_messages() -> None:
+    """x2/2 beyond 745 underflows exp() in plain floats; the log-space series does not."""
+    assert 0.0 <= chi2q(3000.0, 300) < 1e-100
+    assert chi2q(200.0, 300) == pytest.approx(1.0, abs=1e-4)
+    assert chi2q(300.0, 300) == pytest.approx(0.489, abs=0.01)  # just under the mean
+    assert 0.0 < chi2q(1600.0, 1000) < 1.0
+
+
+def test_token_probability_is_shrunk_towards_one_half_for_rare_tokens() -> None:
+    assert token_probability(0, 0, 100, 100, 0.45) == 0.5
+    once = token_probability(1, 0, 100, 100, 0.45)
+    often = token_probability(50, 0, 100, 100, 0.45)
+    assert 0.5 < once < often < 1.0
+    assert once == pytest.approx((0.45 * 0.5 + 1.0) / 1.45)
+    # class sizes are normalised: 10/100 spam vs 10/1000 ham is spammy
+    assert token_probability(10, 10, 100, 1000, 0.45) > 0.85
+
+
+def test_spam_probability_is_near_one_for_spam_clues_and_near_zero_for_ham_clues() -> None:
+    spam, n = spam_probability([(90, 1)] * 20, 100, 100)
+    ham, _ = spam_probability([(1, 90)] * 20, 100, 100)
+    assert spam > 0.999 and n == 20
+    assert ham < 0.001
+
+
+def test_spam_probability_is_unsure_when_strong_evidence_points_both_ways() -> None:
+    """Fisher combining says 'unsure' instead of letting one side win outright."""
+    p, n = spam_probability([(90, 1)] * 20 + [(1, 90)] * 20, 100, 100)
+    assert 0.4 < p < 0.6 and n == 40
+
+
+def test_spam_probability_ignores_weak_tokens_and_keeps_the_strongest_clues() -> None:
+    assert spam_probability([(50, 50)] * 30, 100, 100) == (0.5, 0)
+    _, n = spam_probability([(90, 1)] * 400, 100, 100, max_clues=150)
+    assert n == 150
+    assert spam_probability([], 0, 0) == (0.5, 0)
+
+
+@pytest.mark.parametrize(
+    ("p", "name"),
+    [
+        (0.0, "BAYES_00"),
+        (0.0099, "BAYES_00"),
+        (0.01, "BAYES_05"),
+        (0.1, "BAYES_20"),
+        (0.5, "BAYES_50"),
+        (0.8, "BAYES_80"),
+        (0.97, "BAYES_95"),
+        (0.995, "BAYES_99"),
+        (0.999, "BAYES_999"),
+        (1.0, "BAYES_999"),
+    ],
+)
+def test_bucket_maps_probabilities_to_spamassassin_like_symbols(p: float, name: str) -> None:
+    assert bucket(p) == name
+
+
+def test_no_single_bayes_symbol_reaches_the_reject_threshold() -> None:
+    assert all(d.score < 15.0 for d in BayesPolicy.symbols.values())
+    assert BayesPolicy.symbols["BAYES_00"].score < 0 < BayesPolicy.symbols["BAYES_99"].score
+
+
+# -- tokenizer --------------------------------------------------------------------
+
+SAMPLE = (
+    "Received: from relay.collector.example ([203.0.113.9]) by mx.collector.example\r\n"
+    "Return-Path: <bounce@list.example>\r\n"
+    "Delivered-To: someone@collector.example\r\n"
+    'From: "Cheap Pills" <offers12345@pharma.example.com>\r\n'
+    "Reply-To: orders@elsewhere.example\r\n"
+    "To: victim@example.org\r\n"
+    "Subject: FREE PILLS NOW!!!\r\n"
+    "X-Mailer: Microsoft Outlook Express 6.00\r\n"
+    "Content-Type: text/plain; charset=iso-8859-1\r\n"
+    "\r\n"
+    "Buy now at http://www.shop.pharma.example.com/buy?id=1 or mail sales@pharma.example.com\r\n"
+    "Supercalifragilisticexpialidocious deals!\r\n"
+)
+
+
+def tokens_of(raw: str, **options: object) -> list[str]:
+    return message_tokens(make_context(raw), TokenizerOptions(**options))  # type: ignore[arg-type]
+
+
+def test_tokens_cover_subject_sender_urls_mailer_and_body_words() -> None:
+    toks = set(tokens_of(SAMPLE))
+    expected = {
+        "subject:free",
+        "subject:pills",
+        "subject:!!!",
+        "subject:ALLCAPS",
+        "from:domain:pharma.example.com",
+        "from:name:cheap",
+        "from:local-digits:5",
+        "reply-to:other-domain",
+        "url:example.com",
+        "mailer:microsoft outlook",
+        "charset:iso-8859-1",
+        "ctype:text/plain",
+        "hdr:in-reply-to:no",
+        "hdr:x-mailer:yes",
+        "buy",
+        "deals!",
+        "email:example.com",
+        "skip:s 30",
+        "body:plain",
+    }
+    assert expected <= toks
+
+
+def test_tokens_leave_out_the_delivery_path_and_recipient_addresses() -> None:
+    """Received, Return-Path, Delivered-To and To addresses describe the collector, not the mail."""
+    joined = " ".join(tokens_of(SAMPLE))
+    for leak in ("collector", "203.0.113.9", "bounce", "victim", "list.example"):
+        assert leak not in joined
+
+
+def test_bigrams_and_html_tags_are_opt_in() -> None:
+    html = (
+        "From: a@b.example\r\nSubject: hi\r\nContent-Type: text/html\r\n\r\n"
+        "<html><body><font color=red>big money fast</font></body></html>\r\n"
+    )
+    plain = set(tokens_of(html))
+    assert "money" in plain and not any(t.startswith(("bi:", "html:")) for t in plain)
+    extra = set(tokens_of(html, bigrams=True, html_tags=True))
+    assert {"bi:big money", "bi:money fast", "html:<font", "html:<body"} <= extra
+
+
+def test_tokens_are_distinct_and_bounded_for_hostile_input() -> None:
+    words = " ".join(f"w{i:07d}" for i in range(20_000))
+    toks = tokens_of(f"From: a@b.example\r\nSubject: x\r\n\r\n{words}\r\n", max_tokens=500)
+    assert len(toks) == 500 == len(set(toks))
+
+
+def test_token_hashes_are_sixteen_hex_characters_and_stable() -> None:
+    h = hash_token("subject:free")
+    assert len(h) == 16 and int(h, 16) >= 0
+    assert h == hash_token("subject:free") != hash_token("subject:fre")
+    assert len(TOTALS_KEY) != 16
+
+
+# -- options ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"min_spam": 0}, "min_spam"),
+        ({"table": "bad table"}, "table"),
+        ({"max_clues": 0}, "max_clues"),
+        ({"min_strength": 0.5}, "min_strength"),
+        ({"state_timeout": 0}, "state_timeout"),
+        ({"max_tokens": 1}, "max_tokens"),
+    ],
+)
+def test_invalid_options_name_the_key(options: Mapping[str, object], key: str) -> None:
+    with pytest.raises(OptionError) as info:
+        BayesOptions(**options)  # type: ignore[arg-type]
+    assert info.value.key == key
+
+
+# -- learning and classifying -----------------------------------------------------
+
+
+async def test_learned_spam_scores_high_and_learned_ham_scores_low(
+    state: ClosableStateStore,
+) -> None:
+    policy = await trained(state)
+    rng = random.Random(99)
+    name, detail = symbol(await policy.check(make_context(make_message(rng, True, 1000))))
+    assert name in ("BAYES_99", "BAYES_999")
+    assert float(detail.split()[0]) >= 0.99 and "clues" in detail
+    name, _ = symbol(await policy.check(make_context(make_message(rng, False, 1000))))
+    assert name == "BAYES_00"
+
+
+async def test_classifier_stays_silent_until_it_has_learned_enough(
+    state: ClosableStateStore,
+) -> None:
+    policy = await trained(state, n=5)
+    name, detail = symbol(
+        await policy.check(make_context(make_message(random.Random(1), True, 77)))
+    )
+    assert name == "BAYES_UNTRAINED"
+    assert detail == "learned 5 spam, 5 ham; needs 10 and 10"
+    assert BayesPolicy.symbols["BAYES_UNTRAINED"].score == 0.0
+
+
+async def test_learning_a_message_twice_counts_it_once_and_relearning_moves_it(
+    state: ClosableStateStore,
+) -> None:
+    policy = await started(state)
+    msg = make_message(random.Random(3), True, 1)
+    assert await policy.learn([msg, msg], spam=True) == 1
+    assert await policy.learn([msg], spam=True) == 0
+    assert (await state.get_many("bayes", [TOTALS_KEY]))[TOTALS_KEY] == (1, 0)
+    assert await policy.learn([msg], spam=False) == 1
+    assert (await state.get_many("bayes", [TOTALS_KEY]))[TOTALS_KEY] == (0, 1)
+    subject = hash_token("from:domain:promo.example")
+    assert (await state.get_many("bayes", [subject]))[subject] == (0, 1)
+
+
+async def test_learning_three_thousand_messages_takes_well_under_a_minute(
+    state: ClosableStateStore,
+) -> None:
+    policy = await started(state)
+    rng = random.Random(11)
+    messages = [make_message(rng, i % 2 == 0, i) for i in range(3000)]
+    began = time.perf_counter()
+    learned = await policy.learn(messages[::2], spam=True)
+    learned += await policy.learn(messages[1::2], spam=False)
+    elapsed = time.perf_counter() - began
+    assert learned == 3000
+    assert elapsed < 20.0, f"learning 3000 messages took {elapsed:.1f}s"
+
+
+class BrokenStore:
+    """A state store that is down (Redis unreachable, disk gone)."""
+
+    async def incr_many(self, table: str, deltas: Mapping[str, tuple[int, int]]) -> None:
+        raise StateUnavailableError("redis://state.example:6379 refused the connection")
+
+    async def get_many(self, table: str, keys: list[str]) -> dict[str, tuple[int, int]]:
+        raise StateUnavailableError("redis://state.example:6379 refused the connection")
+
+    async def hit(self, key: str, window: float, now: float | None = None) -> int:
+        raise StateUnavailableError("down")
+
+
+class HangingStore(BrokenStore):
+    async def get_many(self, table: str, keys: list[str]) -> dict[str, tuple[int, int]]:
+        await asyncio.sleep(3600)
+        return {}
+
+
+async def test_unreachable_state_store_makes_the_classifier_step_aside_with_a_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = await started(BrokenStore())
+    with caplog.at_level(logging.WARNING, logger="policies.bayes"):
+        name, detail = symbol(await policy.check(make_context(SAMPLE)))
+    assert name == "BAYES_UNAVAILABLE"
+    assert "refused" in detail
+    assert BayesPolicy.symbols["BAYES_UNAVAILABLE"].score == 0.0
+    assert any(r.getMessage() == "bayes_state_unavailable" for r in caplog.records)
+    with pytest.raises(StateUnavailableError):
+        await policy.learn([SAMPLE.encode()], spam=True)
+
+
+async def test_a_state_store_that_does_not_answer_is_treated_as_unavailable() -> None:
+    policy = await started(HangingStore(), state_timeout=0.2)
+    began = time.perf_counter()
+    name, detail = symbol(await policy.check(make_context(SAMPLE)))
+    assert name == "BAYES_UNAVAILABLE" and "0.2s" in detail
+    assert time.perf_counter() - began < 2.0
+
+
+async def test_tokens_are_stored_hashed_never_as_text(tmp_path: Path) -> None:
+    import sqlite3
+
+    store = open_state(StateConfig(path=str(tmp_path / "s.sqlite")), tmp_path)
+    policy = await started(store)
+    await policy.learn([SAMPLE.encode()], spam=True)
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        keys = [k for (k,) in db.execute("SELECT key FROM counters WHERE tbl = 'bayes'")]
+    assert TOTALS_KEY in keys
+    assert all(len(k) == 16 for k in keys if k != TOTALS_KEY)
