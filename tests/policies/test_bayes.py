@@ -31,15 +31,66 @@ from policies.bayes import (
     token_probability,
 )
 
-SPAM_WORDS = (
-    "viagra mortgage winner cash offer free click guaranteed million credit refinance "
-    "unsubscribe casino pills discount limited urgent bonus lottery prize investment"
-).split()
-HAM_WORDS = (
-    "meeting patch kernel review lunch tomorrow release branch commit build agenda "
-    "minutes draft thanks regards compiler debugger benchmark changelog mailing"
-).split()
-NEUTRAL = "the and for you this that with have from your will about there".split()
+SPAM_WORDS = [
+    "viagra",
+    "mortgage",
+    "winner",
+    "cash",
+    "offer",
+    "free",
+    "click",
+    "guaranteed",
+    "million",
+    "credit",
+    "refinance",
+    "unsubscribe",
+    "casino",
+    "pills",
+    "discount",
+    "limited",
+    "urgent",
+    "bonus",
+    "lottery",
+    "prize",
+    "investment",
+]
+HAM_WORDS = [
+    "meeting",
+    "patch",
+    "kernel",
+    "review",
+    "lunch",
+    "tomorrow",
+    "release",
+    "branch",
+    "commit",
+    "build",
+    "agenda",
+    "minutes",
+    "draft",
+    "thanks",
+    "regards",
+    "compiler",
+    "debugger",
+    "benchmark",
+    "changelog",
+    "mailing",
+]
+NEUTRAL = [
+    "the",
+    "and",
+    "for",
+    "you",
+    "this",
+    "that",
+    "with",
+    "have",
+    "from",
+    "your",
+    "will",
+    "about",
+    "there",
+]
 
 
 def make_message(rng: random.Random, spam: bool, n: int) -> bytes:
