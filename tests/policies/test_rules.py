@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,6 +18,16 @@ Subject: Cheap watches here
 
 Buy a watch today from our shop.
 """
+
+
+def rule(name: str, **fields: object) -> str:
+    """A [[rule]] table; score 1 and a description unless given (None leaves a key out)."""
+    table: dict[str, object] = {"name": name, "score": 1, "description": "x", **fields}
+    lines = ["[[rule]]"]
+    for key, value in table.items():
+        if value is not None:
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def services(config_dir: Path) -> Services:
@@ -150,50 +161,48 @@ async def test_forced_action_rule_sets_the_floor_and_reason(tmp_path: Path) -> N
     [
         ("[[rule]]\nname = 'bad name'\n", "local.toml: rule bad name: name must be UPPER_SNAKE"),
         (
-            "[[rule]]\nname = 'R1'\ntype = 'body'\npattern = '(a)\\1'\nscore = 1\ndescription = 'x'\n",
+            rule("R1", type="body", pattern="(a)\\1"),
             "rule R1: pattern '(a)\\\\1' is not a valid RE2 expression",
         ),
         (
-            "[[rule]]\nname = 'R2'\ntype = 'body'\npattern = '(?<=a)b'\nscore = 1\ndescription = 'x'\n",
+            rule("R2", type="body", pattern="(?<=a)b"),
             "look-around are not supported",
         ),
-        ("[[rule]]\nname = 'R3'\ntype = 'bogus'\n", "rule R3: type must be one of header, body"),
+        (rule("R3", type="bogus"), "rule R3: type must be one of header, body"),
         (
-            "[[rule]]\nname = 'R4'\ntype = 'body'\npattern = 'x'\ndescription = 'x'\n",
+            rule("R4", type="body", pattern="x", score=None),
             "rule R4: score must be a number",
         ),
         (
-            "[[rule]]\nname = 'R5'\ntype = 'body'\npattern = 'x'\nscore = 1\n",
+            rule("R5", type="body", pattern="x", description=None),
             "rule R5: description must be a non-empty string",
         ),
         (
-            "[[rule]]\nname = 'R6'\ntype = 'meta'\nexpression = 'A &&'\nscore = 1\ndescription = 'x'\n",
+            rule("R6", type="meta", expression="A &&"),
             "rule R6: bad expression: expression ends too early",
         ),
         (
-            "[[rule]]\nname = 'R7'\ntype = 'meta'\nexpression = 'NOPE'\nscore = 1\ndescription = 'x'\n",
+            rule("R7", type="meta", expression="NOPE"),
             "rule R7: expression names NOPE, which no rule file defines",
         ),
         (
-            "[[rule]]\nname = 'M1'\ntype = 'meta'\nexpression = 'M2'\nscore = 1\ndescription = 'x'\n"
-            "[[rule]]\nname = 'M2'\ntype = 'meta'\nexpression = 'M1'\nscore = 1\ndescription = 'x'\n",
+            rule("M1", type="meta", expression="M2") + rule("M2", type="meta", expression="M1"),
             "meta rules form a cycle: M1 -> M2 -> M1",
         ),
         (
-            "[[rule]]\nname = 'R8'\ntype = 'body'\npattern = 'x'\nscore = 1\ndescription = 'x'\n"
-            "[[rule]]\nname = 'R8'\ntype = 'body'\npattern = 'y'\nscore = 1\ndescription = 'x'\n",
+            rule("R8", type="body", pattern="x") + rule("R8", type="body", pattern="y"),
             "rule R8: defined twice in this file",
         ),
         (
-            "[[rule]]\nname = 'R9'\ntype = 'body'\npattern = 'x'\nscore = 1\ndescription = 'x'\nsocre = 2\n",
+            rule("R9", type="body", pattern="x", socre=2),
             "rule R9: unknown key 'socre'",
         ),
         (
-            "[[rule]]\nname = 'R10'\ntype = 'header'\npattern = 'x'\nscore = 1\ndescription = 'x'\n",
+            rule("R10", type="header", pattern="x"),
             'rule R10: header rules need header = "Field-Name"',
         ),
         (
-            "[[rule]]\nname = 'R11'\ntype = 'body'\npattern = 'x'\nscore = 1\ndescription = 'x'\naction = 'explode'\n",
+            rule("R11", type="body", pattern="x", action="explode"),
             "rule R11: action must be one of add_header, quarantine, reject",
         ),
         ("[[rule]\nname = 'X'\n", "local.toml: not valid TOML"),
@@ -227,16 +236,16 @@ async def test_absolute_path_errors_show_at_construction_for_check_config(tmp_pa
 async def test_a_new_policy_instance_rereads_changed_files_as_a_reload_does(
     tmp_path: Path,
 ) -> None:
-    rule = "[[rule]]\nname = 'LOCAL_{n}'\ntype = 'body'\npattern = 'watch'\nscore = 1\ndescription = 'x'\n"
-    first = await started(tmp_path, rule.format(n="ONE"), builtin=False)
-    second = await started(tmp_path, rule.format(n="TWO"), builtin=False)
+    text = rule("LOCAL_{n}", type="body", pattern="watch")
+    first = await started(tmp_path, text.format(n="ONE"), builtin=False)
+    second = await started(tmp_path, text.format(n="TWO"), builtin=False)
     assert set(first.rule_symbols()) == {"LOCAL_ONE"}
     assert set(second.rule_symbols()) == {"LOCAL_TWO"}
     # A broken edit fails the new instance and leaves the running one intact.
     with pytest.raises(OptionError):
         await started(
             tmp_path,
-            "[[rule]]\nname = 'X'\ntype = 'body'\npattern = '['\nscore = 1\ndescription = 'x'\n",
+            rule("X", type="body", pattern="["),
         )
     assert {s.name for s in (await first.check(make_context(MSG))).symbols} == {"LOCAL_ONE"}
 
@@ -245,8 +254,8 @@ async def test_hostile_input_against_a_catastrophic_pattern_stays_linear(tmp_pat
     """(a+)+$ backtracks exponentially in Python's re; RE2 runs it in linear time."""
     policy = await started(
         tmp_path,
-        "[[rule]]\nname = 'EVIL'\ntype = 'body'\npattern = '(a+)+$'\nnegate = false\nscore = 1\ndescription = 'x'\n"
-        "[[rule]]\nname = 'EVIL_RAW'\ntype = 'raw'\npattern = '(x+x+)+y'\nscore = 1\ndescription = 'x'\n",
+        rule("EVIL", type="body", pattern="(a+)+$")
+        + rule("EVIL_RAW", type="raw", pattern="(x+x+)+y"),
         builtin=False,
     )
     raw = "From: a@example.net\nSubject: x\n\n" + ("a" * 200_000 + "!\n") + ("x" * 100_000)
