@@ -51,7 +51,7 @@ class Budget:
     def take(self, nbytes: int, where: str) -> None:
         self.expanded_left -= nbytes
         if self.expanded_left < 0:
-            raise ArchiveBombError(f"{where}: expands beyond the total size limit")
+            raise ArchiveBombError(f"{where}: expands beyond the expanded size limit")
         self.check_time(where)
 
     def count(self, n: int, where: str) -> None:
@@ -152,7 +152,7 @@ def _zip(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing
         listing.container = "jar"
     total = sum(i.file_size for i in infos)
     if total > budget.expanded_left:
-        raise ArchiveBombError(f"{name}: declares {total} bytes expanded, over the total limit")
+        raise ArchiveBombError(f"{name}: declares {total} bytes expanded, over the expanded size limit")
     for info in infos:
         where = f"{name} > {info.filename}"
         budget.ratio(info.file_size, info.compress_size, where)
@@ -242,7 +242,7 @@ def _sevenzip(data: bytes, name: str, budget: Budget) -> Listing:
             )
         total = sum(int(f.uncompressed or 0) for f in infos)
         if total > budget.expanded_left:
-            raise ArchiveBombError(f"{name}: declares {total} bytes expanded, over the total limit")
+            raise ArchiveBombError(f"{name}: declares {total} bytes expanded, over the expanded size limit")
         budget.ratio(total, len(data), name)
         writers: dict[str, _CappedWriter] = {}
 
