@@ -152,7 +152,10 @@ def _zip(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing
         listing.container = "jar"
     total = sum(i.file_size for i in infos)
     if total > budget.expanded_left:
-        raise ArchiveBombError(f"{name}: declares {total} bytes expanded, over the expanded size limit")
+        raise ArchiveBombError(
+            f"{name}: declares {total} bytes expanded, over the expanded size limit"
+        )
+    budget.ratio(total, len(data), name)
     for info in infos:
         where = f"{name} > {info.filename}"
         budget.ratio(info.file_size, info.compress_size, where)
@@ -242,7 +245,9 @@ def _sevenzip(data: bytes, name: str, budget: Budget) -> Listing:
             )
         total = sum(int(f.uncompressed or 0) for f in infos)
         if total > budget.expanded_left:
-            raise ArchiveBombError(f"{name}: declares {total} bytes expanded, over the expanded size limit")
+            raise ArchiveBombError(
+                f"{name}: declares {total} bytes expanded, over the expanded size limit"
+            )
         budget.ratio(total, len(data), name)
         writers: dict[str, _CappedWriter] = {}
 

@@ -255,6 +255,7 @@ class _Scan:
     options: AttachmentsOptions
     budget: Budget
     findings: list[Finding] = field(default_factory=list)
+    bombed: bool = False  # after a bomb, no further archive is opened: the budget is spent
 
     def add(self, symbol: str, detail: str) -> None:
         self.findings.append(Finding(symbol, detail))
@@ -439,6 +440,8 @@ class AttachmentsPolicy(Policy):
                 f"{where}: archives nested deeper than {opts.max_archive_depth}",
             )
             return kind
+        if st.bombed:
+            return kind
         data = full()
         if data is None:
             return kind
@@ -446,6 +449,7 @@ class AttachmentsPolicy(Policy):
             listing = open_archive(kind, data, where, st.budget, _want_full)
         except ArchiveBombError as exc:
             st.add("ATTACH_ARCHIVE_BOMB", str(exc))
+            st.bombed = True
             return kind
         if listing.container in ("ooxml", "odf"):
             if listing.macros:
@@ -479,6 +483,7 @@ class AttachmentsPolicy(Policy):
             )
         except ArchiveBombError as exc:
             st.add("ATTACH_ARCHIVE_BOMB", str(exc))
+            st.bombed = True
 
     def _result(self, findings: list[Finding]) -> Result:
         if not findings:
