@@ -234,9 +234,13 @@ class StateConfig:
 
     def __post_init__(self) -> None:
         if self.backend == "redis" and not self.url.startswith(
-            ("redis://", "rediss://", "unix://")
+            ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
         ):
-            raise OptionError("url", 'backend "redis" needs url = "redis://host:6379/0"')
+            raise OptionError(
+                "url",
+                'backend "redis" needs url = "redis://host:6379/0" (or redis+sentinel://, '
+                "redis+cluster://)",
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,14 +24,23 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 from gateway.api import StateStore, StateUnavailableError
 from gateway.config import StateConfig
 
-__all__ = ["ClosableStateStore", "LocalState", "RedisState", "open_state"]
+__all__ = [
+    "ClosableStateStore",
+    "LocalState",
+    "RedisState",
+    "SentinelTarget",
+    "open_state",
+    "parse_sentinel_url",
+]
 
 _TIMEOUT = 5.0  # seconds for any one state operation
 _CHUNK = 500  # keys per statement / pipeline: bounded work per round trip
@@ -196,20 +205,64 @@ class LocalState:
 # --- Redis ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """``redis+sentinel://[:password@]host:26379[,host:26379...]/service[/db]``."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Split a Sentinel URL; ValueError says what is wrong."""
+    rest = url.removeprefix("redis+sentinel://")
+    auth, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    sentinels = []
+    for hostport in hosts.split(","):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f'sentinel "{hostport}" must be host:port in {url!r}')
+        sentinels.append((host.strip("[]"), int(port)))
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        raise ValueError(f"the Sentinel service name is missing in {url!r}: .../mymaster/0")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(f"expected .../service[/db] in {url!r}")
+    password = unquote(auth.partition(":")[2]) if auth else None
+    return SentinelTarget(
+        tuple(sentinels), parts[0], int(parts[1]) if len(parts) == 2 else 0, password or None
+    )
+
+
+def _client(url: str) -> Any:
+    """A redis-py asyncio client: plain, Sentinel-managed master, or Cluster."""
+    import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.asyncio.sentinel
+
+    common: dict[str, Any] = {"socket_timeout": _TIMEOUT, "socket_connect_timeout": _TIMEOUT}
+    if url.startswith("redis+sentinel://"):
+        target = parse_sentinel_url(url)
+        sentinel = redis.asyncio.sentinel.Sentinel(list(target.sentinels), **common)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(target.service, db=target.db, password=target.password, **common)
+    if url.startswith("redis+cluster://"):
+        return redis.asyncio.cluster.RedisCluster.from_url(
+            "redis://" + url.removeprefix("redis+cluster://"), **common
+        )
+    return redis.asyncio.Redis.from_url(url, health_check_interval=30, **common)
+
+
 class RedisState:
     """Redis (redis.asyncio): counters shared by every gateway of a cluster."""
 
     def __init__(self, url: str, key_prefix: str = "gateway:") -> None:
-        import redis.asyncio
 
         self.url = url
         self.prefix = key_prefix
-        self._redis: Any = redis.asyncio.Redis.from_url(
-            url,
-            socket_timeout=_TIMEOUT,
-            socket_connect_timeout=_TIMEOUT,
-            health_check_interval=30,
-        )
+        self._redis: Any = _client(url)
 
     def _where(self) -> str:
         import re
@@ -219,13 +272,19 @@ class RedisState:
     def _counter_key(self, table: str, key: str) -> str:
         return f"{self.prefix}c:{table}:{key}"
 
-    async def _run(self, coro: Any) -> Any:
+    async def _run(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        """``op()`` under a deadline; building a pipeline may already connect (Cluster)."""
         import redis.exceptions
 
         try:
             async with asyncio.timeout(_TIMEOUT * 2):
-                return await coro
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+                return await op()
+        except (
+            redis.exceptions.RedisError,
+            redis.exceptions.RedisClusterException,  # not a RedisError
+            OSError,
+            TimeoutError,
+        ) as exc:
             raise StateUnavailableError(
                 f"Redis state at {self._where()} failed: {type(exc).__name__}: "
                 f"{str(exc) or 'timed out'}"
@@ -234,9 +293,10 @@ class RedisState:
     async def incr_many(self, table: str, deltas: Mapping[str, tuple[int, int]]) -> None:
         _check_table(table)
         items = list(deltas.items())
-        for i in range(0, len(items), _CHUNK):
+
+        async def batch(chunk: list[tuple[str, tuple[int, int]]]) -> Any:
             pipe = self._redis.pipeline(transaction=False)
-            for key, (a, b) in items[i : i + _CHUNK]:
+            for key, (a, b) in chunk:
                 name = self._counter_key(table, key)
                 if a:
                     pipe.hincrby(name, "a", int(a))
@@ -244,17 +304,25 @@ class RedisState:
                     pipe.hincrby(name, "b", int(b))
                 if not a and not b:
                     pipe.hsetnx(name, "a", 0)
-            await self._run(pipe.execute())
+            return await pipe.execute()
+
+        for i in range(0, len(items), _CHUNK):
+            chunk = items[i : i + _CHUNK]
+            await self._run(lambda: batch(chunk))  # noqa: B023 (awaited right here)
 
     async def get_many(self, table: str, keys: list[str]) -> dict[str, tuple[int, int]]:
         _check_table(table)
         out: dict[str, tuple[int, int]] = {}
-        for i in range(0, len(keys), _CHUNK):
-            chunk = keys[i : i + _CHUNK]
+
+        async def batch(chunk: list[str]) -> Any:
             pipe = self._redis.pipeline(transaction=False)
             for key in chunk:
                 pipe.hmget(self._counter_key(table, key), "a", "b")
-            replies = await self._run(pipe.execute())
+            return await pipe.execute()
+
+        for i in range(0, len(keys), _CHUNK):
+            chunk = keys[i : i + _CHUNK]
+            replies = await self._run(lambda: batch(chunk))  # noqa: B023 (awaited right here)
             for key, (a, b) in zip(chunk, replies, strict=True):
                 if a is not None or b is not None:
                     out[key] = (int(a or 0), int(b or 0))
@@ -266,18 +334,22 @@ class RedisState:
             raise ValueError(f"window must be > 0 seconds, got {window}")
         at = time.time() if now is None else now
         name = f"{self.prefix}h:{key}"
-        pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC: one key, one slot
-        pipe.zremrangebyscore(name, "-inf", at - window)
-        pipe.zadd(name, {f"{at:.6f}:{secrets.token_hex(4)}": at})
-        pipe.zcount(name, f"({at - window}", "+inf")
-        pipe.pexpire(name, max(1, int(window * 1000) + 1000))
-        replies = await self._run(pipe.execute())
+
+        async def op() -> Any:
+            pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC: one key, one slot
+            pipe.zremrangebyscore(name, "-inf", at - window)
+            pipe.zadd(name, {f"{at:.6f}:{secrets.token_hex(4)}": at})
+            pipe.zcount(name, f"({at - window}", "+inf")
+            pipe.pexpire(name, max(1, int(window * 1000) + 1000))
+            return await pipe.execute()
+
+        replies = await self._run(op)
         return int(replies[2])
 
     async def ping(self) -> bool:
         """Readiness: Redis answers."""
         try:
-            return bool(await self._run(self._redis.ping()))
+            return bool(await self._run(self._redis.ping))
         except StateUnavailableError:
             return False
 

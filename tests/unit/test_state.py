@@ -21,7 +21,13 @@ import redis.asyncio
 
 from gateway.api import StateUnavailableError
 from gateway.config import StateConfig
-from gateway.state import ClosableStateStore, LocalState, RedisState, open_state
+from gateway.state import (
+    ClosableStateStore,
+    LocalState,
+    RedisState,
+    open_state,
+    parse_sentinel_url,
+)
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -171,3 +177,25 @@ async def test_unopenable_local_state_raises_state_unavailable(tmp_path: Path) -
     with pytest.raises(StateUnavailableError, match="local state"):
         await s.incr_many("t", {"k": (1, 1)})
     await s.close()
+
+
+def test_sentinel_urls_name_the_sentinels_service_db_and_password() -> None:
+    target = parse_sentinel_url("redis+sentinel://:p%40ss@s1:26379,[::1]:26380/mymaster/2")
+    assert target.sentinels == (("s1", 26379), ("::1", 26380))
+    assert (target.service, target.db, target.password) == ("mymaster", 2, "p@ss")
+    assert parse_sentinel_url("redis+sentinel://s1:26379/mymaster").db == 0
+    with pytest.raises(ValueError, match="service name"):
+        parse_sentinel_url("redis+sentinel://s1:26379")
+    with pytest.raises(ValueError, match="host:port"):
+        parse_sentinel_url("redis+sentinel://s1/mymaster")
+
+
+async def test_unreachable_sentinel_or_cluster_raises_state_unavailable() -> None:
+    for url in ("redis+sentinel://127.0.0.1:1/mymaster/0", "redis+cluster://127.0.0.1:1"):
+        with pytest.raises(ValueError):
+            StateConfig(backend="redis", url="http://x")
+        StateConfig(backend="redis", url=url)  # accepted by the config
+        store = RedisState(url, "gwtest:")
+        with pytest.raises(StateUnavailableError):
+            await store.hit("k", 10)
+        await store.close()
