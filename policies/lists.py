@@ -13,8 +13,8 @@ From domain (read from the dmarc policy when it is enabled; without it such
 entries never match, and ``authenticated = false`` is the explicit choice to
 trust unauthenticated senders). Client IP entries need no authentication.
 
-An allowlisted, authenticated sender gets a large negative score (-20 by
-default in config.example.toml) so that heuristics alone never reject it;
+An allowlisted, authenticated sender gets a large negative score
+(:data:`RECOMMENDED_ALLOW_SCORE`, -100) so that heuristics never reject it;
 forced actions of other policies (GTUBE, a blocked attachment, DMARC
 p=reject) still apply.
 """
@@ -40,7 +40,18 @@ from gateway.api import (
 )
 from policies._mail import from_address
 
-__all__ = ["ListEntries", "ListSpec", "ListsOptions", "ListsPolicy", "parse_list"]
+__all__ = [
+    "RECOMMENDED_ALLOW_SCORE",
+    "ListEntries",
+    "ListSpec",
+    "ListsOptions",
+    "ListsPolicy",
+    "parse_list",
+]
+
+# SpamAssassin's USER_IN_WHITELIST weight: more than every shipped content heuristic
+# together (tests/policies/test_heuristics.py checks), so they never reject such mail.
+RECOMMENDED_ALLOW_SCORE = -100.0
 
 _SYMBOL = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _DOMAIN = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9-]{1,63}$")
