@@ -313,16 +313,20 @@ class SPFPolicy(Policy):
         reason = ""
         for o in outcomes:
             prefix = "SPF_" if o.identity == "mailfrom" else "SPF_HELO_"
-            what = o.domain or "(none)"
+            what = printable(o.domain, 100) or "(none)"
             detail = printable(f"{what}: {o.detail}" if o.detail else what)
             symbols.append(Symbol(prefix + o.result.upper(), detail=detail))
             if o.identity == "mailfrom":
                 null_sender = ctx.mail_from.strip("<> ") == ""
-                value = f"postmaster@{o.domain}" if null_sender and o.domain else o.domain
+                if null_sender:
+                    value = f"postmaster@{what}" if o.domain else "<>"
+                else:
+                    # RFC 8601 §2.7.2: the domain; the address as given when it has none.
+                    value = what if o.domain else printable(ctx.mail_from, 100) or "<>"
                 auth.append(AuthResult("spf", o.result, properties=(("smtp.mailfrom", value),)))
                 if o.result == "temperror" and self.options.tempfail_on_temperror:
                     force = Action.TEMPFAIL
-                    reason = f"SPF check for {printable(what, 100)} failed temporarily (DNS)"
-            else:
-                auth.append(AuthResult("spf", o.result, properties=(("smtp.helo", o.domain),)))
+                    reason = f"SPF check for {what} failed temporarily (DNS)"
+            elif o.domain:  # no HELO name at all (scan without --helo): nothing to report
+                auth.append(AuthResult("spf", o.result, properties=(("smtp.helo", what),)))
         return Result(symbols=tuple(symbols), force=force, reason=reason, auth=tuple(auth))

@@ -265,3 +265,27 @@ def test_option_errors_name_the_key() -> None:
         SPFOptions(check_timeout=0)
     with pytest.raises(OptionError, match="max_workers"):
         SPFOptions(max_workers=0)
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "helo"),
+    [
+        ("a@", ""),
+        ("", ""),
+        ("", "[192.0.2.1]"),
+        ("x y@exa mple.com", "bad helo"),
+        ("é@ü.example", "ü"),
+    ],
+)
+async def test_odd_envelopes_give_renderable_auth_results(
+    resolver: CachingResolver, mail_from: str, helo: str
+) -> None:
+    """No empty or non-ASCII property values: the Authentication-Results field must render."""
+    from gateway.verdict import authentication_results
+
+    symbols, auth, _ = await run(resolver, ip="192.0.2.10", mail_from=mail_from, helo=helo)
+    assert any(s.startswith("SPF_") and not s.startswith("SPF_HELO_") for s in symbols)
+    text = authentication_results("mx.example.org", auth)
+    assert text.startswith("mx.example.org; spf=")
+    assert text.isascii()
+    assert all(v for a in auth for _, v in a.properties)
