@@ -517,25 +517,29 @@ async def start(config_path: Path | str, *, setup_logging: bool = False) -> Runn
 
 async def serve(config_path: Path) -> int:
     """The body of ``python -m gateway run``: serve until SIGTERM/SIGINT, then drain; exit code."""
-    try:
-        running = await start(config_path, setup_logging=True)
-    except StartupError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return exc.exit_code
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
+    running: RunningGateway | None = None
 
     def on_hup() -> None:
+        if running is None:
+            return  # still starting: the config being loaded is the newest anyway
         task = loop.create_task(running.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    # Handlers go in before "gateway_started" is logged: a supervisor may signal right after.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
+        try:
+            running = await start(config_path, setup_logging=True)
+        except StartupError as exc:
+            for line in exc.problems:
+                print(line, file=sys.stderr)
+            return exc.exit_code
         await stop.wait()
         log.info("gateway_stopping", extra={"sessions": len(running.gateway.sessions)})
         await running.stop()
