@@ -974,3 +974,19 @@ async def test_refused_recipient_resets_before_anything_else(closing: list[Relay
         *("MAIL", "RCPT", "RCPT", "RSET"),  # no DATA after a partial refusal
         *("MAIL", "RCPT", "RSET"),  # verify_recipient
     ]
+
+
+async def test_opportunistic_remembers_a_failed_handshake_for_new_connections(
+    tls_ctx: ssl.SSLContext, closing: list[Relay]
+) -> None:
+    """One failed handshake, then plain connections: no failing handshake per message."""
+    async with Downstream(tls=tls_ctx) as d:
+        relay = relay_for(d.port, tls="opportunistic", tls_verify=True)
+        closing.append(relay)
+        await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+        assert d.connections == 2  # the failed TLS attempt, then plain
+        d.drop_sessions()
+        await asyncio.sleep(0.05)
+        await relay.send("a@example.com", ["b@example.org"], MESSAGE)
+        assert d.connections == 3
+        assert [m.tls for m in d.handler.messages] == [False, False]
