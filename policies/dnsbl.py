@@ -1,7 +1,7 @@
 """DNS blocklists: the client IP against IP lists, sender and URL domains against domain lists.
 
 Every lookup of a message runs concurrently through ``ctx.resolver`` under one
-deadline (``timeout``). Answers map to symbols by return code (Spamhaus ZEN's
+deadline (``lookup_timeout``). Answers map to symbols by return code (Spamhaus ZEN's
 127.0.0.2/3/4/9/10/11 ...) or by bit (SURBL/URIBL ``multi`` zones). Answers in
 127.255.255.0/24 are Spamhaus's "your resolver is blocked / over quota" error
 codes: they are not listings, so they become ``DNSBL_BLOCKED_RESOLVER`` (score
@@ -180,14 +180,16 @@ def _dbl() -> Zone:
 @dataclass(frozen=True, slots=True)
 class DNSBLOptions:
     zones: tuple[Zone, ...] = field(default_factory=lambda: (_zen(), _dbl()))
-    timeout: float = 2.0  # seconds for all lookups of one message together
+    lookup_timeout: float = 2.0  # seconds for all lookups of one message together
     max_domains: int = 20  # sender, From and URL domains looked up per message
     check_urls: bool = True  # look up URL domains (URIBL style) in domain zones
     check_senders: bool = True  # look up the MAIL FROM and From domains in domain zones
 
     def __post_init__(self) -> None:
-        if self.timeout <= 0:
-            raise OptionError("timeout", f"must be a number of seconds > 0, got {self.timeout}")
+        if self.lookup_timeout <= 0:
+            raise OptionError(
+                "lookup_timeout", f"must be a number of seconds > 0, got {self.lookup_timeout}"
+            )
         if self.max_domains < 0:
             raise OptionError("max_domains", f"must be 0 or more, got {self.max_domains}")
 
@@ -257,7 +259,7 @@ class DNSBLPolicy(Policy):
         if not lookups:
             return Result()
         tasks = [asyncio.ensure_future(ctx.resolver.query(q, "A")) for _, q, _ in lookups]
-        done, pending = await asyncio.wait(tasks, timeout=self.options.timeout)
+        done, pending = await asyncio.wait(tasks, timeout=self.options.lookup_timeout)
         for t in pending:
             t.cancel()
         hits: dict[str, str] = {}

@@ -140,7 +140,7 @@ async def test_a_silent_blocklist_is_a_zero_score_tempfail_within_the_deadline(
     dns: DNSServer,
 ) -> None:
     started = time.monotonic()
-    got = await run(dns, "45.33.113.14", raw=CLEAN, mail_from="a@example.org", timeout=0.3)
+    got = await run(dns, "45.33.113.14", raw=CLEAN, mail_from="a@example.org", lookup_timeout=0.3)
     assert time.monotonic() - started < 0.9
     assert set(got) == {"DNSBL_TEMPFAIL"}
     assert DNSBLPolicy(options()).symbols["DNSBL_TEMPFAIL"].score == 0.0
@@ -152,7 +152,7 @@ async def test_all_lookups_of_a_message_run_concurrently(dns: DNSServer) -> None
         dns.drop.add(f"slow{i}.com.{DBL}")
     raw = "From: a@example.org\n\n" + " ".join(f"http://slow{i}.com/x" for i in range(20, 26))
     resolver = CachingResolver(DNSConfig(nameservers=(dns.address,), timeout=0.4))
-    policy = DNSBLPolicy(DNSBLOptions(timeout=2.0))
+    policy = DNSBLPolicy(DNSBLOptions(lookup_timeout=2.0))
     started = time.monotonic()
     result = await policy.check(make_context(raw, resolver=resolver, client_ip="10.0.0.1"))
     assert time.monotonic() - started < 1.5
