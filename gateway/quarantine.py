@@ -243,12 +243,19 @@ class LocalQuarantine:
         self.orphans = path / "orphans"
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # one thread at a time on the connection
+        self._open_lock = threading.Lock()
 
     # All _sync methods run in a worker thread (asyncio.to_thread).
 
     def _open_sync(self) -> sqlite3.Connection:
         if self._db is not None:
             return self._db
+        with self._open_lock:  # the first puts may arrive together
+            if self._db is None:
+                self._db = self._connect()
+            return self._db
+
+    def _connect(self) -> sqlite3.Connection:
         self.messages.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(
             self.path / "index.sqlite", timeout=10.0, isolation_level=None, check_same_thread=False
@@ -262,7 +269,6 @@ class LocalQuarantine:
         except BaseException:
             db.close()
             raise
-        self._db = db
         return db
 
     def _repair(self, db: sqlite3.Connection) -> None:

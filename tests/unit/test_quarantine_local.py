@@ -302,3 +302,14 @@ def test_new_quarantine_item_puts_the_reason_first_then_symbol_scores() -> None:
     assert it.size == 1234 and it.score == 12.0 and it.action == "quarantine"
     assert it.headers == ("X-Spam-Flag: YES",)
     assert it.queue_id == "QX" and it.received_at.tzinfo is not None
+
+
+async def test_many_concurrent_puts_on_a_fresh_store_all_land(tmp_path: Path) -> None:
+    store = LocalQuarantine(tmp_path)
+    items = [item(rcpts=(f"r{i}@example.org",)) for i in range(30)]
+    await asyncio.gather(*(store.put(it, RAW + b"%d" % i) for i, it in enumerate(items)))
+    assert await store.count() == 30
+    for i, it in enumerate(items):
+        got = await store.get(it.id)
+        assert got is not None and got[1] == RAW + b"%d" % i
+    await store.close()
