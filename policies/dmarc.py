@@ -370,6 +370,7 @@ class DMARCOptions:
     trusted_arc_sealers: tuple[str, ...] = ()  # ARC sealers whose valid chain may override
     arc: bool = True  # validate ARC chains and report arc= (RFC 8617)
     tempfail_on_temperror: bool = False  # 451 when DMARC cannot be decided (DNS)
+    max_author_domains: int = 10  # distinct From domains evaluated (DNS cost bound)
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default=(), init=False, repr=False
     )
@@ -388,6 +389,10 @@ class DMARCOptions:
             for i, d in enumerate(getattr(self, key)):
                 if not valid_domain(d.lower(), multi_label=False):
                     raise OptionError(f"{key}[{i}]", f'must be a domain name, got "{d}"')
+        if not 1 <= self.max_author_domains <= 100:
+            raise OptionError(
+                "max_author_domains", f"must be 1..100, got {self.max_author_domains}"
+            )
         object.__setattr__(self, "networks", tuple(nets))
 
 
@@ -411,6 +416,9 @@ class DMARCPolicy(Policy):
         "DMARC_NO_FROM": SymbolDef(1.0, "DMARC: no usable From address, DMARC does not apply"),
         "DMARC_MULTIPLE_FROM": SymbolDef(
             1.0, "DMARC: several From fields or author domains; each was evaluated"
+        ),
+        "DMARC_TOO_MANY_FROM": SymbolDef(
+            3.0, "DMARC: more From domains than max_author_domains; the rest were not evaluated"
         ),
         "DMARC_MONITOR": SymbolDef(0.0, "DMARC: failure not enforced (operator: monitor only)"),
         "DMARC_ALLOWLISTED": SymbolDef(
@@ -457,6 +465,15 @@ class DMARCPolicy(Policy):
                 )
             )
 
+        limit = self.options.max_author_domains
+        if len(domains) > limit:
+            symbols.append(
+                Symbol(
+                    "DMARC_TOO_MANY_FROM",
+                    detail=f"{len(domains)} author domains, the first {limit} evaluated",
+                )
+            )
+            domains = domains[:limit]
         walk = TreeWalk(ctx.resolver)
         ids = _identifiers(ctx)
         evaluations = [await evaluate_domain(walk, ctx.resolver, d, ids) for d in domains]
