@@ -16,6 +16,7 @@ from gateway.__main__ import _auth_json
 from gateway.api import AuthResult
 from gateway.config import QuarantineConfig
 from gateway.quarantine import QuarantineItem, new_id, open_quarantine
+from gateway.testing.dnsserver import DNSServer
 from gateway.testing.sink import SinkServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -376,3 +377,32 @@ def test_learn_reads_files_directories_and_mbox_and_skips_known_messages(tmp_pat
     assert b"learned 0 of 3 messages as spam" in again.stdout
     missing = gateway("learn", "ham", "--config", str(path), str(tmp_path / "nope"))
     assert missing.returncode == 1 and b"no such file" in missing.stderr
+
+
+def test_scan_json_auth_comes_from_the_spf_and_dmarc_policies_over_real_dns(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("policies.spf")
+    pytest.importorskip("policies.dmarc")
+    zone = {
+        "b.test": [("TXT", "v=spf1 ip4:192.0.2.1 -all")],
+        "_dmarc.b.test": [("TXT", "v=DMARC1; p=reject")],
+        "mx.b.test": [("A", "192.0.2.1")],
+    }
+    with DNSServer(zone, zones=["test"]) as dns_server:
+        path = write_config(tmp_path, "[policies.spf]\n[policies.dkim]\n[policies.dmarc]\n")
+        text = path.read_text().replace('"127.0.0.1:1"', f'"{dns_server.address}"')
+        path.write_text(text.replace("timeout = 0.5", "timeout = 3.0"))
+        args = ["scan", "--config", str(path), "--json", "--helo", "mx.b.test"]
+        good = gateway(*args, "--ip", "192.0.2.1", "--mail-from", "a@b.test", "-", stdin=HAM)
+        bad = gateway(*args, "--ip", "198.51.100.9", "--mail-from", "a@b.test", "-", stdin=HAM)
+    assert good.returncode == 0, good.stderr
+    auth = json.loads(good.stdout)["auth"]
+    assert auth["spf"] == "pass"
+    assert auth["spf_helo"] in ("none", "neutral")  # mx.b.test publishes no SPF record
+    assert auth["dkim"] == []
+    assert auth["dmarc"] == {"result": "pass", "policy": "reject", "domain": "b.test"}
+    doc = json.loads(bad.stdout)
+    assert doc["auth"]["spf"] == "fail"
+    assert doc["auth"]["dmarc"]["result"] == "fail"
+    assert doc["action"] == "reject" and doc["smtp_reply"].startswith("550 5.7.")
