@@ -1,0 +1,52 @@
+"""`make demo` works: the sample messages get the verdicts the README promises.
+
+Runs deploy/demo/run.py --once (what `make demo` runs, minus waiting for
+Ctrl-C) on free ports with its own work directory.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.testing.postfix import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_shows_relay_reject_quarantine_and_relay_denied(tmp_path: Path) -> None:
+    ports = [str(free_port()) for _ in range(3)]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "deploy/demo/run.py"),
+            "--once",
+            "--smtp-port",
+            ports[0],
+            "--metrics-port",
+            ports[1],
+            "--sink-port",
+            ports[2],
+            "--var",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    # [1] clean: relayed, with the gateway's verdict headers.
+    assert "DATA -> 250" in out and "X-Spam-Status: No, score=" in out
+    assert "Authentication-Results: mx.demo.example; spf=pass" in out
+    # [2] GTUBE, [3] DMARC p=reject, [4] .exe: rejected with reasons a sender can act on.
+    assert "DATA -> 550 5.7.1 Message rejected: spam score" in out and "GTUBE" in out
+    assert "DMARC policy of bank.example is reject" in out
+    assert "invoice-4711.pdf.exe" in out
+    # [5] encrypted archive: 250 to the sender, held in quarantine, listed.
+    assert "held in quarantine" in out and "<carol@sender.example> -> bob@example.org" in out
+    # [6] never an open relay.
+    assert "550 5.7.1 Relaying denied" in out
