@@ -501,7 +501,8 @@ class DMARCPolicy(Policy):
             return [Symbol("DMARC_PERMERROR", detail=f"{d}: {ev.detail}")], None, ""
         if ev.result == "temperror":
             sym = [Symbol("DMARC_TEMPERROR", detail=f"{d}: {ev.detail}")]
-            if self.options.tempfail_on_temperror and ev.policy not in (None, Disposition.NONE):
+            # Policy unknown (the lookup failed) or known to ask for action: retry later.
+            if self.options.tempfail_on_temperror and ev.policy is not Disposition.NONE:
                 return sym, Action.TEMPFAIL, f"DMARC check for {d} failed temporarily (DNS)"
             return sym, None, ""
         assert ev.policy is not None

@@ -409,6 +409,9 @@ async def test_tempfail_on_temperror_is_an_option(resolver: CachingResolver) -> 
         tempfail_on_temperror=True,
     )
     assert result.force is Action.TEMPFAIL
+    lookup_failed = await run(resolver, "a@sf.example", (), tempfail_on_temperror=True)
+    assert lookup_failed.force is Action.TEMPFAIL
+    assert "sf.example" in lookup_failed.reason
 
 
 # -- ARC ---------------------------------------------------------------------
