@@ -268,21 +268,36 @@ class SessionLimits:
         self.total = 0
         self.per_ip: collections.Counter[str] = collections.Counter()
 
+    @staticmethod
+    def key(ip: str) -> str:
+        """IPv6 clients count per /64: one host usually holds the whole prefix."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if isinstance(addr, ipaddress.IPv6Address):
+            if addr.ipv4_mapped is not None:
+                return str(addr.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+        return str(addr)
+
     def acquire(self, ip: str, max_total: int, max_per_ip: int) -> str | None:
         """None when admitted (and counted), else the refusal reason (a metric label)."""
+        key = self.key(ip)
         if self.total >= max_total:
             return "max_sessions"
-        if self.per_ip[ip] >= max_per_ip:
+        if self.per_ip[key] >= max_per_ip:
             return "max_sessions_per_ip"
         self.total += 1
-        self.per_ip[ip] += 1
+        self.per_ip[key] += 1
         return None
 
     def release(self, ip: str) -> None:
+        key = self.key(ip)
         self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
+        self.per_ip[key] -= 1
+        if self.per_ip[key] <= 0:
+            del self.per_ip[key]
 
 
 # --- the session --------------------------------------------------------------
@@ -522,6 +537,12 @@ class GatewaySMTP(SMTP):
         self._count_reply(250)
         await SMTP.push(self, text)
 
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push("502 5.5.1 AUTH not supported on this service")
 
@@ -599,6 +620,10 @@ class GatewaySMTP(SMTP):
             self._reset_timeout(server.command_timeout + server.data_timeout)
             if too_big:
                 metrics.MESSAGE_SIZE.observe(server.max_message_size)
+                log.info(
+                    "message_refused_size",
+                    extra={"client_ip": self.client_ip, "limit": server.max_message_size},
+                )
                 await self.push(str(replies.MESSAGE_TOO_BIG))
                 return
             if _SMUGGLE.search(raw):

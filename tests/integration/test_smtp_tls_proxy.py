@@ -46,6 +46,7 @@ def test_starttls_is_offered_and_the_received_field_records_it(
         version = client.sock.version()  # type: ignore[union-attr]
         client.ehlo("client.sender.test")
         assert not client.has_extn("starttls")  # not twice
+        assert client.docmd("STARTTLS")[0] == 503
         client.sendmail("a@sender.test", ["x@example.org"], MSG)
     (got,) = sink.wait_for(1)
     received = got.data.split(b"\r\n\t")
@@ -242,3 +243,22 @@ def test_slow_data_is_bounded_by_the_data_timeout(
                 time.sleep(0.1)
         assert time.monotonic() - started < 4
     assert sink.messages == []
+
+
+def test_ipv6_clients_are_limited_per_64_prefix(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    """Addresses of one /64 share the per-IP quota; another prefix does not."""
+    gw = make_gateway(sink, {"server.max_sessions_per_ip": 1, "server.proxy_protocol": True})
+    first = socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5)
+    try:
+        first.sendall(proxy_v2("2001:db8:1:2::1", "2001:db8::25", 1, 25))
+        assert first.recv(4096).startswith(b"220 ")
+        with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as same:
+            same.sendall(proxy_v2("2001:db8:1:2:ffff::9", "2001:db8::25", 2, 25))
+            assert same.recv(4096).startswith(b"421 4.7.0")
+        with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as other:
+            other.sendall(proxy_v2("2001:db8:1:3::1", "2001:db8::25", 3, 25))
+            assert other.recv(4096).startswith(b"220 ")
+    finally:
+        first.close()
