@@ -18,11 +18,11 @@ import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies._filetypes import HEAD_BYTES, Kind, sniff
+from policies._filetypes import HEAD_BYTES, ISO_HEAD_BYTES, SHORT_HEAD_BYTES, Kind, sniff
 
 __all__ = ["ArchiveBombError", "Budget", "Listing", "Member", "ole_info", "open_archive"]
 
@@ -78,11 +78,13 @@ class Member:
     data: bytes  # prefix, whole, or b"" when unreadable
     complete: bool
     encrypted: bool = False
+    unreadable: str = ""  # why the content could not be read (the name is still judged)
 
 
 @dataclass(slots=True)
 class Listing:
-    members: list[Member] = field(default_factory=list)
+    # Zip members are produced one at a time: only one member's bytes live at once.
+    members: Iterable[Member] = field(default_factory=list)
     encrypted: bool = False  # members or headers need a password
     problem: str = ""  # corrupt or unreadable, in words
     container: str = ""  # "ooxml", "odf", "jar" for zip-based formats
@@ -159,17 +161,34 @@ def _zip(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing
     for info in infos:
         where = f"{name} > {info.filename}"
         budget.ratio(info.file_size, info.compress_size, where)
+    # APPNOTE 4.4.4 bit 0: encrypted (ZipCrypto or AES)
+    listing.encrypted = any(i.flag_bits & 0x1 for i in infos if not i.is_dir())
+    listing.members = _zip_members(zf, infos, name, budget, want_full)
+    return listing
+
+
+def _zip_members(
+    zf: zipfile.ZipFile,
+    infos: list[zipfile.ZipInfo],
+    name: str,
+    budget: Budget,
+    want_full: WantFull,
+) -> Iterator[Member]:
     for info in infos:
         if info.is_dir():
             continue
-        if info.flag_bits & 0x1:  # APPNOTE 4.4.4 bit 0: encrypted (ZipCrypto or AES)
-            listing.encrypted = True
-            listing.members.append(Member(info.filename, info.file_size, b"", False, True))
+        if info.flag_bits & 0x1:
+            yield Member(info.filename, info.file_size, b"", False, True)
             continue
-        listing.members.append(
-            _zip_member(zf, info, f"{name} > {info.filename}", budget, want_full)
-        )
-    return listing
+        yield _zip_member(zf, info, f"{name} > {info.filename}", budget, want_full)
+
+
+def _read_head(fh: Any, size: int) -> bytes:
+    """The first bytes for sniffing; more only when a disk-image descriptor could be there."""
+    head: bytes = fh.read(SHORT_HEAD_BYTES)
+    if len(head) == SHORT_HEAD_BYTES and size > len(head) and sniff(head).kind is Kind.UNKNOWN:
+        head += fh.read(ISO_HEAD_BYTES - len(head))
+    return head
 
 
 def _zip_member(
@@ -177,17 +196,25 @@ def _zip_member(
 ) -> Member:
     try:
         with zf.open(info) as fh:
-            head = fh.read(HEAD_BYTES)
+            head = _read_head(fh, info.file_size)
             budget.take(len(head), where)
-            if len(head) < HEAD_BYTES or not want_full(info.filename, head):
-                return Member(info.filename, info.file_size, head, len(head) < HEAD_BYTES)
+            complete = len(head) >= info.file_size
+            if complete or not want_full(info.filename, head):
+                return Member(info.filename, info.file_size, head, complete)
             rest = fh.read(max(0, budget.expanded_left) + 1)
             budget.take(len(rest), where)
             return Member(info.filename, info.file_size, head + rest, True)
     except ArchiveBombError:
         raise
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, ValueError, OSError, EOFError):
-        return Member(info.filename, info.file_size, b"", False)
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        NotImplementedError,
+        ValueError,
+        OSError,
+        EOFError,
+    ) as exc:
+        return Member(info.filename, info.file_size, b"", False, unreadable=type(exc).__name__)
 
 
 class _CappedWriter:
@@ -273,7 +300,8 @@ def _sevenzip(data: bytes, name: str, budget: Budget) -> Listing:
 
 
 def _tar(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing:
-    listing = Listing()
+    members: list[Member] = []
+    listing = Listing(members)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
             for ti in tf:
@@ -281,10 +309,10 @@ def _tar(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing
                 if not ti.isfile():
                     continue
                 fh = tf.extractfile(ti)
-                content = fh.read(HEAD_BYTES) if fh else b""
-                if fh and len(content) == HEAD_BYTES and want_full(ti.name, content):
+                content = _read_head(fh, ti.size) if fh else b""
+                if fh and len(content) < ti.size and want_full(ti.name, content):
                     content += fh.read()  # already in memory: ``data`` is the bounded tar
-                listing.members.append(Member(ti.name, ti.size, content, len(content) >= ti.size))
+                members.append(Member(ti.name, ti.size, content, len(content) >= ti.size))
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         listing.problem = f"corrupt tar ({type(exc).__name__})"
     return listing
@@ -362,7 +390,8 @@ def _rar(data: bytes, name: str, budget: Budget) -> Listing:
         return Listing(encrypted=True, problem="rar with encrypted headers: names hidden")
     except (rarfile.Error, OSError, EOFError, ValueError) as exc:
         return Listing(problem=f"corrupt rar ({type(exc).__name__})")
-    listing = Listing()
+    members: list[Member] = []
+    listing = Listing(members)
     with rf:
         try:
             if rf.needs_password() and not rf.infolist():
@@ -375,7 +404,7 @@ def _rar(data: bytes, name: str, budget: Budget) -> Listing:
             fname = str(info.filename)
             if info.needs_password():
                 listing.encrypted = True
-                listing.members.append(Member(fname, int(info.file_size or 0), b"", False, True))
+                members.append(Member(fname, int(info.file_size or 0), b"", False, True))
                 continue
             content = b""
             if (
@@ -384,11 +413,11 @@ def _rar(data: bytes, name: str, budget: Budget) -> Listing:
             ):
                 try:
                     with rf.open(info) as fh:
-                        content = fh.read(HEAD_BYTES)
+                        content = _read_head(fh, int(info.file_size or 0))
                     budget.take(len(content), f"{name} > {fname}")
                 except (rarfile.Error, OSError, ValueError):
                     content = b""
-            listing.members.append(Member(fname, int(info.file_size or 0), content, False))
+            members.append(Member(fname, int(info.file_size or 0), content, False))
     return listing
 
 
@@ -399,7 +428,8 @@ def _cab(data: bytes, name: str, budget: Budget) -> Listing:
     (coff_files,) = struct.unpack_from("<I", data, 16)
     (c_files,) = struct.unpack_from("<H", data, 28)
     budget.count(c_files, name)
-    listing = Listing()
+    members: list[Member] = []
+    listing = Listing(members)
     at = coff_files
     for _ in range(c_files):
         if at + 16 > len(data):
@@ -411,7 +441,7 @@ def _cab(data: bytes, name: str, budget: Budget) -> Listing:
             listing.problem = "corrupt cabinet file name"
             break
         fname = data[at + 16 : end].decode("latin-1")
-        listing.members.append(Member(fname, size, b"", False))
+        members.append(Member(fname, size, b"", False))
         at = end + 1
     return listing
 

@@ -18,6 +18,7 @@ import unicodedata
 from dataclasses import dataclass
 
 __all__ = [
+    "KNOWN_MIMES",
     "FileType",
     "Kind",
     "NameInfo",
@@ -28,6 +29,9 @@ __all__ = [
 
 # Enough for every signature below: ISO 9660 / UDF descriptors at 0x8001..0x9005.
 HEAD_BYTES = 64 * 1024
+# Enough for every signature except the disk-image descriptors (read on demand).
+SHORT_HEAD_BYTES = 4096
+ISO_HEAD_BYTES = 0x9006
 TAIL_BYTES = 512
 
 
@@ -101,6 +105,9 @@ _MIME = {
 }
 
 
+KNOWN_MIMES = frozenset(_MIME.values())
+
+
 @dataclass(frozen=True, slots=True)
 class FileType:
     kind: Kind
@@ -172,7 +179,7 @@ def _sniff(head: bytes, tail: bytes) -> Kind:
         return Kind.SEVENZ
     if head[:7] == b"Rar!\x1a\x07\x00" or head[:8] == b"Rar!\x1a\x07\x01\x00":
         return Kind.RAR
-    if head[:2] == b"\x1f\x8b":
+    if head[:3] == b"\x1f\x8b\x08":  # RFC 1952 §2.3.1: ID1 ID2, CM 8 (deflate)
         return Kind.GZIP
     if head[:3] == b"BZh" and head[3:4].isdigit():
         return Kind.BZIP2

@@ -32,9 +32,9 @@ from policies._archives import (
     open_archive,
 )
 from policies._filetypes import (
-    _MIME,
     ARCHIVE_KINDS,
     HEAD_BYTES,
+    KNOWN_MIMES,
     TAIL_BYTES,
     FileType,
     Kind,
@@ -96,8 +96,6 @@ _HONEST_EXT: dict[Kind, frozenset[str]] = {
     Kind.FAT_IMG: frozenset({"img", "ima", "vfd", "flp", "dsk", "bin"}),
 }  # fmt: skip
 
-_KNOWN_MIMES = frozenset(_MIME.values())
-
 
 class Group(enum.Enum):
     """Rule groups whose consequence is an option (``action_<group>``)."""
@@ -148,6 +146,10 @@ SYMBOLS: dict[str, tuple[SymbolDef, Group]] = {
         Group.SIZE,
     ),
     "ATTACH_TOO_MANY": (SymbolDef(3.0, "more attachments than max_attachments"), Group.SIZE),
+    "ATTACH_ARCHIVE_UNREADABLE": (
+        SymbolDef(4.0, "archive or member that cannot be opened (corrupt or unsupported)"),
+        Group.UNINSPECTABLE,
+    ),
     "ATTACH_MALFORMED": (
         SymbolDef(2.0, "broken MIME structure, transfer encoding or archive"),
         Group.SCORE,
@@ -246,6 +248,11 @@ class AttachmentsOptions:
 class Finding:
     symbol: str
     detail: str  # "<where>: <what>", also the sender-facing reason
+    about_file: bool = True  # False for message-wide findings (count, total size, structure)
+
+    @property
+    def reason(self) -> str:
+        return f"attachment {self.detail}" if self.about_file else self.detail
 
 
 @dataclass(slots=True)
@@ -257,8 +264,8 @@ class _Scan:
     findings: list[Finding] = field(default_factory=list)
     bombed: bool = False  # after a bomb, no further archive is opened: the budget is spent
 
-    def add(self, symbol: str, detail: str) -> None:
-        self.findings.append(Finding(symbol, detail))
+    def add(self, symbol: str, detail: str, *, about_file: bool = True) -> None:
+        self.findings.append(Finding(symbol, detail, about_file))
 
 
 def display(name: str, limit: int = 120) -> str:
@@ -281,7 +288,7 @@ class AttachmentsPolicy(Policy):
         self._walk: Callable[[Context], MimeWalk] = lambda ctx: walk_message(
             ctx.message, ctx.raw, max_depth=options.max_mime_depth, max_parts=options.max_parts
         )
-        self._puremagic = any(t.lower() not in _KNOWN_MIMES for t in options.blocked_types)
+        self._puremagic = any(t.lower() not in KNOWN_MIMES for t in options.blocked_types)
 
     async def check(self, ctx: Context) -> Result:
         walk = ctx.memo(self._walk)
@@ -306,11 +313,11 @@ class AttachmentsPolicy(Policy):
         )
         st = _Scan(opts, budget)
         if walk.unparsed:
-            st.add("ATTACH_MIME_LIMIT", "message could not be parsed as MIME")
+            st.add("ATTACH_MIME_LIMIT", "message could not be parsed as MIME", about_file=False)
         if walk.limit:
-            st.add("ATTACH_MIME_LIMIT", walk.limit)
+            st.add("ATTACH_MIME_LIMIT", walk.limit, about_file=False)
         for where, defect in walk.defects:
-            st.add("ATTACH_MALFORMED", f"part {where}: {_defect_text(defect)}")
+            st.add("ATTACH_MALFORMED", f"part {where}: {_defect_text(defect)}", about_file=False)
         total = 0
         count = 0
         sizes: list[tuple[MimePart, int]] = []
@@ -331,11 +338,19 @@ class AttachmentsPolicy(Policy):
                 st.add("ATTACH_TOO_LARGE", f"{where}: {size} bytes over {opts.max_attachment_size}")
             self._judge_part(part, where, size, st)
         if count > opts.max_attachments:
-            st.add("ATTACH_TOO_MANY", f"{count} attachments, more than {opts.max_attachments}")
+            st.add(
+                "ATTACH_TOO_MANY",
+                f"{count} attachments, more than {opts.max_attachments}",
+                about_file=False,
+            )
         if total > opts.max_total_size:
             total = sum(_exact_size(p) for p, _ in sizes)
         if total > opts.max_total_size:
-            st.add("ATTACH_TOTAL_TOO_LARGE", f"{total} bytes in total over {opts.max_total_size}")
+            st.add(
+                "ATTACH_TOTAL_TOO_LARGE",
+                f"attachments total {total} bytes, over {opts.max_total_size}",
+                about_file=False,
+            )
         return st.findings
 
     def _judge_part(self, part: MimePart, where: str, size: int, st: _Scan) -> None:
@@ -458,14 +473,20 @@ class AttachmentsPolicy(Policy):
         if listing.encrypted:
             st.add("ATTACH_ENCRYPTED_ARCHIVE", f"{where}: encrypted {kind.value}")
         elif listing.problem:
-            st.add("ATTACH_MALFORMED", f"{where}: {listing.problem}")
-        for member in listing.members:
-            self._judge_member(member, where, depth, st)
+            st.add("ATTACH_ARCHIVE_UNREADABLE", f"{where}: {listing.problem}")
+        try:
+            for member in listing.members:
+                self._judge_member(member, where, depth, st)
+        except ArchiveBombError as exc:
+            st.add("ATTACH_ARCHIVE_BOMB", str(exc))
+            st.bombed = True
         return Kind.JAR if listing.container == "jar" else kind
 
     def _judge_member(self, member: Member, outer: str, depth: int, st: _Scan) -> None:
         where = f"{outer} > {display(member.name)}"
         data = member.data
+        if member.unreadable:
+            st.add("ATTACH_ARCHIVE_UNREADABLE", f"{where}: unreadable ({member.unreadable})")
 
         def full() -> bytes | None:
             return data if member.complete else None
@@ -499,7 +520,7 @@ class AttachmentsPolicy(Policy):
         for f in findings:
             action = self.options.consequence(SYMBOLS[f.symbol][1])
             if action is not None and (force is None or action.rank > force.rank):
-                force, reason = action, f"attachment {f.detail}"
+                force, reason = action, f.reason
         return Result(symbols=symbols, force=force, reason=reason)
 
 
