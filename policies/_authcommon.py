@@ -18,12 +18,23 @@ from gateway.api import DNSError, DNSTemporaryError, Resolver
 __all__ = [
     "KeyAnswer",
     "fetch_keys",
+    "header_block",
     "key_dnsfunc",
     "key_name",
     "org_aligned",
     "printable",
     "valid_domain",
 ]
+
+
+def header_block(raw: bytes) -> bytes:
+    """The header section only (with its terminating empty line): parsing the body to
+    find header fields would cost time proportional to the message size."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        end = raw.find(sep)
+        if end >= 0:
+            return raw[: end + len(sep)]
+    return raw
 
 
 def printable(text: str | bytes, limit: int = 200) -> str:

@@ -23,7 +23,14 @@ import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from gateway.api import AuthResult, Context
-from policies._authcommon import KeyAnswer, fetch_keys, key_dnsfunc, key_name, printable
+from policies._authcommon import (
+    KeyAnswer,
+    fetch_keys,
+    header_block,
+    key_dnsfunc,
+    key_name,
+    printable,
+)
 
 __all__ = ["ARCOutcome", "RecordedResult", "verify_arc"]
 
@@ -65,7 +72,7 @@ class ARCOutcome:
 
 def _arc_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
     try:
-        headers, _ = dkim.rfc822_parse(raw)
+        headers, _ = dkim.rfc822_parse(header_block(raw))
     except dkim.DKIMException:
         return []
     return [(k.lower(), v) for k, v in headers if k.lower() in dkim.ARC.ARC_HEADERS]

@@ -26,7 +26,14 @@ from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizatio
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from gateway.api import AuthResult, Context, OptionError, Policy, Result, Symbol, SymbolDef
-from policies._authcommon import KeyAnswer, fetch_keys, key_dnsfunc, key_name, printable
+from policies._authcommon import (
+    KeyAnswer,
+    fetch_keys,
+    header_block,
+    key_dnsfunc,
+    key_name,
+    printable,
+)
 
 __all__ = ["DKIMOptions", "DKIMPolicy", "SignatureResult", "verify_signatures"]
 
@@ -187,7 +194,7 @@ def _verify_all(
 def _signature_fields(raw: bytes) -> list[bytes]:
     """The values of the DKIM-Signature fields, top first, as dkimpy sees them."""
     try:
-        headers, _body = dkim.rfc822_parse(raw)
+        headers, _body = dkim.rfc822_parse(header_block(raw))
     except dkim.DKIMException:
         return []
     return [v for k, v in headers if k.lower() == b"dkim-signature"]
