@@ -32,6 +32,7 @@ import aiosmtplib
 
 from bench.mix import BenchMessage, build_mix, make_domain
 from gateway.testing.dnsserver import DNSServer
+from gateway.testing.harness import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_IP = "127.0.0.1"
@@ -174,44 +175,20 @@ def start_sink(port: int) -> subprocess.Popen[bytes]:
 
 
 def gateway_config(tmp: Path, port: int, sink_port: int, dns: str, workers: int) -> Path:
-    text = (ROOT / "config.example.toml").read_text()
-    overrides = {
-        "server.listen": f'"127.0.0.1:{port}"',
-        "server.workers": str(workers),
-        "server.max_sessions_per_ip": "1000",
-        "relay.port": str(sink_port),
-        "relay.verify_recipients": "false",
-        "dns.nameservers": f'["{dns}"]',
-        "quarantine.path": f'"{tmp / "quarantine"}"',
-        "state.path": f'"{tmp / "state.sqlite"}"',
-        "metrics.listen": '"127.0.0.1:0"',
-        "log.level": '"warning"',
-    }
-    path = tmp / "gateway.toml"
-    path.write_text(apply_overrides(text, overrides))
-    return path
-
-
-def apply_overrides(text: str, overrides: dict[str, str]) -> str:
-    """Set ``section.key = value`` in a TOML text, adding keys that are missing."""
-    import re
-
-    for dotted, value in overrides.items():
-        section, key = dotted.rsplit(".", 1)
-        header = re.search(rf"^\[{re.escape(section)}\]\s*$", text, re.M)
-        if header is None:
-            text += f"\n[{section}]\n{key} = {value}\n"
-            continue
-        nxt = re.search(r"^\[", text[header.end() :], re.M)
-        end = header.end() + (nxt.start() if nxt else len(text) - header.end())
-        body = text[header.end() : end]
-        pat = re.compile(rf"^{re.escape(key)}\s*=.*$", re.M)
-        if pat.search(body):
-            body = pat.sub(f"{key} = {value}", body, count=1)
-        else:
-            body = f"\n{key} = {value}" + body
-        text = text[: header.end()] + body + text[end:]
-    return text
+    """config.example.toml (the shipped default pipeline) pointed at the bench's peers."""
+    return write_config(
+        {
+            "server.listen": f"127.0.0.1:{port}",
+            "server.workers": workers,
+            "server.max_sessions_per_ip": 1000,
+            "relay.port": sink_port,
+            "relay.verify_recipients": False,
+            "dns.nameservers": [dns],
+            "metrics.listen": "127.0.0.1:0",
+            "log.level": "warning",
+        },
+        tmp,
+    )
 
 
 def main() -> int:
