@@ -10,15 +10,12 @@ PostgreSQL is unreachable.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import secrets
 import smtplib
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -28,6 +25,7 @@ import pytest
 
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.sink import SinkServer
+from gateway.testing.tcpproxy import TCPProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_HOST, PG_PORT, PG_DB = "127.0.0.1", 5432, "test"
@@ -38,62 +36,6 @@ SPAM = (
     b"QUARANTINE-ME please\r\n..leading dot\r\n"
 )
 HAM = b"From: s@b.test\r\nTo: x@example.org\r\nSubject: lunch\r\n\r\nnoon?\r\n"
-
-
-class TCPProxy:
-    """Forwards a loopback port to ``target``; ``down()`` drops everything, ``up()`` resumes."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    def _call(self, coro: object) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        self._writers.difference_update((writer, up_writer))
-
-    async def _up(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _down(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
-
-    def up(self) -> None:
-        self._call(self._up())
-
-    def down(self) -> None:
-        self._call(self._down())
-
-    def close(self) -> None:
-        self.down()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
 
 @pytest.fixture
@@ -139,8 +81,7 @@ def test_quarantine_on_a_list_and_release_on_b_and_survive_a_postgres_outage(
     )
     base = tmp_path / "base.toml"
     base.write_text('[server]\naccepted_domains = ["example.org"]\n')
-    proxy = TCPProxy(PG_HOST, PG_PORT)
-    proxy.up()
+    proxy = TCPProxy(PG_HOST, PG_PORT).up()
     options = quote(f"-c search_path={schema}")
     dsn = f"postgresql://127.0.0.1:{proxy.port}/{PG_DB}?options={options}&connect_timeout=2"
     try:

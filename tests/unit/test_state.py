@@ -28,6 +28,7 @@ from gateway.state import (
     open_state,
     parse_sentinel_url,
 )
+from gateway.testing.tcpproxy import TCPProxy
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -199,3 +200,36 @@ async def test_unreachable_sentinel_or_cluster_raises_state_unavailable() -> Non
         with pytest.raises(StateUnavailableError):
             await store.hit("k", 10)
         await store.close()
+
+
+async def test_redis_outage_raises_state_unavailable_then_recovers_with_nothing_lost() -> None:
+    """Redis down (a proxy cut in front of the shared server): errors fast, then reconnects."""
+    admin = await _redis_or_skip()
+    prefix = f"gwtest:{secrets.token_hex(6)}:"
+    host, _, port = REDIS_URL.removeprefix("redis://").partition("/")[0].rpartition(":")
+    proxy = await asyncio.to_thread(lambda: TCPProxy(host, int(port)).up())
+    store = RedisState(f"redis://127.0.0.1:{proxy.port}/0", prefix)
+    try:
+        await store.incr_many("t", {"k": (1, 0)})
+        await asyncio.to_thread(proxy.down)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(StateUnavailableError):
+            await store.incr_many("t", {"k": (1, 0)})
+        assert loop.time() - started < 11  # bounded by the store's deadline
+        assert await store.ping() is False
+        await asyncio.to_thread(proxy.up)
+        for _ in range(3):
+            try:
+                await store.incr_many("t", {"k": (0, 1)})
+                break
+            except StateUnavailableError:
+                continue
+        assert await store.get_many("t", ["k"]) == {"k": (1, 1)}
+    finally:
+        await store.close()
+        await asyncio.to_thread(proxy.close)
+        keys = [k async for k in admin.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()
