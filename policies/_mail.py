@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.errors
 import email.header
 import email.utils
+import re
 from dataclasses import dataclass
 
 from gateway.api import Context
@@ -27,6 +28,7 @@ __all__ = [
     "raw_headers",
 ]
 
+_FOLD = re.compile(r"\r?\n[ \t]*")
 MAX_FIELDS = 500  # header fields looked at
 MAX_VALUE = 8192  # characters of one field value
 MAX_ADDRESSES = 1000  # mailboxes parsed from one header name
@@ -59,7 +61,9 @@ def _raw_headers(ctx: Context) -> tuple[tuple[str, str], ...]:
         text = str(value)[:MAX_VALUE]
         if not text.isascii():  # raw 8-bit (RFC 6532 UTF-8, or junk) arrives surrogate-escaped
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        out.append((name.strip().lower(), " ".join(text.split())))
+        # Unfold (RFC 5322 §2.2.3); a fold's indentation becomes one space, while
+        # white space within a line stays as sent (runs of spaces are evidence).
+        out.append((name.strip().lower(), _FOLD.sub(" ", text).strip()))
     return tuple(out)
 
 
@@ -68,7 +72,7 @@ def _headers(ctx: Context) -> tuple[tuple[str, str], ...]:
 
 
 def raw_headers(ctx: Context) -> tuple[tuple[str, str], ...]:
-    """Every header field as (lower-case name, unfolded value without decoding), in order."""
+    """Every header field as (lower-case name, unfolded value, not decoded), in order."""
     return ctx.memo(_raw_headers)
 
 
