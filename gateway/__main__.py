@@ -138,8 +138,35 @@ def _num(value: Decimal | float) -> float:
 # --- check-config --------------------------------------------------------------
 
 
+def _policy_table_problems(path: str) -> list[str]:
+    """Problems of the ``[policies.*]`` tables alone, for a file whose core config is invalid.
+
+    So one run of ``check-config`` reports a typo in ``[relay]`` and one in
+    ``[policies.dmarc]`` together.
+    """
+    import tomllib
+
+    from gateway.registry import plan_policies
+    from gateway.schema import Problems
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        return []  # already reported by load_config
+    tables = data.get("policies")
+    if not isinstance(tables, dict):
+        return []
+    problems = Problems()
+    plan_policies({k: v for k, v in tables.items() if isinstance(v, dict)}, problems)
+    return problems.lines
+
+
 async def _check_config(args: argparse.Namespace, out: TextIO) -> int:
-    config = _load(args.config)
+    try:
+        config = _load(args.config)
+    except _Problems as exc:
+        raise _Problems(exc.lines + _policy_table_problems(args.config)) from None
     runtime, problems = await _build(config)
     try:
         problems += _unknown_scores(runtime.engine)

@@ -84,6 +84,19 @@ def test_check_config_reports_every_problem_with_its_dotted_key(tmp_path: Path) 
     assert len(lines) >= 3
 
 
+def test_check_config_reports_core_and_policy_problems_in_one_run(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[server]\naccepted_domains = ["example.org"]\n[relay]\nport = 0\n'
+        "[policies.rules]\nmax_txt = 5000\n"
+    )
+    out = gateway("check-config", "--config", str(path))
+    assert out.returncode == 1
+    lines = out.stdout.decode().splitlines()
+    assert any(line.startswith("relay.port:") for line in lines)
+    assert any(line.startswith("policies.rules.max_txt:") for line in lines)
+
+
 def test_check_config_reports_policy_tables_and_unknown_score_symbols(tmp_path: Path) -> None:
     path = write_config(
         tmp_path,
