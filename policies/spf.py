@@ -1,17 +1,22 @@
 """SPF (RFC 7208) for the MAIL FROM and HELO identities, with pyspf over our resolver.
 
-pyspf is synchronous. Each evaluation runs in a worker thread of a small pool
-owned by this policy; every DNS lookup pyspf makes is handed back to the event
-loop (``asyncio.run_coroutine_threadsafe``) on the gateway's one resolver, so
-the cache, negative caching and SERVFAIL -> ``temperror`` apply (RFC 7208
-§5/§4.4). The whole evaluation has its own deadline; when it passes, the
-worker's next lookup fails fast and the result is ``temperror``.
+pyspf is synchronous and asks for DNS answers as it goes. Instead of parking a
+thread on every lookup, an evaluation is *replayed*: pyspf runs on the event
+loop with a DNS function that answers only from the records fetched so far;
+when it asks for one it does not have, the run stops, the record is fetched
+asynchronously through the gateway's one resolver (cache, negative caching,
+SERVFAIL/timeout -> ``temperror``, RFC 7208 §4.4/§5), and pyspf runs again
+from the start. Runs are deterministic given the answers, so the last run is
+exactly pyspf's verdict; each run is CPU-only and short (no blocking call on
+the loop), the number of runs is bounded, and the whole evaluation has its own
+deadline. No thread pool, so a domain whose DNS never answers cannot starve
+other evaluations.
 
-pyspf's DNS hook (``spf.DNSLookup``) is module-global, so it is replaced once
-by a dispatcher that finds the lookup function bound to the current worker
-thread. pyspf itself enforces the §4.6.4 limits (10 DNS-querying terms,
-2 void lookups -> ``permerror``), macros (§7), ``exp=`` (§6.2), ``redirect=``
-(§6.1), ``ptr`` (§5.5) and IPv6.
+pyspf's DNS hook (``spf.DNSLookup``) is module-global: it is replaced once by a
+dispatcher to the answers of the run in progress (runs never interleave: they
+contain no ``await``). pyspf enforces the §4.6.4 limits (10 DNS-querying
+terms, 2 void lookups -> ``permerror``), macros (§7), ``exp=`` (§6.2),
+``redirect=`` (§6.1), ``ptr`` (§5.5) and IPv6.
 
 SPF never rejects on its own: RFC 9989 (DMARC) advises against acting on an
 SPF ``fail`` before DMARC has evaluated, since a DKIM-aligned message must
@@ -21,11 +26,9 @@ still pass. A ``temperror`` only tempfails when the operator asks for it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ipaddress
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +45,6 @@ from gateway.api import (
     Policy,
     Resolver,
     Result,
-    Services,
     Symbol,
     SymbolDef,
 )
@@ -54,84 +56,90 @@ log = logging.getLogger("gateway.policies.spf")
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 
+# A run stops at each answer it lacks; pyspf's own limits (§4.6.4: 10 terms,
+# each MX/PTR name list capped at 10) keep real evaluations far below this.
+MAX_RUNS = 150
+
 # -- pyspf's DNS hook ---------------------------------------------------------
 
-_bound = threading.local()
-
 DNSRecord = tuple[tuple[str, str], Any]
+_current = threading.local()
+
+
+class _NeedAnswer(Exception):
+    """Raised inside pyspf when a run asks for a record not fetched yet."""
 
 
 def _dispatch_lookup(name: str, qtype: str, *_args: Any, **_kwargs: Any) -> list[DNSRecord]:
-    """Installed as ``spf.DNSLookup``: route to the lookup bound to this thread."""
-    lookup: Callable[[str, str], list[DNSRecord]] | None = getattr(_bound, "lookup", None)
-    if lookup is None:
+    """Installed as ``spf.DNSLookup``: answer from the run in progress."""
+    answers: Callable[[str, str], list[DNSRecord]] | None = getattr(_current, "answers", None)
+    if answers is None:
         raise spf.TempError("DNS: no resolver bound to this SPF evaluation")
-    return lookup(name, qtype)
+    return answers(name, qtype)
 
 
 spf.DNSLookup = _dispatch_lookup
 
 
-class _Bridge:
-    """pyspf's DNS function for one evaluation: calls our resolver on the event loop."""
+class _Answers:
+    """The DNS answers of one evaluation, in pyspf's format; records what is missing."""
 
-    def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop, deadline: float):
-        self.resolver = resolver
-        self.loop = loop
-        self.deadline = deadline
-        self.abandoned = threading.Event()
+    def __init__(self) -> None:
+        self.known: dict[tuple[str, str], list[DNSRecord] | str] = {}  # str: temperror text
+        self.missing: list[tuple[str, str]] = []
         self.queries = 0
 
     def __call__(self, name: str, qtype: str) -> list[DNSRecord]:
-        if self.abandoned.is_set():
-            raise spf.TempError("DNS: SPF evaluation abandoned after its time limit")
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise spf.TempError("DNS: SPF evaluation time limit exceeded")
-        self.queries += 1
-        try:
-            fut = asyncio.run_coroutine_threadsafe(self.resolver.query(name, qtype), self.loop)
-        except RuntimeError:  # the loop is closing
-            raise spf.TempError("DNS: resolver unavailable") from None
-        try:
-            answer = fut.result(timeout=remaining)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise spf.TempError(f"DNS: {name}/{qtype} timed out") from None
-        except concurrent.futures.CancelledError:
-            raise spf.TempError(f"DNS: {name}/{qtype} cancelled") from None
-        except DNSTemporaryError as exc:
-            raise spf.TempError(f"DNS: {printable(str(exc))}") from None
-        except DNSError:
-            return []
-        key = (name.lower().rstrip("."), qtype)
-        out: list[DNSRecord] = []
-        for rec in answer.records:
-            if qtype in ("TXT", "SPF"):
-                out.append((key, [rec.encode("utf-8", "surrogateescape")]))
-            elif qtype == "MX":
-                pref, _, exchange = rec.partition(" ")
-                try:
-                    out.append((key, (int(pref), exchange)))
-                except ValueError:
-                    continue
-            else:  # A, AAAA (address text), PTR (target name)
-                out.append((key, rec))
-        return out
+        key = (name.lower().rstrip("."), qtype.upper())
+        found = self.known.get(key)
+        if found is None:
+            if key not in self.missing:
+                self.missing.append(key)
+            raise _NeedAnswer
+        if isinstance(found, str):
+            raise spf.TempError(found)
+        return found
+
+    async def fetch(self, resolver: Resolver) -> None:
+        for name, qtype in self.missing:
+            self.queries += 1
+            try:
+                answer = await resolver.query(name, qtype)
+            except DNSTemporaryError as exc:
+                self.known[(name, qtype)] = f"DNS: {printable(str(exc))}"
+                continue
+            except DNSError:
+                self.known[(name, qtype)] = []
+                continue
+            key = (name, qtype)
+            out: list[DNSRecord] = []
+            for rec in answer.records:
+                if qtype in ("TXT", "SPF"):
+                    out.append((key, [rec.encode("utf-8", "surrogateescape")]))
+                elif qtype == "MX":
+                    pref, _, exchange = rec.partition(" ")
+                    if pref.isdigit():
+                        out.append((key, (int(pref), exchange)))
+                else:  # A, AAAA (address text), PTR (target name)
+                    out.append((key, rec))
+            self.known[key] = out
+        self.missing.clear()
 
 
-def _run_query(bridge: _Bridge, ip: str, sender: str, helo: str, receiver: str) -> tuple[str, str]:
-    """In a worker thread: one pyspf evaluation with DNS bound to ``bridge``."""
-    _bound.lookup = bridge
+def _run(answers: _Answers, ip: str, sender: str, helo: str, receiver: str) -> tuple[str, str]:
+    """One synchronous pyspf run over the answers known so far."""
+    _current.answers = answers
     try:
         q = spf.query(i=ip, s=sender, h=helo, receiver=receiver, strict=True)
         result, _code, explanation = q.check()
         return str(result), str(explanation or "")
+    except _NeedAnswer:
+        return "", ""
     except Exception as exc:  # pyspf on hostile input: an answer, never a crash
         log.warning("spf_evaluation_failed", extra={"error": type(exc).__name__})
         return "permerror", f"SPF evaluation error: {type(exc).__name__}"
     finally:
-        _bound.lookup = None
+        _current.answers = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,30 +153,21 @@ class SPFOutcome:
 
 
 async def evaluate_spf(
-    resolver: Resolver,
-    executor: concurrent.futures.Executor,
-    *,
-    ip: str,
-    sender: str,
-    helo: str,
-    receiver: str,
-    limit: float,
+    resolver: Resolver, *, ip: str, sender: str, helo: str, receiver: str, limit: float
 ) -> tuple[str, str]:
     """(result, explanation) for one identity, never longer than ``limit`` seconds."""
-    loop = asyncio.get_running_loop()
-    bridge = _Bridge(resolver, loop, time.monotonic() + limit)
-    cfut = executor.submit(_run_query, bridge, ip, sender, helo, receiver)
+    answers = _Answers()
     try:
         async with asyncio.timeout(limit):
-            return await asyncio.wrap_future(cfut)
+            for _ in range(MAX_RUNS):
+                result, explanation = _run(answers, ip, sender, helo, receiver)
+                # A swallowed _NeedAnswer (pyspf ignores errors fetching exp=) also replays.
+                if not answers.missing:
+                    return result, explanation
+                await answers.fetch(resolver)
     except TimeoutError:
-        bridge.abandoned.set()
-        cfut.cancel()
         return "temperror", f"SPF evaluation exceeded {limit}s"
-    except BaseException:
-        bridge.abandoned.set()
-        cfut.cancel()
-        raise
+    return "permerror", f"SPF evaluation needed more than {MAX_RUNS} DNS lookups"
 
 
 # -- the policy ---------------------------------------------------------------
@@ -179,15 +178,12 @@ class SPFOptions:
     check_helo: bool = True  # also evaluate the HELO identity (RFC 7208 §2.3)
     check_timeout: float = 8.0  # one identity's whole evaluation (RFC 7208 §4.6.4 allows a limit)
     tempfail_on_temperror: bool = False  # answer 451 when the MAIL FROM result is temperror
-    max_workers: int = 16  # threads running pyspf; each waits on DNS most of the time
 
     def __post_init__(self) -> None:
         if not 0 < self.check_timeout <= 60:
             raise OptionError(
                 "check_timeout", f"must be 0 < seconds <= 60, got {self.check_timeout}"
             )
-        if not 1 <= self.max_workers <= 256:
-            raise OptionError("max_workers", f"must be 1..256, got {self.max_workers}")
 
 
 def _symbols() -> dict[str, SymbolDef]:
@@ -233,27 +229,10 @@ class SPFPolicy(Policy):
     def __init__(self, options: SPFOptions) -> None:
         super().__init__(options)
         self.options: SPFOptions = options
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.options.max_workers, thread_name_prefix="spf"
-            )
-        return self._executor
-
-    async def start(self, services: Services) -> None:
-        self._pool()
-
-    async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
 
     async def _one(self, ctx: Context, ip: str, sender: str, helo: str) -> tuple[str, str]:
         return await evaluate_spf(
             ctx.resolver,
-            self._pool(),
             ip=ip,
             sender=sender,
             helo=helo,
