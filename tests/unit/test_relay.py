@@ -144,3 +144,28 @@ _REFERENCE = re.compile(rb"(?:\r(?!\n)|(?<!\r)\n)\.[\r\n]")
 def test_fast_smuggling_check_matches_the_reference_rule(parts: list[bytes]) -> None:
     data = b"".join(parts)
     assert relay._bare_line_end_dot(data) == bool(_REFERENCE.search(data))
+
+
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"a", b"\r\n."]), max_size=60),
+    st.integers(min_value=1, max_value=8),
+)
+async def test_slice_by_slice_equals_whole_message(parts: list[bytes], size: int) -> None:
+    """Checking and stuffing in CRLF-ending slices gives exactly the whole-message result."""
+    data = b"".join(parts)
+    saved = relay.SLICE
+    relay.SLICE = size
+    try:
+        pieces = list(relay._slices(relay._terminated(data)))
+        try:
+            whole = wire_data(data)
+        except RelayError:
+            with pytest.raises(RelayError):
+                await relay._prepared(data)
+            return
+        prepared = await relay._prepared(data)
+    finally:
+        relay.SLICE = saved
+    assert b"".join(pieces) == prepared
+    assert all(p.endswith(b"\r\n") for p in pieces)
+    assert b"".join(relay._stuff(p) for p in pieces) + b".\r\n" == whole
