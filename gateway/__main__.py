@@ -30,6 +30,7 @@ __all__ = ["main"]
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 _LEARN_CHUNK = 200  # messages read (in a worker thread) per call to the classifier
+_CLAIM_SECONDS = 600.0  # a release holds its message this long at most (relay.timeout is 60 s)
 
 
 class CLIError(Exception):
@@ -427,10 +428,17 @@ async def _release(config: Config, store: Any, item: Any, raw: bytes, out: TextI
     from gateway.quarantine import QuarantineError
     from gateway.relay import Relay, RelayError
 
+    hold = max(_CLAIM_SECONDS, config.relay.timeout * 10)
+    if not await store.claim(item.id, hold):
+        raise CLIError(
+            f"{item.id} is being released by another command right now; if that one "
+            f"crashed, try again in {hold / 60:.0f} minutes"
+        )
     relay = Relay(config.relay, config.server.hostname)
     try:
         result = await relay.send(item.mail_from, item.rcpt_tos, prepend(raw, list(item.headers)))
     except RelayError as exc:
+        await store.unclaim(item.id)
         said = f"{exc.code} {exc.text}" if exc.code is not None else exc.text
         raise CLIError(
             f"release of {item.id} failed, message kept in quarantine: downstream "

@@ -116,6 +116,18 @@ class QuarantineStore(Protocol):
 
     async def delete(self, id: str) -> bool: ...
 
+    async def claim(self, id: str, seconds: float = 600.0) -> bool:
+        """Reserve a message for one release; False when another release holds it.
+
+        Two operators (or nodes) releasing the same message at once must not
+        deliver it twice. A claim lapses after ``seconds`` (a crashed release).
+        """
+        ...
+
+    async def unclaim(self, id: str) -> None:
+        """Give a claim back after a failed release, so it can be retried now."""
+        ...
+
     async def count(self) -> int: ...
 
     async def purge(self, older_than: datetime) -> int:
@@ -265,6 +277,9 @@ class LocalQuarantine:
             db.execute("PRAGMA synchronous=FULL")  # commit = durable, even in WAL mode
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(_LOCAL_SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(items)")}
+            if "claimed_until" not in columns:  # index created by an older version
+                db.execute("ALTER TABLE items ADD COLUMN claimed_until REAL")
             self._repair(db)
         except BaseException:
             db.close()
@@ -404,6 +419,24 @@ class LocalQuarantine:
             cur = db.execute("DELETE FROM items WHERE id = ?", (id,))
         return existed or cur.rowcount > 0
 
+    def _claim_sync(self, id: str, seconds: float) -> bool:
+        if not valid_id(id):
+            return False
+        db = self._open_sync()
+        now = time.time()
+        with self._lock:
+            cur = db.execute(
+                "UPDATE items SET claimed_until = ? WHERE id = ? "
+                "AND (claimed_until IS NULL OR claimed_until < ?)",
+                (now + seconds, id, now),
+            )
+        return cur.rowcount == 1
+
+    def _unclaim_sync(self, id: str) -> None:
+        db = self._open_sync()
+        with self._lock:
+            db.execute("UPDATE items SET claimed_until = NULL WHERE id = ?", (id,))
+
     def _count_sync(self) -> int:
         db = self._open_sync()
         with self._lock:
@@ -459,6 +492,12 @@ class LocalQuarantine:
     async def delete(self, id: str) -> bool:
         return bool(await self._call(self._delete_sync, id))
 
+    async def claim(self, id: str, seconds: float = 600.0) -> bool:
+        return bool(await self._call(self._claim_sync, id, seconds))
+
+    async def unclaim(self, id: str) -> None:
+        await self._call(self._unclaim_sync, id)
+
     async def count(self) -> int:
         return int(await self._call(self._count_sync))
 
@@ -494,6 +533,10 @@ _PG_MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX quarantine_received_at ON quarantine (received_at DESC, id DESC);
     CREATE INDEX quarantine_mail_from ON quarantine (mail_from_lc, received_at DESC);
     CREATE INDEX quarantine_rcpt ON quarantine USING gin (rcpt_lc);
+    """,
+    # 2: releases claim a message first, so two nodes never deliver it twice
+    """
+    ALTER TABLE quarantine ADD COLUMN claimed_until timestamptz;
     """,
 )
 
@@ -711,6 +754,21 @@ class PostgresQuarantine:
         async with self._conn() as conn, conn.transaction():
             cur = await conn.execute("DELETE FROM quarantine WHERE id = %s", (id,))
             return cur.rowcount > 0
+
+    async def claim(self, id: str, seconds: float = 600.0) -> bool:
+        if not valid_id(id):
+            return False
+        async with self._conn() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE quarantine SET claimed_until = now() + make_interval(secs => %s) "
+                "WHERE id = %s AND (claimed_until IS NULL OR claimed_until < now())",
+                (seconds, id),
+            )
+            return cur.rowcount == 1
+
+    async def unclaim(self, id: str) -> None:
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("UPDATE quarantine SET claimed_until = NULL WHERE id = %s", (id,))
 
     async def count(self) -> int:
         async with self._conn() as conn:

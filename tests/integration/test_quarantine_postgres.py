@@ -94,7 +94,10 @@ async def test_put_get_roundtrip_is_byte_exact_and_visible_to_another_node(dsn: 
 async def test_schema_is_created_and_versioned_once_even_with_two_nodes_racing(dsn: str) -> None:
     nodes = [PostgresQuarantine(dsn) for _ in range(4)]
     await asyncio.gather(*(n.count() for n in nodes))
-    assert [await n.schema_version() for n in nodes] == [1, 1, 1, 1]
+    from gateway.quarantine import _PG_MIGRATIONS
+
+    latest = len(_PG_MIGRATIONS)
+    assert [await n.schema_version() for n in nodes] == [latest] * 4
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     cur = await conn.execute("SELECT count(*) FROM schema_version")
     assert (await cur.fetchone()) == (1,)
@@ -195,4 +198,54 @@ async def test_store_recovers_by_itself_after_its_connections_are_killed(dsn: st
         except QuarantineError:
             continue
     assert await store.count() == 2
+    await store.close()
+
+
+async def test_claims_keep_two_nodes_from_releasing_the_same_message(dsn: str) -> None:
+    node_a, node_b = PostgresQuarantine(dsn), PostgresQuarantine(dsn)
+    it = item()
+    await node_a.put(it, RAW)
+    results = await asyncio.gather(node_a.claim(it.id), node_b.claim(it.id))
+    assert sorted(results) == [False, True]
+    await node_a.unclaim(it.id)
+    assert await node_b.claim(it.id, seconds=0.05) is True
+    await asyncio.sleep(0.1)
+    assert await node_a.claim(it.id) is True  # lapsed
+    await node_a.close()
+    await node_b.close()
+
+
+async def test_a_version_1_schema_is_migrated_in_place_keeping_its_rows(dsn: str) -> None:
+    from gateway.quarantine import _PG_MIGRATIONS
+
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    await conn.execute(
+        "CREATE TABLE schema_version (component text PRIMARY KEY, version integer NOT NULL)"
+    )
+    await conn.execute(_PG_MIGRATIONS[0].encode())
+    await conn.execute("INSERT INTO schema_version VALUES ('quarantine', 1)")
+    await conn.close()
+    old = item()
+    v1 = PostgresQuarantine(dsn)
+    v1._migrated = True  # a node of the previous release: knows nothing of version 2
+    await v1.put(old, RAW)
+    await v1.close()
+
+    store = PostgresQuarantine(dsn)
+    assert await store.schema_version() == len(_PG_MIGRATIONS) == 2
+    assert await store.get(old.id) == (old, RAW)
+    assert await store.claim(old.id) is True
+    await store.close()
+
+
+async def test_a_schema_newer_than_the_code_is_refused_with_advice(dsn: str) -> None:
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    await conn.execute(
+        "CREATE TABLE schema_version (component text PRIMARY KEY, version integer NOT NULL)"
+    )
+    await conn.execute("INSERT INTO schema_version VALUES ('quarantine', 99)")
+    await conn.close()
+    store = PostgresQuarantine(dsn)
+    with pytest.raises(QuarantineError, match="upgrade the gateway"):
+        await store.count()
     await store.close()

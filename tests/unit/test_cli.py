@@ -419,3 +419,19 @@ def test_scan_json_auth_comes_from_the_spf_and_dmarc_policies_over_real_dns(
     assert doc["auth"]["spf"] == "fail"
     assert doc["auth"]["dmarc"]["result"] == "fail"
     assert doc["action"] == "reject" and doc["smtp_reply"].startswith("550 5.7.")
+
+
+def test_release_of_a_message_another_release_holds_is_refused(tmp_path: Path) -> None:
+    (item,) = _quarantine(tmp_path)
+
+    async def claim() -> None:
+        store = open_quarantine(QuarantineConfig(path="quarantine"), tmp_path)
+        assert await store.claim(item.id)
+        await store.close()
+
+    asyncio.run(claim())
+    with SinkServer() as sink:
+        path = write_config(tmp_path, relay_port=sink.port)
+        out = gateway("quarantine", "release", item.id, "--config", str(path))
+        assert out.returncode == 1 and b"being released by another command" in out.stderr
+        assert sink.messages == []

@@ -313,3 +313,33 @@ async def test_many_concurrent_puts_on_a_fresh_store_all_land(tmp_path: Path) ->
         got = await store.get(it.id)
         assert got is not None and got[1] == RAW + b"%d" % i
     await store.close()
+
+
+async def test_a_claim_reserves_a_message_for_one_release_until_given_back_or_lapsed(
+    tmp_path: Path,
+) -> None:
+    store = LocalQuarantine(tmp_path)
+    it = item()
+    await store.put(it, RAW)
+    assert await store.claim(it.id) is True
+    assert await store.claim(it.id) is False  # a second release must wait
+    await store.unclaim(it.id)
+    assert await store.claim(it.id, seconds=0.05) is True
+    await asyncio.sleep(0.1)
+    assert await store.claim(it.id) is True  # the first holder crashed: the claim lapsed
+    assert await store.claim(new_id()) is False  # unknown id
+    await store.close()
+
+
+async def test_an_index_from_before_claims_is_upgraded_in_place(tmp_path: Path) -> None:
+    from gateway.quarantine import _LOCAL_SCHEMA  # the first version's tables, no claims
+
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    db.executescript(_LOCAL_SCHEMA)
+    db.close()
+    assert "claimed_until" not in _LOCAL_SCHEMA
+    store = LocalQuarantine(tmp_path)
+    it = item()
+    await store.put(it, RAW)
+    assert await store.claim(it.id) is True
+    await store.close()
