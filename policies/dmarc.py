@@ -199,6 +199,8 @@ class TreeWalk:
             return True
         if mode == "s" or not valid_domain(identifier):
             return False
+        if identifier.rpartition(".")[2] != author.rpartition(".")[2]:
+            return False  # no common label at all: no common Organizational Domain, no DNS
         return await self.organizational_domain(identifier) == await self.organizational_domain(
             author
         )
@@ -369,7 +371,7 @@ class DMARCOptions:
     allowlist_networks: tuple[str, ...] = ()  # client networks never enforced (CIDR)
     trusted_arc_sealers: tuple[str, ...] = ()  # ARC sealers whose valid chain may override
     arc: bool = True  # validate ARC chains and report arc= (RFC 8617)
-    tempfail_on_temperror: bool = False  # 451 when DMARC cannot be decided (DNS)
+    tempfail_on_temperror: bool = True  # 451 (retry) when DMARC cannot be decided (DNS)
     max_author_domains: int = 10  # distinct From domains evaluated (DNS cost bound)
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default=(), init=False, repr=False

@@ -277,17 +277,14 @@ def test_arc_sealed_by_untrusted_sealer_is_rejected(
     assert sink.messages == []
 
 
-def test_dmarc_servfail_is_temperror_and_not_enforced(
-    gateway: GatewayProcess, sink: SinkServer
-) -> None:
-    code, _ = send(
+def test_dmarc_servfail_defers_the_message(gateway: GatewayProcess, sink: SinkServer) -> None:
+    """A DMARC policy lookup that SERVFAILs is retried later (451), never delivered unjudged."""
+    code, text = send(
         gateway, message(from_="a@sf.example"), ip="203.0.113.9", mail_from="a@sf.example"
     )
-    assert code == 250
-    (got,) = sink.wait_for(1)
-    ar = auth_results(got.data)
-    assert [r.result for r in ar["dmarc"]] == ["temperror"]
-    assert ar["spf"][0].result == "fail"
+    assert code == 451
+    assert text.startswith("4.7.1 ") and "sf.example" in text
+    assert sink.messages == []
 
 
 def test_auth_results_are_counted_in_metrics(gateway: GatewayProcess, sink: SinkServer) -> None:

@@ -290,14 +290,21 @@ CASES = [
         ("fail", "quarantine"),
         Action.QUARANTINE,
     ),
-    ("policy lookup servfail", "a@sf.example", (), {"DMARC_TEMPERROR"}, ("temperror", None), None),
+    (
+        "policy lookup servfail",
+        "a@sf.example",
+        (),
+        {"DMARC_TEMPERROR"},
+        ("temperror", None),
+        Action.TEMPFAIL,
+    ),
     (
         "aligned spf temperror",
         "a@reject.example",
         (spf("reject.example", "temperror"),),
         {"DMARC_TEMPERROR"},
         ("temperror", "reject"),
-        None,
+        Action.TEMPFAIL,
     ),
 ]
 
@@ -401,15 +408,16 @@ async def test_allowlisted_domain_must_be_authenticated(resolver: CachingResolve
     assert spoofed.force is Action.REJECT
 
 
-async def test_tempfail_on_temperror_is_an_option(resolver: CachingResolver) -> None:
-    result = await run(
-        resolver,
-        "a@reject.example",
-        (spf("reject.example", "temperror"),),
-        tempfail_on_temperror=True,
-    )
-    assert result.force is Action.TEMPFAIL
-    lookup_failed = await run(resolver, "a@sf.example", (), tempfail_on_temperror=True)
+async def test_temperror_defers_by_default_and_can_relay(resolver: CachingResolver) -> None:
+    """An undecidable DMARC for an enforcing (or unknown) policy is retried, unless configured."""
+    aligned_temp = (spf("reject.example", "temperror"),)
+    deferred = await run(resolver, "a@reject.example", aligned_temp)
+    assert deferred.force is Action.TEMPFAIL
+    assert "reject.example" in deferred.reason
+    relayed = await run(resolver, "a@reject.example", aligned_temp, tempfail_on_temperror=False)
+    assert relayed.force is None
+    assert "DMARC_TEMPERROR" in names(relayed)
+    lookup_failed = await run(resolver, "a@sf.example", ())
     assert lookup_failed.force is Action.TEMPFAIL
     assert "sf.example" in lookup_failed.reason
 
