@@ -511,6 +511,7 @@ class LocalQuarantine:
 # --- PostgreSQL ----------------------------------------------------------------
 
 # Each entry moves the schema one version forward; never edit a shipped one.
+# Migrations only add (nullable columns, indexes): older nodes must keep working.
 _PG_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE quarantine (
@@ -653,9 +654,11 @@ class PostgresQuarantine:
                 row = await cur.fetchone()
                 current = int(row[0]) if row else 0
                 if current > len(_PG_MIGRATIONS):
-                    raise QuarantineError(
-                        f"quarantine schema version {current} is newer than this gateway "
-                        f"knows ({len(_PG_MIGRATIONS)}); upgrade the gateway"
+                    # Migrations only add (nullable columns, indexes), so a node of the
+                    # previous release keeps working during a rolling upgrade.
+                    log.warning(
+                        "quarantine_schema_newer",
+                        extra={"version": current, "known": len(_PG_MIGRATIONS)},
                     )
                 for version, sql in enumerate(_PG_MIGRATIONS[current:], start=current + 1):
                     await conn.execute(sql.encode())
