@@ -525,3 +525,31 @@ def test_options_are_validated_with_their_key() -> None:
         DMARCOptions(allowlist_networks=("not a network",))
     with pytest.raises(OptionError, match=r"trusted_arc_sealers\[0\]"):
         DMARCOptions(trusted_arc_sealers=("bad domain!",))
+
+
+def test_dmarc_without_spf_and_dkim_refuses_to_start() -> None:
+    """dmarc reads spf and dkim results: a config enabling it alone is an error that says so."""
+    from gateway.registry import plan_policies
+    from gateway.schema import Problems
+
+    problems = Problems()
+    plan_policies({"dmarc": {}, "dkim": {}}, problems)
+    assert problems.lines == [
+        'policies.dmarc: runs after "spf", which is not enabled; add a [policies.spf] table '
+        "or set policies.dmarc.enabled = false"
+    ]
+    ok = Problems()
+    plan = plan_policies({"dmarc": {}, "dkim": {}, "spf": {}}, ok)
+    assert ok.lines == []
+    assert [p.name for p in plan.policies].index("dmarc") == 2
+
+
+def test_unknown_option_gets_a_did_you_mean() -> None:
+    from gateway.registry import plan_policies
+    from gateway.schema import Problems
+
+    problems = Problems()
+    plan_policies({"spf": {}, "dkim": {}, "dmarc": {"trusted_arc_sealer": []}}, problems)
+    assert problems.lines == [
+        'policies.dmarc.trusted_arc_sealer: unknown key (did you mean "trusted_arc_sealers"?)'
+    ]
