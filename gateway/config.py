@@ -106,6 +106,7 @@ class ServerConfig:
     tls_key: str = ""
     workers: int = 1
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight sessions
+    max_data_memory: int = 104_857_600  # bytes of message data held across all sessions
 
     def __post_init__(self) -> None:
         _check_hostport("listen", self.listen, allow_port_zero=True)
@@ -135,6 +136,12 @@ class ServerConfig:
         _positive("command_timeout", self.command_timeout)
         _positive("data_timeout", self.data_timeout)
         _positive("drain_timeout", self.drain_timeout)
+        if self.max_data_memory < self.max_message_size:
+            raise OptionError(
+                "max_data_memory",
+                f"must be at least max_message_size ({self.max_message_size}), "
+                f"got {self.max_data_memory}",
+            )
         if self.max_command_length < 512:  # RFC 5321 §4.5.3.1.4
             raise OptionError("max_command_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
         if bool(self.tls_cert) != bool(self.tls_key):

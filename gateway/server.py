@@ -39,7 +39,7 @@ from gateway.quarantine import (
 )
 from gateway.relay import Relay, RelayError
 from gateway.replies import Reply
-from gateway.smtp import GatewaySMTP, ListenerSettings, SessionLimits, Transaction
+from gateway.smtp import DataBudget, GatewaySMTP, ListenerSettings, SessionLimits, Transaction
 from gateway.state import ClosableStateStore, open_state
 
 __all__ = [
@@ -161,6 +161,7 @@ class Gateway:
             generation.config.quarantine, generation.config.base_dir
         )
         self.limits = SessionLimits()
+        self.budget = DataBudget(generation.config.server.max_data_memory)
         self.sessions: set[GatewaySMTP] = set()
         self._draining = False
         self._retired: list[Generation] = []
@@ -331,6 +332,7 @@ class Gateway:
                 return False
             old = self.gen
             self.gen = new
+            self.budget.limit = new.config.server.max_data_memory
             if new.config.server.listen != old.config.server.listen:
                 log.warning(
                     "config_listen_changed",
@@ -478,7 +480,7 @@ async def start(config_path: Path | str, *, setup_logging: bool = False) -> Runn
     host, port = _listen_address(config.server.listen)
     try:
         listener = await loop.create_server(
-            lambda: GatewaySMTP(gateway, gateway.limits),
+            lambda: GatewaySMTP(gateway, gateway.limits, gateway.budget),
             host or None,
             port,
             reuse_address=True,

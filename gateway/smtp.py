@@ -49,6 +49,8 @@ from gateway.replies import Reply
 
 __all__ = [
     "Backend",
+    "DataBudget",
+    "DataOutcome",
     "GatewaySMTP",
     "ListenerSettings",
     "RecipientError",
@@ -300,6 +302,37 @@ class SessionLimits:
             del self.per_ip[key]
 
 
+class DataBudget:
+    """Message bytes held in memory across all sessions (``server.max_data_memory``).
+
+    Sessions take from it chunk by chunk while DATA streams in and give it
+    back after the hand-off. Nobody waits: a session that finds the budget
+    spent discards the rest and answers 452, so the client retries later and
+    the process never holds more than the budget in received message data.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+class DataOutcome(enum.Enum):
+    """How reading DATA ended."""
+
+    OK = "ok"
+    TOO_BIG = "too_big"  # over max_message_size: 552
+    NO_MEMORY = "no_memory"  # the shared DataBudget is spent: 452
+
+
 # --- the session --------------------------------------------------------------
 
 _ENHANCED = re.compile(r"^\d\.\d{1,3}\.\d{1,3} ")
@@ -338,6 +371,9 @@ _SMUGGLING_REPLY = Reply(
 )
 
 
+_NO_MEMORY_REPLY = Reply(452, "4.3.1", "Insufficient system storage; try again later")
+
+
 class _ClientGone(Exception):
     """The connection closed or timed out in the middle of DATA."""
 
@@ -345,11 +381,13 @@ class _ClientGone(Exception):
 class GatewaySMTP(SMTP):
     """One SMTP session. Built by the listener's protocol factory."""
 
-    def __init__(self, backend: Backend, limits: SessionLimits) -> None:
+    def __init__(self, backend: Backend, limits: SessionLimits, budget: DataBudget) -> None:
         settings = backend.settings
         server = settings.server
         self.backend = backend
         self.limits = limits
+        self.budget = budget
+        self._taken = 0  # bytes of ``budget`` this session holds
         self.settings = settings
         # The StreamReader limit bounds a command line (RFC 5321 §4.5.3.1.4).
         self.line_length_limit = server.max_command_length + 2
@@ -615,12 +653,19 @@ class GatewaySMTP(SMTP):
             received_at = datetime.now(UTC)
             self._reset_timeout(server.data_timeout)
             try:
-                raw, too_big = await self._read_data(server.max_message_size)
+                raw, outcome = await self._read_data(server.max_message_size)
             except _ClientGone:
                 return
             # Evaluation and hand-off are bounded by their own timeouts; keep the line open.
             self._reset_timeout(server.command_timeout + server.data_timeout)
-            if too_big:
+            if outcome is DataOutcome.NO_MEMORY:
+                log.warning(
+                    "message_deferred_memory",
+                    extra={"client_ip": self.client_ip, "max_data_memory": self.budget.limit},
+                )
+                await self.push(str(_NO_MEMORY_REPLY))
+                return
+            if outcome is DataOutcome.TOO_BIG:
                 metrics.MESSAGE_SIZE.observe(server.max_message_size)
                 log.info(
                     "message_refused_size",
@@ -638,6 +683,8 @@ class GatewaySMTP(SMTP):
             reply = await self.backend.deliver(self._transaction(raw, received_at))
             await self.push(str(reply))
         finally:
+            self.budget.give(self._taken)
+            self._taken = 0
             self.busy = False
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             self._reset_timeout()
@@ -686,21 +733,22 @@ class GatewaySMTP(SMTP):
         cipher = obj.cipher()
         return TLSInfo(version=obj.version() or "TLS", cipher=cipher[0] if cipher else "")
 
-    async def _read_data(self, limit: int) -> tuple[bytes, bool]:
-        """Read the message up to the strict CRLF.CRLF end; (raw, too_big).
+    async def _read_data(self, limit: int) -> tuple[bytes, DataOutcome]:
+        """Read the message up to the strict CRLF.CRLF end.
 
         Reads large chunks instead of lines. The buffer always starts with the
         CRLF that ended the previous line (a virtual one before the first), so
         the end marker is ``CRLF . CRLF`` and transparency (RFC 5321 §4.5.2) is
         ``CRLF . -> CRLF`` on whole lines only. A bare LF or CR never ends a
-        line here. Past ``limit`` the bytes are counted and discarded, so
-        memory stays bounded by the limit however much is sent.
+        line here. Past ``limit`` (or when the shared budget is spent) the
+        bytes are counted and discarded until the end marker, so memory stays
+        bounded however much is sent, and the session stays in sync.
         """
         reader = self._reader
         buf = bytearray(b"\r\n")
         out = bytearray()
         first = True
-        too_big = False
+        outcome = DataOutcome.OK
         scan = 0
         while True:
             if self.transport is None:
@@ -711,6 +759,9 @@ class GatewaySMTP(SMTP):
                 raise _ClientGone from None
             if not chunk:
                 raise _ClientGone
+            if outcome is DataOutcome.OK and not self._take(len(chunk)):
+                outcome = DataOutcome.NO_MEMORY
+                out = bytearray()
             buf += chunk
             end = buf.find(b"\r\n.\r\n", scan)
             if end >= 0:
@@ -718,15 +769,16 @@ class GatewaySMTP(SMTP):
                 if leftover:
                     # Pipelined commands after the end of data (RFC 2920) stay for the command loop.
                     reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
-                if not too_big:
-                    segment = bytes(buf[:end]).replace(b"\r\n.", b"\r\n")
-                    out += segment[2:] if first else segment
-                    if end > 0 or not first:
-                        out += b"\r\n"
-                    if len(out) > limit:
-                        return b"", True
-                return bytes(out), too_big
-            if too_big:
+                if outcome is not DataOutcome.OK:
+                    return b"", outcome
+                segment = bytes(buf[:end]).replace(b"\r\n.", b"\r\n")
+                out += segment[2:] if first else segment
+                if end > 0 or not first:
+                    out += b"\r\n"
+                if len(out) > limit:
+                    return b"", DataOutcome.TOO_BIG
+                return bytes(out), outcome
+            if outcome is not DataOutcome.OK:
                 del buf[:-4]
                 scan = 0
                 continue
@@ -738,10 +790,16 @@ class GatewaySMTP(SMTP):
                 del buf[:last]
             scan = max(0, len(buf) - 4)
             if len(out) + len(buf) - 2 > limit:
-                too_big = True
+                outcome = DataOutcome.TOO_BIG
                 out = bytearray()
                 del buf[:-4]
                 scan = 0
+
+    def _take(self, n: int) -> bool:
+        if not self.budget.take(n):
+            return False
+        self._taken += n
+        return True
 
 
 class _NoHandler:

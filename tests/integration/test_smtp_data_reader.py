@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.smtp import GatewaySMTP
+from gateway.smtp import DataBudget, DataOutcome, GatewaySMTP
 
 END = b"\r\n.\r\n"
 
@@ -37,12 +37,18 @@ def reference(wire: bytes) -> tuple[bytes, bytes] | None:
 class _Session:
     """Just what ``_read_data`` touches."""
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    _take = GatewaySMTP._take
+
+    def __init__(self, reader: asyncio.StreamReader, budget: DataBudget) -> None:
         self._reader = reader
         self.transport: Any = object()
+        self.budget = budget
+        self._taken = 0
 
 
-async def chunked(pieces: list[bytes], limit: int) -> tuple[bytes, bool, bytes]:
+async def chunked(
+    pieces: list[bytes], limit: int, budget: int = 10**9
+) -> tuple[bytes, DataOutcome, bytes]:
     reader = asyncio.StreamReader(limit=2**20)
 
     async def feed() -> None:
@@ -52,10 +58,11 @@ async def chunked(pieces: list[bytes], limit: int) -> tuple[bytes, bool, bytes]:
         reader.feed_eof()
 
     feeder = asyncio.create_task(feed())
-    raw, too_big = await GatewaySMTP._read_data(_Session(reader), limit)  # type: ignore[arg-type]
+    session = _Session(reader, DataBudget(budget))
+    raw, outcome = await GatewaySMTP._read_data(session, limit)  # type: ignore[arg-type]
     await feeder
     rest = await reader.read()
-    return raw, too_big, rest
+    return raw, outcome, rest
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -79,8 +86,8 @@ def test_chunked_reader_matches_the_line_reader(body: bytes, cuts: list[int]) ->
     wire = body + END + b"NOOP\r\n"
     expected = reference(wire)
     assert expected is not None
-    raw, too_big, rest = asyncio.run(chunked(split(wire, cuts), 10_000))
-    assert not too_big
+    raw, outcome, rest = asyncio.run(chunked(split(wire, cuts), 10_000))
+    assert outcome is DataOutcome.OK
     assert (raw, rest) == expected
 
 
@@ -95,13 +102,36 @@ def test_size_limit_is_exact_and_the_stream_stays_in_sync(
 ) -> None:
     body = (b"x" * 70 + b"\r\n") * (size // 72) + b"y" * (size % 72) + b"\r\n"
     wire = body + b".\r\nQUIT\r\n"
-    raw, too_big, rest = asyncio.run(chunked(split(wire, cuts), limit))
-    assert too_big == (len(body) > limit)
+    raw, outcome, rest = asyncio.run(chunked(split(wire, cuts), limit))
+    too_big = len(body) > limit
+    assert outcome is (DataOutcome.TOO_BIG if too_big else DataOutcome.OK)
     assert raw == (b"" if too_big else body)
     assert rest == b"QUIT\r\n"
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    size=st.integers(min_value=1, max_value=3000),
+    budget=st.integers(min_value=1, max_value=3000),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=8),
+)
+def test_spent_memory_budget_discards_the_message_and_stays_in_sync(
+    size: int, budget: int, cuts: list[int]
+) -> None:
+    body = b"z" * size + b"\r\n"
+    wire = body + b".\r\nQUIT\r\n"
+    raw, outcome, rest = asyncio.run(chunked(split(wire, cuts), 10_000, budget))
+    assert rest == b"QUIT\r\n"
+    if outcome is DataOutcome.OK:
+        assert raw == body
+    else:
+        assert outcome is DataOutcome.NO_MEMORY and raw == b""
+    if len(wire) <= budget:
+        assert outcome is DataOutcome.OK
+
+
 def test_empty_message_and_leading_dots() -> None:
-    assert asyncio.run(chunked([b".\r\n"], 100)) == (b"", False, b"")
-    assert asyncio.run(chunked([b"..\r\n.\r\n"], 100)) == (b".\r\n", False, b"")
-    assert asyncio.run(chunked([b"\r", b"\n", b".", b"\r", b"\n"], 100)) == (b"\r\n", False, b"")
+    ok = DataOutcome.OK
+    assert asyncio.run(chunked([b".\r\n"], 100)) == (b"", ok, b"")
+    assert asyncio.run(chunked([b"..\r\n.\r\n"], 100)) == (b".\r\n", ok, b"")
+    assert asyncio.run(chunked([b"\r", b"\n", b".", b"\r", b"\n"], 100)) == (b"\r\n", ok, b"")

@@ -262,3 +262,32 @@ def test_ipv6_clients_are_limited_per_64_prefix(
             assert other.recv(4096).startswith(b"220 ")
     finally:
         first.close()
+
+
+def test_spent_data_memory_budget_gets_452_and_is_given_back(
+    make_gateway: GatewayFactory, sink: SinkServer, connect: Connect
+) -> None:
+    """Message data held across sessions is bounded; past it clients are told to retry."""
+    gw = make_gateway(sink, {"server.max_message_size": 100_000, "server.max_data_memory": 150_000})
+    holder = socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=10)
+    hf = holder.makefile("rb")
+    hf.readline()
+    holder.sendall(
+        b"HELO h.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n"
+    )
+    assert [hf.readline()[:3] for _ in range(4)][-1] == b"354"
+    holder.sendall(b"Subject: holder\r\n\r\n" + (b"h" * 78 + b"\r\n") * 1000)  # ~80 kB held
+    time.sleep(0.3)
+    body = b"Subject: second\r\n\r\n" + (b"s" * 78 + b"\r\n") * 1000
+    with connect(gw.smtp_port) as client:
+        client.mail("a@sender.test")
+        client.rcpt("x@example.org")
+        code, text = client.data(body)
+        assert (code, text[:5]) == (452, b"4.3.1")
+        holder.sendall(b".\r\n")
+        assert hf.readline().startswith(b"250 ")
+        holder.close()
+        client.mail("a@sender.test")  # the budget is back: the retry goes through
+        client.rcpt("x@example.org")
+        assert client.data(body)[0] == 250
+    assert len(sink.wait_for(2)) == 2
