@@ -17,6 +17,7 @@ from gateway.api import DNSError, DNSTemporaryError, Resolver
 
 __all__ = [
     "KeyAnswer",
+    "ascii_domain",
     "fetch_keys",
     "header_block",
     "key_dnsfunc",
@@ -35,6 +36,17 @@ def header_block(raw: bytes) -> bytes:
         if end >= 0:
             return raw[: end + len(sep)]
     return raw
+
+
+def ascii_domain(name: str) -> str:
+    """Lower-case A-label form of a domain (IDNA, RFC 5890); '' when it cannot be one."""
+    name = name.strip().lower().rstrip(".")
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return ""
 
 
 def printable(text: str | bytes, limit: int = 200) -> str:

@@ -42,7 +42,7 @@ from gateway.api import (
     Symbol,
     SymbolDef,
 )
-from policies._authcommon import org_aligned, printable, valid_domain
+from policies._authcommon import ascii_domain, org_aligned, printable, valid_domain
 from policies.arc import ARCOutcome, verify_arc
 
 __all__ = [
@@ -347,11 +347,7 @@ def from_domains(ctx: Context) -> tuple[int, list[str], list[str]]:
         if not addrs:
             bad.append(printable(str(value), 80))
         for _local, dom in addrs:
-            d = dom.strip().lower().rstrip(".")
-            try:
-                d = d.encode("idna").decode("ascii") if not d.isascii() else d
-            except UnicodeError:
-                d = ""
+            d = ascii_domain(dom)
             if valid_domain(d):
                 if d not in domains:
                     domains.append(d)

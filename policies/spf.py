@@ -48,7 +48,7 @@ from gateway.api import (
     Symbol,
     SymbolDef,
 )
-from policies._authcommon import printable, valid_domain
+from policies._authcommon import ascii_domain, printable, valid_domain
 
 __all__ = ["SPFOptions", "SPFOutcome", "SPFPolicy", "evaluate_spf"]
 
@@ -242,7 +242,7 @@ class SPFPolicy(Policy):
 
     async def check(self, ctx: Context) -> Result:
         ip = _client_ip(ctx)
-        helo = ctx.helo.strip().rstrip(".").lower()
+        helo = ascii_domain(ctx.helo)
         helo_ok = valid_domain(helo) and not helo.startswith("[")
         null_sender = ctx.mail_from.strip("<> ") == ""
         if null_sender:
@@ -251,9 +251,9 @@ class SPFPolicy(Policy):
         else:
             sender = ctx.mail_from.strip().strip("<>")
             local, at, domain = sender.rpartition("@")
-            mf_domain = domain.rstrip(".").lower() if at else sender.rstrip(".").lower()
-            if not at or not local:
-                sender = f"postmaster@{mf_domain}"  # RFC 7208 §4.3: no local-part
+            mf_domain = ascii_domain(domain if at else sender)
+            # RFC 7208 §4.3: no local-part means "postmaster"; the domain as an A-label.
+            sender = f"{local if at and local else 'postmaster'}@{mf_domain}"
 
         async def mailfrom() -> SPFOutcome:
             if ip is None:

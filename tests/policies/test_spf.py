@@ -306,3 +306,12 @@ async def test_odd_envelopes_give_renderable_auth_results(
     assert text.startswith("mx.example.org; spf=")
     assert text.isascii()
     assert all(v for a in auth for _, v in a.properties)
+
+
+async def test_internationalized_domain_is_checked_as_a_label(dns_server: DNSServer) -> None:
+    """RFC 7208 §4.3 / RFC 5890: a U-label MAIL FROM domain is looked up as its A-label."""
+    dns_server.set("xn--bcher-kva.example", ("TXT", "v=spf1 ip4:192.0.2.0/24 -all"))
+    res = CachingResolver(DNSConfig(nameservers=(dns_server.address,), timeout=0.5))
+    symbols, auth, _ = await run(res, ip="192.0.2.10", mail_from="käufer@bücher.example", helo="h")
+    assert symbols == {"SPF_PASS", "SPF_HELO_NONE"}
+    assert auth[0].prop("smtp.mailfrom") == "xn--bcher-kva.example"
