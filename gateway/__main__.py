@@ -20,10 +20,15 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from gateway.api import Action, AuthResult, OptionError, Services
 from gateway.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # imported lazily at run time, so `--help` stays fast
+    from gateway.engine import Engine, Evaluation
+    from gateway.quarantine import QuarantineItem, QuarantineStore
+    from gateway.state import ClosableStateStore
 
 __all__ = ["main"]
 
@@ -57,19 +62,19 @@ class _Problems(Exception):
         self.lines = lines
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Runtime:
     """An engine for one CLI command, with the services it opened."""
 
-    engine: Any  # gateway.engine.Engine; imported lazily to keep `--help` fast
-    state: Any
+    engine: Engine
+    state: ClosableStateStore
 
     async def close(self) -> None:
         await self.engine.close()
         await self.state.close()
 
 
-def _services(config: Config) -> tuple[Services, Any]:
+def _services(config: Config) -> tuple[Services, ClosableStateStore]:
     from gateway.dns import CachingResolver
     from gateway.state import open_state
 
@@ -119,7 +124,7 @@ async def _build(config: Config, *, start: bool = True) -> tuple[_Runtime, list[
     return runtime, problems
 
 
-def _unknown_scores(engine: Any) -> list[str]:
+def _unknown_scores(engine: Engine) -> list[str]:
     known = list(engine.declared_symbols())
     lines = []
     for key in engine.unknown_score_keys():
@@ -278,7 +283,7 @@ async def _scan(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _print_explanation(config: Config, evaluation: Any, reply: str, out: TextIO) -> None:
+def _print_explanation(config: Config, evaluation: Evaluation, reply: str, out: TextIO) -> None:
     """Like ``spamassassin -t``: the verdict, then every symbol with its points and evidence."""
     v = evaluation.verdict
     t = config.actions
@@ -422,7 +427,9 @@ async def _quarantine(args: argparse.Namespace, out: TextIO) -> int:
         await store.close()
 
 
-async def _release(config: Config, store: Any, item: Any, raw: bytes, out: TextIO) -> int:
+async def _release(
+    config: Config, store: QuarantineStore, item: QuarantineItem, raw: bytes, out: TextIO
+) -> int:
     """Deliver with the original envelope and the stored headers prepended, then remove."""
     from gateway.headers import prepend
     from gateway.quarantine import QuarantineError
