@@ -197,12 +197,20 @@ def _b64(chunk: bytes, problems: list[str], *, final: bool, from_end: bool = Fal
     if chunk.translate(None, _B64_ALPHABET + _WS):
         problems.append("invalid characters in base64")
     compact = chunk.translate(None, _NOT_B64)
+    del chunk  # the caller's temporary: free it before decoding (peak memory)
     if from_end:
         compact = compact[len(compact) % 4 :]
     elif not final:
         compact = compact[: len(compact) - len(compact) % 4]
+    trailing = 2 if compact.endswith(b"==") else 1 if compact.endswith(b"=") else 0
+    inner_pad = compact.find(b"=", 0, len(compact) - trailing) >= 0
+    if len(compact) % 4 == 0 and not inner_pad:
+        try:  # well-formed: decode in place, without further copies
+            return binascii.a2b_base64(compact)
+        except binascii.Error:
+            pass
     body = compact.rstrip(b"=")
-    if b"=" in body:
+    if inner_pad:
         problems.append("padding inside base64 data")
         body = body.replace(b"=", b"")
     if final and len(compact) % 4:
