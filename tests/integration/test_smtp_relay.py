@@ -375,3 +375,51 @@ def test_message_processed_log_line_explains_the_message(
     assert event["size"] == len(MSG)
     assert event["downstream"].startswith("250")
     assert {"queue_id", "score", "symbols", "timings", "reply"} <= set(event)
+
+
+def test_helo_session_is_recorded_as_smtp_and_gets_plain_replies(
+    module_gateway: GatewayProcess, fresh_sink: SinkServer, connect: Connect
+) -> None:
+    with connect(module_gateway.smtp_port, ehlo=False) as client:
+        client.helo("old.sender.test")
+        code, text = client.docmd("MAIL FROM:<a@sender.test>")
+        assert (code, text) == (250, b"OK")  # no enhanced codes without EHLO (RFC 2034)
+        client.docmd("RCPT TO:<x@example.org>")
+        assert client.data(MSG)[0] == 250
+    (got,) = fresh_sink.wait_for(1)
+    assert b"\twith SMTP\r\n" in got.data.split(MSG)[0] or b" with SMTP\r\n" in got.data
+
+
+def test_smtputf8_and_8bitmime_envelopes_are_relayed(
+    module_gateway: GatewayProcess, fresh_sink: SinkServer, connect: Connect
+) -> None:
+    body = "Subject: ünïcode\r\n\r\nGrüße\r\n".encode()
+    with connect(module_gateway.smtp_port) as client:
+        client.sendmail(
+            "jörg@sender.test",
+            ["Ärger@example.org"],
+            body,
+            mail_options=["SMTPUTF8", "BODY=8BITMIME"],
+        )
+    (got,) = fresh_sink.wait_for(1)
+    assert got.mail_from == "jörg@sender.test"
+    assert got.rcpt_tos == ("Ärger@example.org",)
+    assert got.data.endswith(body)
+    assert b"with UTF8SMTP" in got.data
+
+
+def test_thousands_of_recipients_and_a_pipelined_flood_get_bounded_answers(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    gw = make_gateway(sink, {"server.max_recipients": 5, "relay.verify_recipients": False})
+    flood = b"EHLO flood.test\r\nMAIL FROM:<a@sender.test>\r\n" + b"".join(
+        f"RCPT TO:<u{i}@example.org>\r\n".encode() for i in range(3000)
+    )
+    out = raw_session(gw.smtp_port, flood, timeout=10)
+    lines = [line for line in out.split(b"\r\n") if line[:3].isdigit() and line[3:4] == b" "]
+    codes = [line[:3] for line in lines]
+    assert codes[:2] == [b"250", b"250"]
+    assert codes[2:7] == [b"250"] * 5
+    assert set(codes[7:-1]) == {b"452"}
+    assert lines[-1].startswith(b"421 4.7.0")  # per-session command budget, then closed
+    assert len(codes) < 1100
