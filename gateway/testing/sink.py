@@ -292,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:10026", help="host:port to listen on")
     parser.add_argument("--tls", action="store_true", help="offer STARTTLS (self-signed)")
     args = parser.parse_args(argv)
-    host, port = parse_hostport(args.listen)
+    listen = args.listen.strip()
+    if listen.endswith(":0"):
+        host, port = parse_hostport(listen[:-2] + ":1")[0], 0
+    else:
+        host, port = parse_hostport(listen)
     sink = SinkServer(host, port, tls=args.tls, echo=True)
     sink.start()
     print(f"sink listening on {sink.address}", flush=True)
