@@ -37,6 +37,9 @@ __all__ = ["ARCOutcome", "RecordedResult", "verify_arc"]
 log = logging.getLogger("gateway.policies.arc")
 
 MAX_INSTANCES = 50  # RFC 8617 §4.2.1: i= is 1..50
+# Each ARC set's message signature hashes the body again: past this many body
+# bytes in total the chain is not validated (arc=fail), bounding CPU per message.
+VERIFY_BUDGET_BYTES = 100_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,11 @@ async def verify_arc(ctx: Context, min_key_bits: int = 1024) -> ARCOutcome:
     instances = max((_instance(v) for v in seals), default=0)
     if len(seals) > MAX_INSTANCES or instances > MAX_INSTANCES:
         return ARCOutcome("fail", f"more than {MAX_INSTANCES} ARC sets", instances)
+    body = len(ctx.raw) - len(header_block(ctx.raw))
+    if instances * body > VERIFY_BUDGET_BYTES:
+        return ARCOutcome(
+            "fail", f"{instances} ARC sets on a {body}-byte body: too costly", instances
+        )
     names: list[str] = []
     sealer = ""
     for k, v in fields:

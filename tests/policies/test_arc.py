@@ -71,3 +71,16 @@ async def test_sealer_key_servfail_is_not_a_pass(resolver: CachingResolver) -> N
     outcome = await verify_arc(make_context(raw, resolver=resolver))
     assert outcome.result == "fail" and outcome.temperror
     assert outcome.auth("192.0.2.1").properties == (("smtp.remote-ip", "192.0.2.1"),)
+
+
+async def test_chain_too_costly_to_validate_fails(
+    resolver: CachingResolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARC sets x body size over the budget: arc=fail without hashing anything."""
+    import policies.arc
+
+    raw = arc_seal(message(), "list.example", "list.example", "dmarc=pass")
+    raw = arc_seal(raw, "relay.example", "relay.example", "arc=pass")
+    monkeypatch.setattr(policies.arc, "VERIFY_BUDGET_BYTES", 10)
+    outcome = await verify_arc(make_context(raw, resolver=resolver))
+    assert outcome.result == "fail" and "too costly" in outcome.reason

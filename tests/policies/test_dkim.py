@@ -175,3 +175,17 @@ async def test_signature_count_is_bounded(resolver: CachingResolver, dns_server:
 def test_min_key_bits_cannot_go_below_rfc_8301() -> None:
     with pytest.raises(OptionError, match="min_key_bits"):
         DKIMOptions(min_key_bits=512)
+
+
+async def test_verification_cpu_is_bounded_by_a_byte_budget(
+    resolver: CachingResolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signatures past the body-hashing budget are reported ("policy"), not verified."""
+    import policies.dkim
+
+    raw = sign(sign(sign(message(), "example.com", "s1"), "example.com", "s1"), "example.com", "s1")
+    body = len(raw.split(b"\r\n\r\n", 1)[1])
+    monkeypatch.setattr(policies.dkim, "VERIFY_BUDGET_BYTES", 2 * body)
+    symbols, auth = await check(resolver, raw)
+    assert [a.result for a in auth] == ["pass", "pass", "policy"]
+    assert symbols == {"DKIM_PASS", "DKIM_TOO_MANY_SIGNATURES"}
