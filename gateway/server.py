@@ -167,6 +167,9 @@ class Gateway:
         self._retired: list[Generation] = []
         self._reloading = asyncio.Lock()
         self._all_closed = asyncio.Event()
+        self._deliveries = 0  # hand-offs running, even for sessions already gone
+        self._no_deliveries = asyncio.Event()
+        self._no_deliveries.set()
 
     # -- Backend ---------------------------------------------------------------
 
@@ -208,11 +211,16 @@ class Gateway:
         """Evaluate, then relay / quarantine / refuse; the reply to DATA."""
         gen = self.gen
         gen.inflight += 1
+        self._deliveries += 1
+        self._no_deliveries.clear()
         started = time.monotonic()
         try:
             reply, action, evaluation, fields = await self._deliver(gen, tx)
         finally:
             gen.inflight -= 1
+            self._deliveries -= 1
+            if self._deliveries == 0:
+                self._no_deliveries.set()
             if gen.retired and gen.inflight == 0:
                 gen.closed.set()
         metrics.MESSAGE_SIZE.observe(len(tx.raw))
@@ -364,10 +372,11 @@ class Gateway:
         self._draining = True
         for session in list(self.sessions):
             session.shutdown()
-        if self.sessions:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                if self.sessions:
                     await self._all_closed.wait()
+                await self._no_deliveries.wait()
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()

@@ -680,7 +680,13 @@ class GatewaySMTP(SMTP):
                 )
                 await self.push(str(_SMUGGLING_REPLY))
                 return
-            reply = await self.backend.deliver(self._transaction(raw, received_at))
+            # A client that hangs up now must not cancel a hand-off half done (a relay
+            # mid-transaction, a quarantine write): it completes, the client never saw a
+            # 2xx and retries -- at worst a duplicate, as RFC 5321 §6.1 accepts.
+            delivery = asyncio.ensure_future(
+                self.backend.deliver(self._transaction(raw, received_at))
+            )
+            reply = await asyncio.shield(delivery)
             await self.push(str(reply))
         finally:
             self.budget.give(self._taken)

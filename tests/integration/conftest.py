@@ -141,6 +141,15 @@ PLUGIN_SOURCE = textwrap.dedent(
             return Result()
 
 
+    class SlowPolicy(Policy):
+        name = "gwtest_slow"
+        symbols = {}
+
+        async def check(self, ctx: Context) -> Result:
+            await asyncio.sleep(1.0)
+            return Result()
+
+
     class VerdictPolicy(Policy):
         """Acts on a ``X-Test-Verdict: reject|quarantine|tempfail|spam`` header."""
 
@@ -181,7 +190,8 @@ def policy_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "[gateway.policies]\n"
         "gwtest_raise = gwtest_policies:RaisingPolicy\n"
         "gwtest_hang = gwtest_policies:HangingPolicy\n"
-        "gwtest_verdict = gwtest_policies:VerdictPolicy\n",
+        "gwtest_verdict = gwtest_policies:VerdictPolicy\n"
+        "gwtest_slow = gwtest_policies:SlowPolicy\n",
         encoding="utf-8",
     )
     (dist / "RECORD").write_text("", encoding="utf-8")

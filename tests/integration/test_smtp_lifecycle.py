@@ -238,3 +238,23 @@ def test_metrics_count_replies_sessions_and_readiness_follows_the_downstream(
     assert _get(gw, "/readyz")[0] == 200
     sink.stop()
     assert _get(gw, "/readyz")[0] == 503
+
+
+def test_a_client_hanging_up_during_the_hand_off_does_not_cancel_it(
+    make_gateway: GatewayFactory, sink: SinkServer, policy_plugin: Path
+) -> None:
+    """The hand-off completes (and SIGTERM waits for it); the client, never told 250, retries."""
+    gw = make_gateway(sink, {"policies": {"gwtest_slow": {}}}, extra_pythonpath=[policy_plugin])
+    with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(
+            b"HELO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n"
+        )
+        assert [f.readline()[:3] for _ in range(4)][-1] == b"354"
+        sock.sendall(b"Subject: gone\r\n\r\nbye\r\n.\r\n")
+    time.sleep(0.2)
+    gw.signal(signal.SIGTERM)
+    assert gw.wait(15) == 0
+    (got,) = sink.wait_for(1)
+    assert got.data.endswith(b"Subject: gone\r\n\r\nbye\r\n")
