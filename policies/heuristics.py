@@ -66,7 +66,7 @@ SYMBOLS: Mapping[str, SymbolDef] = {
     "HDR_MISSING_MESSAGE_ID": SymbolDef(
         0.5, "no Message-ID header field (RFC 5322 §3.6.4 says SHOULD)"
     ),
-    "HDR_DATE_INVALID": SymbolDef(1.0, "Date header field cannot be parsed (RFC 5322 §3.3)"),
+    "HDR_DATE_INVALID": SymbolDef(1.5, "Date header field cannot be parsed (RFC 5322 §3.3)"),
     "HDR_DATE_FUTURE": SymbolDef(1.5, "Date is far after the first Received time"),
     "HDR_DATE_PAST": SymbolDef(0.5, "Date is far before the first Received time"),
     "FROM_NAME_HAS_ADDRESS": SymbolDef(
@@ -87,7 +87,7 @@ SYMBOLS: Mapping[str, SymbolDef] = {
     ),
     "MIME_EMPTY_BODY_ATTACHMENT": SymbolDef(1.0, "no text to read, only an attachment"),
     "MIME_HTML_ONLY": SymbolDef(0.1, "HTML without a text/plain alternative"),
-    "MIME_HTML_LITTLE_TEXT": SymbolDef(2.0, "HTML-only mail with very little text"),
+    "MIME_HTML_LITTLE_TEXT": SymbolDef(2.5, "HTML-only mail with very little text"),
 }
 
 # Defects that mean the MIME structure itself is broken (email.errors).

@@ -37,7 +37,7 @@ DEFAULT_SUSPICIOUS_TLDS = (
 )  # fmt: skip
 
 SYMBOLS = {
-    "URI_IP_HOST": SymbolDef(2.0, "a link points at a bare IP address instead of a name"),
+    "URI_IP_HOST": SymbolDef(2.5, "a link points at a bare IP address instead of a name"),
     "URI_IP_OBFUSCATED": SymbolDef(2.5, "a link hides an IP address in decimal, hex or octal form"),
     "URI_TEXT_MISMATCH": SymbolDef(
         0.5, "link text shows one domain while the link goes to another"
