@@ -499,8 +499,14 @@ class DMARCPolicy(Policy):
             return [Symbol("DMARC_PERMERROR", detail=f"{d}: {ev.detail}")], None, ""
         if ev.result == "temperror":
             sym = [Symbol("DMARC_TEMPERROR", detail=f"{d}: {ev.detail}")]
-            # Policy unknown (the lookup failed) or known to ask for action: retry later.
-            if self.options.tempfail_on_temperror and ev.policy is not Disposition.NONE:
+            # Policy unknown (the lookup failed) or known to ask for action: retry later,
+            # unless the operator exempted this sender or domain from enforcement.
+            if (
+                self.options.tempfail_on_temperror
+                and ev.policy is not Disposition.NONE
+                and not self._monitored(d)
+                and not await self._allowlisted(ctx)
+            ):
                 return sym, Action.TEMPFAIL, f"DMARC check for {d} failed temporarily (DNS)"
             return sym, None, ""
         assert ev.policy is not None

@@ -420,6 +420,8 @@ async def test_temperror_defers_by_default_and_can_relay(resolver: CachingResolv
     lookup_failed = await run(resolver, "a@sf.example", ())
     assert lookup_failed.force is Action.TEMPFAIL
     assert "sf.example" in lookup_failed.reason
+    exempt = await run(resolver, "a@sf.example", (), monitor_domains=("sf.example",))
+    assert exempt.force is None
 
 
 # -- ARC ---------------------------------------------------------------------
