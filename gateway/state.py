@@ -5,11 +5,13 @@ Two implementations of :class:`gateway.api.StateStore`:
 - ``local`` (default): one SQLite file (WAL), every call in a worker thread so
   the event loop never waits on the disk. Shared by the processes of one host.
 - ``redis``: ``redis.asyncio`` with ``key_prefix`` from the config, so several
-  gateways count as one. Counter pairs are small hashes (``{prefix}c:{table}:{key}``
-  with fields ``a`` and ``b``), read and written in pipelines; sliding-window
-  hits are sorted sets (``{prefix}h:{key}``) that expire with their window.
-  Per-key hashes rather than one big hash per table keep Redis Cluster slots
-  balanced; redis-py's cluster and Sentinel clients speak the same commands.
+  gateways count as one. Counter pairs live in 64 hashes per table
+  (``{prefix}c:{table}:{shard}``, fields ``a:{key}`` and ``b:{key}``, shard =
+  CRC32(key) mod 64): a call with thousands of keys is one pipeline of at most
+  64 HMGETs or 64 increment scripts, and the shards spread over Cluster slots.
+  Sliding-window hits are sorted sets (``{prefix}h:{key}``) that expire with
+  their window. Sentinel (``redis+sentinel://``) and Cluster
+  (``redis+cluster://``) use redis-py's clients of the same name.
 
 Every failure becomes :class:`gateway.api.StateUnavailableError`; policies
 step aside with a symbol and mail keeps flowing. Both stores recover by
@@ -24,7 +26,8 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +48,16 @@ __all__ = [
 _TIMEOUT = 5.0  # seconds for any one state operation
 _CHUNK = 500  # keys per statement / pipeline: bounded work per round trip
 _CLEANUP_EVERY = 1000  # hits between sweeps of expired hit rows (local)
+# Redis counters live in this many hashes per table: a few commands per call
+# however many keys (a message has thousands of tokens), yet spread over
+# Cluster slots. Part of the storage layout: changing it orphans counts.
+_SHARDS = 64
+_INCR_LUA = """
+for i = 1, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"""
 
 
 class ClosableStateStore(StateStore, Protocol):
@@ -260,17 +273,17 @@ class RedisState:
 
     def __init__(self, url: str, key_prefix: str = "gateway:") -> None:
 
+        import redis.asyncio.cluster
+
         self.url = url
         self.prefix = key_prefix
         self._redis: Any = _client(url)
+        self._scripted = not isinstance(self._redis, redis.asyncio.cluster.RedisCluster)
 
     def _where(self) -> str:
         import re
 
         return re.sub(r"//[^@/]*@", "//", self.url)  # no credentials in messages
-
-    def _counter_key(self, table: str, key: str) -> str:
-        return f"{self.prefix}c:{table}:{key}"
 
     async def _run(self, op: Callable[[], Awaitable[Any]]) -> Any:
         """``op()`` under a deadline; building a pipeline may already connect (Cluster)."""
@@ -290,40 +303,61 @@ class RedisState:
                 f"{str(exc) or 'timed out'}"
             ) from exc
 
-    async def incr_many(self, table: str, deltas: Mapping[str, tuple[int, int]]) -> None:
-        _check_table(table)
-        items = list(deltas.items())
+    def _shard(self, table: str, key: str) -> str:
+        return f"{self.prefix}c:{table}:{zlib.crc32(key.encode()) % _SHARDS:02x}"
 
-        async def batch(chunk: list[tuple[str, tuple[int, int]]]) -> Any:
-            pipe = self._redis.pipeline(transaction=False)
-            for key, (a, b) in chunk:
-                name = self._counter_key(table, key)
-                if a:
-                    pipe.hincrby(name, "a", int(a))
+    def _by_shard(self, table: str, keys: Iterable[str]) -> dict[str, list[str]]:
+        shards: dict[str, list[str]] = {}
+        for key in keys:
+            shards.setdefault(self._shard(table, key), []).append(key)
+        return shards
+
+    async def incr_many(self, table: str, deltas: Mapping[str, tuple[int, int]]) -> None:
+        """One script call per shard (one key each, so Cluster-safe), all in one pipeline."""
+        _check_table(table)
+        if not deltas:
+            return
+        plan: list[tuple[str, list[Any]]] = []
+        for shard, keys in self._by_shard(table, deltas).items():
+            args: list[Any] = []
+            for key in keys:
+                a, b = deltas[key]
+                if a or not b:  # (0, 0) still creates the pair
+                    args += [f"a:{key}", int(a)]
                 if b:
-                    pipe.hincrby(name, "b", int(b))
-                if not a and not b:
-                    pipe.hsetnx(name, "a", 0)
+                    args += [f"b:{key}", int(b)]
+            plan.append((shard, args))
+
+        async def op() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            for shard, args in plan:
+                if self._scripted:
+                    pipe.eval(_INCR_LUA, 1, shard, *args)  # EVAL: no NOSCRIPT after a restart
+                else:  # redis-py's Cluster pipeline routes plain commands only
+                    for i in range(0, len(args), 2):
+                        pipe.hincrby(shard, args[i], args[i + 1])
             return await pipe.execute()
 
-        for i in range(0, len(items), _CHUNK):
-            chunk = items[i : i + _CHUNK]
-            await self._run(lambda: batch(chunk))  # noqa: B023 (awaited right here)
+        await self._run(op)
 
     async def get_many(self, table: str, keys: list[str]) -> dict[str, tuple[int, int]]:
+        """One HMGET per shard, all in one pipeline."""
         _check_table(table)
-        out: dict[str, tuple[int, int]] = {}
+        if not keys:
+            return {}
+        shards = self._by_shard(table, dict.fromkeys(keys))
 
-        async def batch(chunk: list[str]) -> Any:
+        async def op() -> Any:
             pipe = self._redis.pipeline(transaction=False)
-            for key in chunk:
-                pipe.hmget(self._counter_key(table, key), "a", "b")
+            for shard, members in shards.items():
+                pipe.hmget(shard, [f"{h}:{k}" for k in members for h in "ab"])
             return await pipe.execute()
 
-        for i in range(0, len(keys), _CHUNK):
-            chunk = keys[i : i + _CHUNK]
-            replies = await self._run(lambda: batch(chunk))  # noqa: B023 (awaited right here)
-            for key, (a, b) in zip(chunk, replies, strict=True):
+        replies = await self._run(op)
+        out: dict[str, tuple[int, int]] = {}
+        for members, values in zip(shards.values(), replies, strict=True):
+            for i, key in enumerate(members):
+                a, b = values[2 * i], values[2 * i + 1]
                 if a is not None or b is not None:
                     out[key] = (int(a or 0), int(b or 0))
         return out
