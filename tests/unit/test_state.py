@@ -232,3 +232,24 @@ async def test_redis_outage_raises_state_unavailable_then_recovers_with_nothing_
         if keys:
             await admin.delete(*keys)
         await admin.aclose()
+
+
+async def test_plain_command_increments_used_for_cluster_match_the_scripted_ones() -> None:
+    admin = await _redis_or_skip()
+    prefix = f"gwtest:{secrets.token_hex(6)}:"
+    scripted = RedisState(REDIS_URL, prefix)
+    plain = RedisState(REDIS_URL, prefix)
+    plain._scripted = False  # what a redis+cluster:// store does
+    try:
+        deltas = {f"k{i}": (i % 3, i % 2) for i in range(300)}
+        await scripted.incr_many("t", deltas)
+        await plain.incr_many("t", deltas)
+        got = await plain.get_many("t", list(deltas))
+        assert got == {k: (2 * a, 2 * b) for k, (a, b) in deltas.items()}
+    finally:
+        await scripted.close()
+        await plain.close()
+        keys = [k async for k in admin.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()
