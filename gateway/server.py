@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import re
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import headers, metrics, replies
-from gateway.api import Action, Services
+from gateway.api import Action, DNSError, Services
 from gateway.config import Config, ConfigError, LogConfig, load_config, parse_hostport
 from gateway.dns import CachingResolver
 from gateway.engine import Engine, Evaluation
@@ -56,6 +57,7 @@ log = logging.getLogger("gateway.server")
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$", re.S)
 _RELOAD_GRACE = 5.0  # seconds between retiring a generation's relay and closing it
+_RDNS_TIMEOUT = 2.0  # seconds for the client's PTR + forward lookups (at most dns.timeout)
 
 
 # --- logging ------------------------------------------------------------------
@@ -144,6 +146,13 @@ def _listen_address(listen: str) -> tuple[str, int]:
     return parse_hostport(text)
 
 
+def _same_ip(text: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    try:
+        return ipaddress.ip_address(text) == addr
+    except ValueError:
+        return False
+
+
 def _downstream_reply(code: int, text: str, default_status: str) -> Reply:
     m = _ENHANCED.match(text)
     if m and m.group(1)[0] == str(code)[0]:
@@ -206,6 +215,24 @@ class Gateway:
         if 500 <= code < 600:
             return _downstream_reply(code, text, "5.1.1")
         return replies.RELAY_UNAVAILABLE
+
+    async def client_name(self, ip: str) -> str:
+        """Forward-confirmed reverse DNS (FCrDNS): the PTR name only if it maps back to ``ip``."""
+        resolver = self.gen.engine.services.resolver
+        try:
+            addr = ipaddress.ip_address(ip)
+            async with asyncio.timeout(min(_RDNS_TIMEOUT, self.gen.config.dns.timeout)):
+                ptr = await resolver.query(addr.reverse_pointer, "PTR")
+                for name in ptr.records[:3]:
+                    rdtype = "A" if addr.version == 4 else "AAAA"
+                    forward = await resolver.query(name, rdtype)
+                    if any(_same_ip(a, addr) for a in forward.records):
+                        return name.rstrip(".")
+        except (TimeoutError, ValueError, DNSError):
+            pass
+        except Exception:
+            log.debug("rdns_failed", exc_info=True)
+        return ""
 
     async def deliver(self, tx: Transaction) -> Reply:
         """Evaluate, then relay / quarantine / refuse; the reply to DATA."""

@@ -223,6 +223,10 @@ class Backend(Protocol):
         """Evaluate and hand the message on; the reply to DATA."""
         ...
 
+    async def client_name(self, ip: str) -> str:
+        """The forward-confirmed reverse DNS name of ``ip``, or "" (bounded in time)."""
+        ...
+
     def session_opened(self, session: GatewaySMTP) -> None: ...
 
     def session_closed(self, session: GatewaySMTP) -> None: ...
@@ -416,6 +420,7 @@ class GatewaySMTP(SMTP):
         self.client_ip: str | None = None
         self.peer_ip: str | None = None
         self.helo = ""
+        self._rdns: asyncio.Future[str] | None = None
         self._counted = False
         self._stage = "connect"
         self.busy = False  # inside a DATA transaction (reading, evaluating, handing off)
@@ -440,6 +445,8 @@ class GatewaySMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._rdns is not None and not self._rdns.done():
+            self._rdns.cancel()
         if self._counted:
             self._counted = False
             self.limits.release(self.client_ip or "unknown")
@@ -497,6 +504,9 @@ class GatewaySMTP(SMTP):
             return
         self._counted = True
         metrics.SESSIONS_ACTIVE.inc()
+        if self.client_ip is not None and not _is_loopback(self.client_ip):
+            # Looked up while the client talks; awaited (bounded) only at DATA.
+            self._rdns = asyncio.ensure_future(self.backend.client_name(self.client_ip))
         await super()._handle_client()
 
     async def _refuse(self, reply: Reply, reason: str) -> None:
@@ -683,9 +693,8 @@ class GatewaySMTP(SMTP):
             # A client that hangs up now must not cancel a hand-off half done (a relay
             # mid-transaction, a quarantine write): it completes, the client never saw a
             # 2xx and retries -- at worst a duplicate, as RFC 5321 §6.1 accepts.
-            delivery = asyncio.ensure_future(
-                self.backend.deliver(self._transaction(raw, received_at))
-            )
+            tx = self._transaction(raw, received_at, await self._client_name())
+            delivery = asyncio.ensure_future(self.backend.deliver(tx))
             reply = await asyncio.shield(delivery)
             await self.push(str(reply))
         finally:
@@ -698,7 +707,15 @@ class GatewaySMTP(SMTP):
                 self._write_now(replies.SHUTTING_DOWN)
                 self.transport.close()
 
-    def _transaction(self, raw: bytes, received_at: datetime) -> Transaction:
+    async def _client_name(self) -> str:
+        if self._rdns is None:
+            return ""
+        try:
+            return await asyncio.shield(self._rdns)
+        except Exception:
+            return ""
+
+    def _transaction(self, raw: bytes, received_at: datetime, client_name: str) -> Transaction:
         assert self.envelope is not None
         tls = self._tls_info()
         utf8 = bool(self.envelope.smtp_utf8)
@@ -714,13 +731,14 @@ class GatewaySMTP(SMTP):
             mail_from=_mail_from(self.envelope.mail_from),
             rcpt_to=rcpts,
             queue_id=queue_id,
+            client_name=client_name,
             tls=tls,
             received_at=received_at,
         )
         received = received_field(
             helo=self.helo,
             client_ip=self.client_ip,
-            client_name="",
+            client_name=client_name,
             hostname=self.settings.server.hostname,
             protocol=protocol,
             queue_id=queue_id,
@@ -817,6 +835,13 @@ def _ip_of(peer: Any) -> str | None:
         host = str(peer[0])
         return host.removeprefix("::ffff:") if host.startswith("::ffff:") else host
     return None
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 def _mail_from(value: str | None) -> str:

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.config import ServerConfig
 from gateway.smtp import tls_context
+from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.sink import SinkServer, make_self_signed
 
@@ -291,3 +292,20 @@ def test_spent_data_memory_budget_gets_452_and_is_given_back(
         client.rcpt("x@example.org")
         assert client.data(body)[0] == 250
     assert len(sink.wait_for(2)) == 2
+
+
+def test_received_names_the_client_only_when_reverse_dns_is_forward_confirmed(
+    make_gateway: GatewayFactory, sink: SinkServer, dns_server: DNSServer
+) -> None:
+    dns_server.set("9.100.51.198.in-addr.arpa", ("PTR", "mta.sender.test."))
+    dns_server.set("mta.sender.test", ("A", "198.51.100.9"))
+    dns_server.set("10.100.51.198.in-addr.arpa", ("PTR", "liar.sender.test."))
+    dns_server.set("liar.sender.test", ("A", "192.0.2.77"))
+    gw = make_gateway(sink, {"server.proxy_protocol": True})
+    _send_via_proxy(gw.smtp_port, b"PROXY TCP4 198.51.100.9 192.0.2.1 1 25\r\n")
+    _send_via_proxy(gw.smtp_port, b"PROXY TCP4 198.51.100.10 192.0.2.1 1 25\r\n")
+    first, second = sink.wait_for(2)
+    assert first.data.startswith(
+        b"Received: from relay.sender.test (mta.sender.test [198.51.100.9])"
+    )
+    assert second.data.startswith(b"Received: from relay.sender.test (unknown [198.51.100.10])")
