@@ -19,10 +19,13 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import re
 import signal
+import socket
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -495,8 +498,18 @@ class RunningGateway:
         await self.gateway.close()
 
 
-async def start(config_path: Path | str, *, setup_logging: bool = False) -> RunningGateway:
-    """Load the config, start policies, listener and metrics; raises StartupError."""
+async def start(
+    config_path: Path | str,
+    *,
+    setup_logging: bool = False,
+    sock: socket.socket | None = None,
+    worker: int | None = None,
+) -> RunningGateway:
+    """Load the config, start policies, listener and metrics; raises StartupError.
+
+    ``sock`` is a listening socket inherited from the supervisor when
+    ``server.workers`` > 1; only worker 0 serves the metrics endpoint.
+    """
     path = Path(config_path)
     try:
         config = await asyncio.to_thread(load_config, path)
@@ -515,20 +528,27 @@ async def start(config_path: Path | str, *, setup_logging: bool = False) -> Runn
     loop = asyncio.get_running_loop()
     host, port = _listen_address(config.server.listen)
     try:
-        listener = await loop.create_server(
-            lambda: GatewaySMTP(gateway, gateway.limits, gateway.budget),
-            host or None,
-            port,
-            reuse_address=True,
-            backlog=1024,
-        )
+        if sock is not None:
+            listener = await loop.create_server(
+                lambda: GatewaySMTP(gateway, gateway.limits, gateway.budget),
+                sock=sock,
+                backlog=1024,
+            )
+        else:
+            listener = await loop.create_server(
+                lambda: GatewaySMTP(gateway, gateway.limits, gateway.budget),
+                host or None,
+                port,
+                reuse_address=True,
+                backlog=1024,
+            )
     except OSError as exc:
         await gateway.close()
         raise StartupError(
             [f"server.listen: cannot listen on {config.server.listen}: {exc}"], 1
         ) from None
     endpoint = None
-    if config.metrics.listen:
+    if config.metrics.listen and not worker:
         try:
             endpoint = await metrics.start_http(config.metrics.listen, gateway.ready)
         except OSError as exc:
@@ -548,12 +568,16 @@ async def start(config_path: Path | str, *, setup_logging: bool = False) -> Runn
             "metrics_port": running.metrics_port,
             "policies": [p.name for p in gen.engine.plan.policies],
             "hostname": config.server.hostname,
+            "worker": worker,
+            "pid": os.getpid(),
         },
     )
     return running
 
 
-async def serve(config_path: Path) -> int:
+async def serve(
+    config_path: Path, *, sock: socket.socket | None = None, worker: int | None = None
+) -> int:
     """The body of ``python -m gateway run``: serve until SIGTERM/SIGINT, then drain; exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -573,7 +597,7 @@ async def serve(config_path: Path) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         try:
-            running = await start(config_path, setup_logging=True)
+            running = await start(config_path, setup_logging=True, sock=sock, worker=worker)
         except StartupError as exc:
             for line in exc.problems:
                 print(line, file=sys.stderr)
@@ -590,8 +614,7 @@ async def serve(config_path: Path) -> int:
     return 0
 
 
-def run(config_path: Path | str) -> int:
-    """Synchronous entry point; uses uvloop when it is installed."""
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
 
@@ -599,4 +622,100 @@ def run(config_path: Path | str) -> int:
     except ImportError:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(serve(Path(config_path)))
+        return runner.run(main)
+
+
+def run(config_path: Path | str) -> int:
+    """Synchronous entry point; uses uvloop when it is installed.
+
+    With ``server.workers`` > 1 this process becomes a supervisor: it binds
+    the listening socket once and forks that many workers sharing it.
+    """
+    path = Path(config_path)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 2
+    if config.server.workers <= 1:
+        return _run_loop(serve(path))
+    return _supervise(path, config)
+
+
+_RESPAWN_DELAY = 1.0  # seconds before a crashed worker is replaced
+
+
+def _supervise(path: Path, config: Config) -> int:
+    """Pre-fork: one shared listening socket, ``server.workers`` processes, signals forwarded.
+
+    Each worker is a whole gateway (own event loop, engine, relay pool);
+    session limits and the data memory budget apply per worker, and only
+    worker 0 serves the metrics endpoint.
+    """
+    configure_logging(config.log)
+    host, port = _listen_address(config.server.listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        print(f"server.listen: cannot listen on {config.server.listen}: {exc}", file=sys.stderr)
+        return 1
+    sock.setblocking(False)
+    supervisor = os.getpid()
+    children: dict[int, int] = {}
+    stopping = False
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if os.getpid() != supervisor:
+            return  # a freshly forked worker before it installed its own handlers
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                code = _run_loop(serve(path, sock=sock, worker=index))
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    log.info("supervisor_started", extra={"workers": config.server.workers})
+    for index in range(config.server.workers):
+        spawn(index)
+    exit_code = 0
+    while children:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        index = children.pop(pid, -1)
+        code = os.waitstatus_to_exitcode(status)
+        if index < 0:
+            continue
+        if stopping:
+            exit_code = max(exit_code, code)
+            continue
+        if code == 2:  # the config became invalid before the worker could start
+            log.error("worker_failed_to_start", extra={"worker": index})
+            stopping = True
+            exit_code = 2
+            forward(signal.SIGTERM, None)
+            continue
+        log.error("worker_exited", extra={"worker": index, "exit_code": code})
+        time.sleep(_RESPAWN_DELAY)
+        if not stopping:
+            spawn(index)
+    sock.close()
+    log.info("supervisor_stopped", extra={"exit_code": exit_code})
+    return exit_code

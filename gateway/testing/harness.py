@@ -210,7 +210,7 @@ class GatewayProcess:
         )
         self._reader = threading.Thread(target=self._read, name="gateway-log", daemon=True)
         self._reader.start()
-        started = self.wait_for_event("gateway_started", timeout=self.start_timeout)
+        started = self._wait_started()
         if started is None:
             self.kill()
             raise GatewayFailed("gateway did not start:\n" + "\n".join(self.log_lines()[-50:]))
@@ -218,6 +218,18 @@ class GatewayProcess:
         port = started.get("metrics_port")
         self.metrics_port = int(port) if port is not None else None
         return self
+
+    def _wait_started(self) -> dict[str, Any] | None:
+        """The ``gateway_started`` event of the single process, or of worker 0."""
+        end = time.monotonic() + self.start_timeout
+        seen = 0
+        while True:
+            event = self.wait_for_event(
+                "gateway_started", timeout=max(0.0, end - time.monotonic()), after=seen
+            )
+            if event is None or not event.get("worker"):
+                return event
+            seen += 1
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

@@ -8,6 +8,7 @@ i.e. genuinely installed plugins discovered through ``gateway.policies``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import smtplib
 import socket
@@ -258,3 +259,22 @@ def test_a_client_hanging_up_during_the_hand_off_does_not_cancel_it(
     assert gw.wait(15) == 0
     (got,) = sink.wait_for(1)
     assert got.data.endswith(b"Subject: gone\r\n\r\nbye\r\n")
+
+
+def test_workers_share_the_port_reload_together_and_a_killed_worker_is_replaced(
+    make_gateway: GatewayFactory, sink: SinkServer, connect: Connect
+) -> None:
+    gw = make_gateway(sink, {"server.workers": 2})
+    assert gw.wait_for_event("gateway_started", after=1) is not None  # both workers up
+    pids = {e["pid"] for e in gw.events("gateway_started")}
+    assert len(pids) == 2 and gw.pid not in pids
+    for _ in range(6):
+        assert send(gw.smtp_port, message(), connect)[0] == 250
+    gw.signal(signal.SIGHUP)
+    assert gw.wait_for_event("config_reloaded", after=1, timeout=10) is not None
+    os.kill(min(pids), signal.SIGKILL)
+    assert gw.wait_for_event("gateway_started", after=2, timeout=15) is not None
+    for _ in range(6):
+        assert send(gw.smtp_port, message(), connect)[0] == 250
+    assert len(sink.wait_for(12)) == 12
+    assert gw.stop() == 0
