@@ -148,6 +148,9 @@ def _zip(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing
             for i, low in zip(infos, lowered, strict=True)
             if low.endswith("vbaproject.bin") or low.startswith("xl/macrosheets/")
         )
+        # Embedded files and OLE objects (word/embeddings/...) are judged like members.
+        embedded = [i for i, low in zip(infos, lowered, strict=True) if "/embeddings/" in low]
+        listing.members = _zip_members(zf, embedded, name, budget, want_full)
         return listing
     if "mimetype" in lowered and "meta-inf/manifest.xml" in lowered:
         listing.container = "odf"
@@ -446,29 +449,72 @@ def _cab(data: bytes, name: str, budget: Budget) -> Listing:
 
 @dataclass(frozen=True, slots=True)
 class OleInfo:
-    macros: tuple[str, ...]  # stream paths of VBA projects
+    macros: tuple[str, ...]  # where macros were found: VBA storage path or "Excel 4.0 macro sheet"
     msi: bool
+    package: Member | None = None  # the file inside an OLE "Package" object (Ole10Native)
+    encrypted: bool = False  # a password-protected Office file (MS-OFFCRYPTO EncryptedPackage)
     problem: str = ""
 
 
-def ole_info(data: bytes) -> OleInfo:
-    """VBA projects (``_VBA_PROJECT`` / ``VBA`` storages, MS-OVBA §2.2) and MSI packages in OLE."""
+# Storages holding a VBA project (MS-OVBA §2.2; Word 97 "Macros", Excel "_VBA_PROJECT_CUR").
+_VBA_NAMES = frozenset({"_vba_project", "vba", "_vba_project_cur", "macros"})
+
+
+def ole_info(data: bytes, budget: Budget, where: str) -> OleInfo:
+    """Macros (VBA storages, XLM macro sheets), MSI packages and embedded packages in OLE."""
     import olefile  # type: ignore[import-untyped]
 
     try:
         ole = olefile.OleFileIO(data)
     except Exception as exc:  # olefile raises many types on hostile input
-        return OleInfo((), False, f"corrupt OLE document ({type(exc).__name__})")
+        return OleInfo((), False, problem=f"corrupt OLE document ({type(exc).__name__})")
     try:
         entries = ole.listdir(streams=True, storages=True)
         clsid = str(getattr(ole.root, "clsid", "") or "").upper()
+        macros = ["/".join(path) for path in entries if any(p.lower() in _VBA_NAMES for p in path)]
+        lowered = {"/".join(path).lower(): path for path in entries}
+        for name in ("workbook", "book"):
+            if name in lowered and _biff_has_macro_sheet(
+                _stream(ole, lowered[name], budget, where)
+            ):
+                macros.append("Excel 4.0 macro sheet")
+        package = None
+        if "\x01ole10native" in lowered:
+            package = _ole_package(_stream(ole, lowered["\x01ole10native"], budget, where))
+    except ArchiveBombError:
+        raise
     except Exception as exc:
-        return OleInfo((), False, f"corrupt OLE document ({type(exc).__name__})")
+        return OleInfo((), False, problem=f"corrupt OLE document ({type(exc).__name__})")
     finally:
         ole.close()
-    macros = tuple(
-        "/".join(path)
-        for path in entries
-        if any(p.lower() in ("_vba_project", "vba", "_vba_project_cur", "macros") for p in path)
-    )
-    return OleInfo(macros[:1], clsid in _MSI_CLSIDS)
+    encrypted = "encryptedpackage" in lowered
+    return OleInfo(tuple(macros[:1]), clsid in _MSI_CLSIDS, package, encrypted)
+
+
+def _stream(ole: Any, path: list[str], budget: Budget, where: str) -> bytes:
+    size = int(ole.get_size(path))
+    budget.take(size, where)  # a stream is bounded by the file, but charge the copy
+    return bytes(ole.openstream(path).read(size))
+
+
+def _biff_has_macro_sheet(workbook: bytes) -> bool:
+    """BOUNDSHEET8 records (MS-XLS 2.4.28) in the globals substream with dt=1: XLM macros."""
+    pos = 0
+    while pos + 4 <= len(workbook):
+        kind, length = struct.unpack_from("<HH", workbook, pos)
+        if kind == 0x0085 and length >= 6 and workbook[pos + 4 + 5] == 0x01:
+            return True
+        if kind == 0x000A:  # EOF: the globals substream, where sheets are declared, ends
+            return False
+        pos += 4 + length
+    return False
+
+
+def _ole_package(native: bytes) -> Member | None:
+    """The embedded file of an OLE Package object (MS-OLEDS 2.3.6 OLENativeStream)."""
+    from oletools.oleobj import OleNativeStream
+
+    parsed = OleNativeStream(native)
+    name = str(parsed.filename or parsed.src_path or "embedded")
+    content = bytes(parsed.data or b"")
+    return Member(name, len(content), content, True)

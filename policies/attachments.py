@@ -211,8 +211,10 @@ class AttachmentsOptions:
         ):
             if getattr(self, key) < 1:
                 raise OptionError(key, "must be at least 1")
-        if self.max_archive_depth < 0:
-            raise OptionError("max_archive_depth", "must be 0 (do not open archives) or more")
+        if self.max_archive_depth < 1:
+            raise OptionError(
+                "max_archive_depth", "must be at least 1; scan_archives = false opens none"
+            )
         if self.max_ratio < 1:
             raise OptionError("max_ratio", "must be at least 1 (expanded:compressed)")
         if self.scan_time_limit <= 0:
@@ -367,9 +369,13 @@ class AttachmentsPolicy(Policy):
             decoded = part.content(full=True)
             return decoded.data
 
-        self._judge(
-            part.names, where, part.content_type, head.data[:HEAD_BYTES], head.tail, full, 0, st
-        )
+        try:
+            self._judge(
+                part.names, where, part.content_type, head.data[:HEAD_BYTES], head.tail, full, 0, st
+            )
+        except ArchiveBombError as exc:
+            st.add("ATTACH_ARCHIVE_BOMB", str(exc))
+            st.bombed = True
 
     def _judge(
         self,
@@ -409,12 +415,20 @@ class AttachmentsPolicy(Policy):
         if kind is Kind.OLE:
             data = full()
             if data is not None:
-                info = ole_info(data)
+                info = ole_info(data, st.budget, where)
+                if info.problem:
+                    st.add("ATTACH_MALFORMED", f"{where}: {info.problem}")
                 if info.macros:
                     st.add("ATTACH_MACRO", f"{where}: document contains macros ({info.macros[0]})")
+                if info.encrypted:
+                    st.add(
+                        "ATTACH_ENCRYPTED_ARCHIVE", f"{where}: password-protected Office document"
+                    )
                 if info.msi:
                     kind = Kind.MSI
-        if kind in ARCHIVE_KINDS and opts.scan_archives:
+                if info.package is not None:
+                    self._judge_member(info.package, where, depth, st)
+        if kind in ARCHIVE_KINDS and (opts.scan_archives or kind is Kind.ZIP):
             kind = self._judge_archive(kind, where, full, depth, st)
         self._judge_kind(FileType(kind), infos, where, head, blocked_ext is not None, st)
 
@@ -466,11 +480,13 @@ class AttachmentsPolicy(Policy):
             st.add("ATTACH_ARCHIVE_BOMB", str(exc))
             st.bombed = True
             return kind
+        if not opts.scan_archives and listing.container not in ("ooxml", "odf"):
+            # Zip was opened only to recognise Office and Java files; members are not judged.
+            return Kind.JAR if listing.container == "jar" else kind
         if listing.container in ("ooxml", "odf"):
             if listing.macros:
                 st.add("ATTACH_MACRO", f"{where}: document contains macros ({listing.macros[0]})")
-            return kind
-        if listing.encrypted:
+        elif listing.encrypted:
             st.add("ATTACH_ENCRYPTED_ARCHIVE", f"{where}: encrypted {kind.value}")
         elif listing.problem:
             st.add("ATTACH_ARCHIVE_UNREADABLE", f"{where}: {listing.problem}")

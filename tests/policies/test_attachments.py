@@ -18,10 +18,12 @@ from test_attachments_builders import (
     MSI_CLSID,
     b64,
     docm_bytes,
+    docx_with_embedding,
     elf_bytes,
     message,
     nested_zip,
     ole_bytes,
+    ole_package,
     pdf_bytes,
     pe_bytes,
     png_bytes,
@@ -29,6 +31,7 @@ from test_attachments_builders import (
     raw_message,
     sevenzip_bytes,
     tar_gz_bytes,
+    xls_with_macro_sheet,
     zip_bytes,
     zipcrypto_bytes,
 )
@@ -774,3 +777,39 @@ def test_a_legitimate_zip_of_many_files_is_not_mistaken_for_a_bomb() -> None:
     result = check(raw)
     assert names(result) == set()
     assert time.perf_counter() - started < 5
+
+
+def test_file_embedded_in_a_docx_as_an_ole_package_is_judged() -> None:
+    result = check(message(("report.docx", docx_with_embedding("evil.exe", pe_bytes()), OCTET)))
+    assert names(result) == {"ATTACH_BLOCKED_EXT"} and result.force is REJECT
+    assert "report.docx > word/embeddings/oleObject1.bin > evil.exe" in result.reason
+
+
+def test_disguised_executable_in_an_ole_package_is_caught_by_content() -> None:
+    raw = message(("contract.doc", ole_package("contract.pdf", pe_bytes()), "application/msword"))
+    result = check(raw)
+    assert names(result) == {"ATTACH_DISGUISED_EXEC"}
+    assert "contract.doc > contract.pdf" in result.reason
+
+
+def test_excel_4_macro_sheet_in_a_binary_xls_is_a_macro() -> None:
+    result = check(message(("budget.xls", xls_with_macro_sheet(), "application/vnd.ms-excel")))
+    assert names(result) == {"ATTACH_MACRO"} and result.force is QUARANTINE
+    assert "Excel 4.0 macro sheet" in detail(result, "ATTACH_MACRO")
+
+
+def test_password_protected_office_document_is_quarantined_as_encrypted() -> None:
+    encrypted = ole_bytes((), "EncryptedPackage", data=b"\x00" * 5000)
+    result = check(message(("salary.xlsx", encrypted, OCTET)))
+    assert names(result) == {"ATTACH_ENCRYPTED_ARCHIVE"} and result.force is QUARANTINE
+    assert "salary.xlsx: password-protected Office document" in result.reason
+
+
+def test_office_macros_are_found_even_when_archives_are_not_scanned() -> None:
+    result = check(message(("report.docm", docm_bytes(), OCTET)), scan_archives=False)
+    assert names(result) == {"ATTACH_MACRO"}
+
+
+def test_bidi_override_in_an_archive_member_name() -> None:
+    raw = message(("x.zip", zip_bytes({"invoice\u202egpj.exe": pe_bytes()}), OCTET))
+    assert names(check(raw)) == {"ATTACH_BIDI_NAME", "ATTACH_BLOCKED_EXT"}

@@ -91,13 +91,20 @@ def ole_bytes(
     storages: tuple[str, ...] = ("Macros", "VBA"),
     stream: str = "_VBA_PROJECT",
     clsid: bytes = b"\0" * 16,
+    data: bytes = b"",
 ) -> bytes:
-    """A minimal OLE compound file (MS-CFB v3): root -> storages (nested) -> one empty stream.
+    """A minimal OLE compound file (MS-CFB v3): root -> storages (nested) -> one stream.
 
     The default is a Word 97 document's VBA project path (Macros/VBA/_VBA_PROJECT);
-    ``clsid`` sets the root CLSID (MSI packages are recognised by theirs).
+    ``clsid`` sets the root CLSID (MSI packages are recognised by theirs). ``data``
+    is padded to the 4096-byte mini-stream cutoff so it lives in regular sectors
+    (MS-CFB §2.6.3), chained in the one FAT sector (at most 126 sectors).
     """
     end, free, fat_sect, nostream = 0xFFFFFFFE, 0xFFFFFFFF, 0xFFFFFFFD, 0xFFFFFFFF
+    if data:
+        data = data.ljust(4096, b"\0")
+    sectors = -(-len(data) // 512)
+    assert sectors <= 126, "stream too large for this one-FAT-sector writer"
     header = bytearray(512)
     header[0:8] = bytes.fromhex("d0cf11e0a1b11ae1")
     struct.pack_into("<HHHHH", header, 24, 0x3E, 3, 0xFFFE, 9, 6)
@@ -105,26 +112,71 @@ def ole_bytes(
     struct.pack_into("<I", header, 76, 0)  # DIFAT[0]: the FAT is sector 0
     for i in range(1, 109):
         struct.pack_into("<I", header, 76 + 4 * i, free)
-    fat = struct.pack("<II", fat_sect, end) + struct.pack("<I", free) * 126
+    chain = [2 + i + 1 for i in range(sectors - 1)] + ([end] if sectors else [])
+    fat = struct.pack("<II", fat_sect, end) + struct.pack(f"<{len(chain)}I", *chain)
+    fat += struct.pack("<I", free) * (128 - 2 - len(chain))
 
-    def entry(name: str, kind: int, child: int, cls: bytes = b"\0" * 16) -> bytes:
+    def entry(name: str, kind: int, child: int, cls: bytes = b"\0" * 16, size: int = 0) -> bytes:
         encoded = name.encode("utf-16-le") + b"\0\0"
+        start = 2 if size else end
         return (
             encoded.ljust(64, b"\0")
             + struct.pack("<HBB", len(encoded), kind, 1)
             + struct.pack("<III", nostream, nostream, child)
             + cls
             + b"\0" * 20
-            + struct.pack("<IQ", end, 0)
+            + struct.pack("<IQ", start, size)
         )
 
     names = [*storages, stream]
     entries = [entry("Root Entry", 5, 1, clsid)]
     for i, name in enumerate(names, 1):
         last = i == len(names)
-        entries.append(entry(name, 2 if last else 1, nostream if last else i + 1))
+        kind, child = (2, nostream) if last else (1, i + 1)
+        entries.append(entry(name, kind, child, size=len(data) if last else 0))
     directory = b"".join(entries).ljust(512, b"\0")
-    return bytes(header) + fat + directory
+    return bytes(header) + fat + directory + data.ljust(sectors * 512, b"\0")
+
+
+def ole_package(filename: str, payload: bytes) -> bytes:
+    """An OLE "Package" object: an embedded file in an \\x01Ole10Native stream (MS-OLEDS 2.3.6)."""
+    name = filename.encode("latin-1") + b"\0"
+    body = (
+        struct.pack("<H", 2)
+        + name
+        + b"C:\\Users\\x\\"
+        + name
+        + struct.pack("<II", 0, 0)
+        + b"C:\\Temp\\"
+        + name
+        + struct.pack("<I", len(payload))
+        + payload
+    )
+    native = struct.pack("<I", len(body)) + body
+    return ole_bytes((), "\x01Ole10Native", data=native)
+
+
+def xls_with_macro_sheet() -> bytes:
+    """A BIFF8 workbook stream whose globals declare an Excel 4.0 macro sheet (BOUNDSHEET8 dt=1)."""
+
+    def record(kind: int, body: bytes) -> bytes:
+        return struct.pack("<HH", kind, len(body)) + body
+
+    sheet = b"\x06\x00Macro1"  # ShortXLUnicodeString: 6 chars, compressed
+    workbook = (
+        record(0x0809, struct.pack("<HHHHII", 0x0600, 0x0005, 0, 0, 0, 0))  # BOF, globals
+        + record(0x0085, struct.pack("<IBB", 0, 0x01, 0x01) + sheet)  # hidden macro sheet
+        + record(0x000A, b"")  # EOF of the globals substream
+    )
+    return ole_bytes((), "Workbook", data=workbook)
+
+
+def docx_with_embedding(filename: str, payload: bytes) -> bytes:
+    """A docx carrying an embedded OLE Package object (word/embeddings/oleObject1.bin)."""
+    base = zipfile.ZipFile(io.BytesIO(docm_bytes(macros=False)))
+    members = {i.filename: base.read(i) for i in base.infolist()}
+    members["word/embeddings/oleObject1.bin"] = ole_package(filename, payload)
+    return zip_bytes(members)
 
 
 MSI_CLSID = struct.pack("<IHH", 0x000C1084, 0, 0) + bytes.fromhex("c000000000000046")
@@ -347,3 +399,14 @@ def test_rar_builder_makes_an_archive_rarfile_lists_and_reads() -> None:
         assert rf.read("a.txt") == b"hello"
     with rarfile.RarFile(io.BytesIO(rar_bytes({"a.txt": b"hello"}, encrypted=True))) as rf:
         assert rf.infolist()[0].needs_password()
+
+
+def test_ole_builder_writes_stream_data_and_packages_olefile_and_oletools_read() -> None:
+    import olefile
+    from oletools.oleobj import OleNativeStream
+
+    ole = olefile.OleFileIO(ole_package("evil.exe", b"MZ payload"))
+    native = OleNativeStream(ole.openstream("\x01Ole10Native").read())
+    assert native.filename == "evil.exe" and native.data == b"MZ payload"
+    wb = olefile.OleFileIO(xls_with_macro_sheet()).openstream("Workbook").read()
+    assert wb[:2] == b"\x09\x08"

@@ -16,12 +16,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_attachments_builders import (
     docm_bytes,
+    docx_with_embedding,
     message,
     pdf_bytes,
     pe_bytes,
     rar_bytes,
     sevenzip_bytes,
     tar_gz_bytes,
+    xls_with_macro_sheet,
     zip_bytes,
     zipcrypto_bytes,
 )
@@ -46,6 +48,8 @@ SEEDS = [
     tar_gz_bytes({"a.pdf": pdf_bytes(), "evil.scr": pe_bytes()}),
     rar_bytes({"a.pdf": pdf_bytes()}),
     docm_bytes(),
+    docx_with_embedding("evil.exe", pe_bytes()),
+    xls_with_macro_sheet(),
     pe_bytes(),
 ]
 
@@ -79,7 +83,9 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 
 @FUZZ
-@given(mutated(), st.sampled_from(["a.zip", "a.7z", "a.tar.gz", "a.rar", "a.docm", "a.bin"]))
+@given(
+    mutated(), st.sampled_from(["a.zip", "a.7z", "a.tar.gz", "a.rar", "a.docm", "a.xls", "a.bin"])
+)
 @example(  # zipfile raised NotImplementedError for a mutated "version needed" field
     b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xcf*w],\xfc!|L\x00\x00\x00x\x00\x00\x00\t\x00\x00"
     b"\x00inner.zip\x0b\xf0ff\x11a``\xe0`8\xafU\x1e\xabQ\xd1}\x82\x07\xc8\xfb\xc2\xc8\xc0\xc0"
