@@ -46,10 +46,12 @@ if TYPE_CHECKING:
 __all__ = [
     "URL",
     "HTMLLink",
+    "MIMEStructure",
     "TextPart",
     "URLSource",
     "body_text",
     "html_links",
+    "mime_structure",
     "normalize_url",
     "registrable_domain",
     "text_parts",
@@ -110,10 +112,7 @@ class URL:
     redirector: str = ""  # host of the redirector this URL was unwrapped from
     obfuscated_ip: bool = False  # host was a numeric IP in decimal/hex/octal form
     userinfo: bool = False  # had user@ before the host (http://bank.com@evil.example/)
-
-    @property
-    def is_ip(self) -> bool:
-        return _ip(self.host) is not None
+    is_ip: bool = False  # the host is an IP literal (v4 or v6)
 
     @property
     def domain(self) -> str:
@@ -125,9 +124,20 @@ class URL:
 
 
 @dataclass(frozen=True, slots=True)
+class MIMEStructure:
+    """The shape of a message: how many parts, which are attachments, what is broken."""
+
+    parts: int  # MIME entities visited (bounded by MAX_PARTS)
+    attachments: tuple[str, ...]  # content types of parts that are attachments
+    defects: frozenset[str]  # email.errors defect class names found in the structure
+    truncated: bool  # more parts than MAX_PARTS
+
+
+@dataclass(frozen=True, slots=True)
 class _Parsed:
     parts: tuple[TextPart, ...]
     links: tuple[HTMLLink, ...]
+    structure: MIMEStructure
 
 
 def text_parts(ctx: Context) -> tuple[TextPart, ...]:
@@ -140,6 +150,11 @@ def html_links(ctx: Context) -> tuple[HTMLLink, ...]:
     return ctx.memo(_parse).links
 
 
+def mime_structure(ctx: Context) -> MIMEStructure:
+    """Part count, attachments and structural defects, from the same single walk."""
+    return ctx.memo(_parse).structure
+
+
 def body_text(ctx: Context) -> str:
     """The text a reader sees: every text part, minus HTML that repeats its plain alternative."""
     return ctx.memo(_body_text)
@@ -150,28 +165,84 @@ def _body_text(ctx: Context) -> str:
     return "\n".join(p.text for p in parts if not p.alternative)
 
 
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """What this module needs of a part's header, read from the raw fields.
+
+    The stdlib's structured header parsing (policy=default) costs far more than
+    everything else here; Content-Type and Content-Disposition are simple
+    enough to read directly (RFC 2045 §5.1, RFC 2183 §2).
+    """
+
+    ctype: str
+    params: dict[str, str]
+    disposition: str
+    filename: bool
+    cte: str
+
+
+_CTYPE = re.compile(r"\s*([!#-'*+.0-9A-Z^-~-]+)\s*/\s*([!#-'*+.0-9A-Z^-~-]+)")
+_PARAM = re.compile(r';\s*([A-Za-z0-9!#$%&\'*+.^_`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
+_FILENAME = re.compile(r"(?i);\s*(?:file)?name\*?(?:\*\d+\*?)?\s*=")
+
+
+def _head(part: Message, default: str = "text/plain") -> _Head:
+    fields: dict[str, str] = {}
+    for name, value in part.raw_items():
+        fields.setdefault(name.lower(), str(value))
+    raw_ct = fields.get("content-type", "")
+    m = _CTYPE.match(raw_ct)
+    ctype = f"{m.group(1)}/{m.group(2)}".lower() if m else default
+    params = {k.lower(): v.strip('"') for k, v in _PARAM.findall(raw_ct[m.end() if m else 0 :])}
+    raw_cd = fields.get("content-disposition", "")
+    disposition = raw_cd.split(";", 1)[0].strip().lower()
+    filename = bool(_FILENAME.search(raw_cd) or _FILENAME.search(raw_ct))
+    cte = fields.get("content-transfer-encoding", "").strip().lower()
+    return _Head(ctype, params, disposition, filename, cte)
+
+
+def _is_attachment(head: _Head) -> bool:
+    return head.disposition == "attachment" or (
+        head.disposition != "inline" and head.filename and not head.ctype.startswith("multipart/")
+    )
+
+
 def _parse(ctx: Context) -> _Parsed:
-    leaves: list[tuple[Message, int]] = []  # (part, id of its multipart/alternative or 0)
+    leaves: list[tuple[Message, _Head, int]] = []  # (part, head, id of its alternative or 0)
     alt_parent: dict[int, int] = {}
-    for part in _walk(ctx.message):
-        if part.is_multipart():
-            alt = id(part) if part.get_content_subtype() == "alternative" else 0
-            for child in _children(part):
+    attachments: list[str] = []
+    defects: set[str] = set()
+    visited = 0
+    stack: list[tuple[Message, str]] = [(ctx.message, "text/plain")]
+    while stack and visited < MAX_PARTS:
+        part, default = stack.pop()
+        visited += 1
+        defects.update(type(d).__name__ for d in getattr(part, "defects", ()))
+        head = _head(part, default)
+        payload = getattr(part, "_payload", None)  # get_payload() would re-decode 8-bit text
+        if isinstance(payload, list):
+            alt = id(part) if head.ctype == "multipart/alternative" else 0
+            child_default = "message/rfc822" if head.ctype == "multipart/digest" else "text/plain"
+            children = [c for c in payload if isinstance(c, Message)]
+            for child in children:
                 alt_parent[id(child)] = alt
-        elif part.get_content_type() in ("text/plain", "text/html") and not _is_attachment(part):
-            leaves.append((part, alt_parent.get(id(part), 0)))
-    with_plain = {alt for part, alt in leaves if alt and part.get_content_type() == "text/plain"}
+            stack.extend((c, child_default) for c in reversed(children))
+        elif _is_attachment(head):
+            attachments.append(head.ctype)
+        elif head.ctype in ("text/plain", "text/html"):
+            leaves.append((part, head, alt_parent.get(id(part), 0)))
+    with_plain = {alt for _, head, alt in leaves if alt and head.ctype == "text/plain"}
     parts: list[TextPart] = []
     links: list[HTMLLink] = []
     budget = MAX_TOTAL_TEXT
-    for part, alt in leaves:
+    for part, head, alt in leaves:
         if budget <= 0:
             break
-        data, truncated = _decoded_bytes(part, min(MAX_PART_TEXT, budget))
+        data, truncated = _decoded_bytes(part, head.cte, min(MAX_PART_TEXT, budget))
         budget -= len(data)
-        charset = _charset(part)
+        charset = _charset(head.params.get("charset", ""))
         text = data.decode(charset, errors="replace")
-        if part.get_content_type() == "text/html":
+        if head.ctype == "text/html":
             rendered, found = _render_html(text, MAX_LINKS - len(links))
             links.extend(found)
             alternative = alt in with_plain
@@ -180,64 +251,38 @@ def _parse(ctx: Context) -> _Parsed:
             )
         else:
             parts.append(TextPart(_squeeze(text), False, "text/plain", charset, truncated))
-    return _Parsed(tuple(parts), tuple(links))
+    structure = MIMEStructure(visited, tuple(attachments), frozenset(defects), bool(stack))
+    return _Parsed(tuple(parts), tuple(links), structure)
 
 
-def _is_attachment(part: Message) -> bool:
-    disposition = part.get_content_disposition()
-    return disposition == "attachment" or (disposition is None and bool(part.get_filename()))
-
-
-def _walk(msg: Message) -> list[Message]:
-    """Parts in document order, at most MAX_PARTS, without recursion limits of the stdlib."""
-    out: list[Message] = []
-    stack: list[Message] = [msg]
-    while stack and len(out) < MAX_PARTS:
-        part = stack.pop()
-        out.append(part)
-        if part.is_multipart():
-            stack.extend(reversed(_children(part)))
-    return out
-
-
-def _children(part: Message) -> list[Message]:
-    payload = part.get_payload()
-    return [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else []
-
-
-def _charset(part: Message) -> str:
-    name = part.get_content_charset() or "us-ascii"
+def _charset(name: str) -> str:
     try:
-        codec = codecs.lookup(name).name
+        codec = codecs.lookup(name.strip().strip('"') or "us-ascii").name
     except LookupError:
         return "utf-8"
     # Mislabelled 8-bit text is common; UTF-8 is a superset of ASCII.
     return "utf-8" if codec == "ascii" else codec
 
 
-def _decoded_bytes(part: Message, limit: int) -> tuple[bytes, bool]:
+def _decoded_bytes(part: Message, cte: str, limit: int) -> tuple[bytes, bool]:
     """The part's body decoded from its transfer encoding, at most ``limit`` bytes."""
-    payload = part.get_payload()
+    payload = getattr(part, "_payload", None)
     if not isinstance(payload, str):
         return b"", False
     cut = len(payload) > MAX_ENCODED_PART
-    if not cut:
-        decoded = part.get_payload(decode=True)
-        data = decoded if isinstance(decoded, bytes) else b""
-    else:  # decode only a prefix of an oversized part
+    if cut:  # decode only a prefix of an oversized part
         payload = payload[:MAX_ENCODED_PART]
-        cte = str(part.get("content-transfer-encoding", "")).strip().lower()
-        if cte == "base64":
-            compact = "".join(payload.split())
-            compact = compact[: len(compact) - len(compact) % 4]
-            try:
-                data = binascii.a2b_base64(compact)
-            except binascii.Error:
-                data = b""
-        elif cte == "quoted-printable":
-            data = quopri.decodestring(payload.encode("ascii", "replace"))
-        else:
-            data = payload.encode("utf-8", "replace")
+    if cte == "base64":
+        compact = "".join(payload.split())
+        compact = compact[: len(compact) - len(compact) % 4]
+        try:
+            data = binascii.a2b_base64(compact)
+        except binascii.Error:
+            data = b""
+    else:
+        # The parser keeps undecodable 8-bit bytes as surrogate escapes.
+        raw = payload.encode("utf-8", "surrogateescape")
+        data = quopri.decodestring(raw) if cte == "quoted-printable" else raw
     if len(data) > limit:
         return data[:limit], True
     return data, cut
@@ -382,6 +427,7 @@ def _normalize(raw: str, source: URLSource, text: str, depth: int, via: str) -> 
         redirector=via,
         obfuscated_ip=obfuscated,
         userinfo="@" in parts.netloc,
+        is_ip=obfuscated or _ip(host) is not None,
     )
 
 

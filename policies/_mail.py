@@ -63,7 +63,9 @@ def _raw_headers(ctx: Context) -> tuple[tuple[str, str], ...]:
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         # Unfold (RFC 5322 §2.2.3); a fold's indentation becomes one space, while
         # white space within a line stays as sent (runs of spaces are evidence).
-        out.append((name.strip().lower(), _FOLD.sub(" ", text).strip()))
+        if "\n" in text:
+            text = _FOLD.sub(" ", text)
+        out.append((name.strip().lower(), text.strip()))
     return tuple(out)
 
 

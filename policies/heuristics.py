@@ -15,7 +15,6 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.message import Message
 from types import MappingProxyType
 
 import idna
@@ -28,6 +27,7 @@ from gateway.api import (
     Symbol,
     SymbolDef,
     html_links,
+    mime_structure,
     registrable_domain,
     text_parts,
 )
@@ -103,7 +103,6 @@ _STRUCTURAL = frozenset(
     }
 )
 _EMBEDDED_ADDRESS = re.compile(r"[A-Za-z0-9._%+-]+@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
-_MAX_PARTS = 64
 # A mailing list (RFC 2369, RFC 2919, and the older Mailing-List of ezmlm/Yahoo Groups).
 _LIST_HEADERS = ("list-id", "list-post", "list-unsubscribe", "mailing-list")
 
@@ -284,24 +283,13 @@ def _lookalike(domain: str) -> list[Symbol]:
 
 def _mime(ctx: Context, html_min_text: int) -> list[Symbol]:
     out: list[Symbol] = []
-    defects: set[str] = set()
-    attachments = 0
-    stack: list[Message] = [ctx.message]
-    seen = 0
-    while stack and seen < _MAX_PARTS:
-        part = stack.pop()
-        seen += 1
-        defects.update(type(d).__name__ for d in getattr(part, "defects", ()))
-        payload = part.get_payload()
-        if isinstance(payload, list):
-            stack.extend(p for p in payload if isinstance(p, Message))
-        elif part.get_content_disposition() == "attachment" or part.get_filename():
-            attachments += 1
-    broken = sorted(defects & _STRUCTURAL)
+    structure = mime_structure(ctx)
+    broken = sorted(structure.defects & _STRUCTURAL)
     if broken:
         out.append(Symbol("MIME_BROKEN", detail=", ".join(broken)[:80]))
     parts = text_parts(ctx)
     text_len = sum(len(p.text.strip()) for p in parts if not p.alternative)
+    attachments = len(structure.attachments)
     if attachments and text_len < 10:
         out.append(Symbol("MIME_EMPTY_BODY_ATTACHMENT", detail=f"{attachments} attachment(s)"))
     if parts and all(p.is_html for p in parts):
