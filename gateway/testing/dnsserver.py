@@ -3,9 +3,11 @@
 Serves records from a dict, in its own thread and event loop, so the gateway
 under test (in-process or a subprocess) resolves through real DNS packets.
 Names listed in ``servfail`` answer SERVFAIL; names in ``drop`` never answer
-(a timeout). TXT values longer than 255 bytes are split into character-strings
-as a real zone would carry them (RFC 1035 §3.3.14). A UDP answer that does
-not fit 512 bytes (no EDNS) is truncated (TC) so clients retry over TCP.
+(a timeout); ``outage`` set to ``"servfail"`` or ``"drop"`` does the same for
+every name until it is set back to ``None``. TXT values longer than 255 bytes
+are split into character-strings as a real zone would carry them (RFC 1035
+§3.3.14). A UDP answer that does not fit 512 bytes (no EDNS) is truncated (TC)
+so clients retry over TCP.
 
     zone = {"example.com": [("TXT", "v=spf1 -all"), ("MX", "10 mx.example.com")]}
     with DNSServer(zone) as dns_server:
@@ -74,6 +76,7 @@ class DNSServer:
         self.records: dict[str, list[tuple[str, str]]] = {}
         self.servfail = {n.lower().rstrip(".") for n in servfail}
         self.drop = {n.lower().rstrip(".") for n in drop}
+        self.outage: str | None = None  # "servfail" | "drop": every name, until None
         self.zones = {z.lower().rstrip(".") for z in zones}
         self.queries: list[tuple[str, str, str]] = []  # (name, type, "udp"|"tcp")
         for name, recs in (records or {}).items():
@@ -130,11 +133,11 @@ class DNSServer:
         qname = q.name.to_text(omit_final_dot=True).lower()
         qtype = dns.rdatatype.to_text(q.rdtype)
         self.queries.append((qname, qtype, transport))
-        if qname in self.drop:
+        if qname in self.drop or self.outage == "drop":
             return None
         resp = dns.message.make_response(query)
         resp.flags |= dns.flags.AA
-        if qname in self.servfail:
+        if qname in self.servfail or self.outage == "servfail":
             resp.set_rcode(dns.rcode.SERVFAIL)
             return resp.to_wire()
         recs = self.records.get(qname, [])
