@@ -134,18 +134,19 @@ class _FlakyHandler(_Handler):
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         fault = self.flaky.pick_fault()
+        transport: Any = server.transport  # a live asyncio transport (abort() exists)
         if fault == "tempfail":
             return "451 4.3.0 flaky downstream says try again"
         if fault == "drop_before":
-            if server.transport is not None:
-                server.transport.abort()
+            if transport is not None:
+                transport.abort()
             return "451 4.3.0 (never sent: connection dropped)"
         reply = await super().handle_DATA(server, session, envelope)
         if isinstance(server, _FlakySMTP):
             server.last_ids = ledger_ids(envelope.original_content or b"")
-        if fault == "drop_after" and reply.startswith("250") and server.transport is not None:
+        if fault == "drop_after" and reply.startswith("250") and transport is not None:
             # Accepted and recorded, but the sender never hears it: SMTP's duplicate case.
-            server.transport.abort()
+            transport.abort()
         return reply
 
 
