@@ -5,6 +5,7 @@ symbol, score and optional forced action:
 
     user@example.com      an address (MAIL FROM or header From)
     example.com           a domain and its subdomains
+    @example.com          that domain only
     192.0.2.0/24          a client network (or a single IP, v4 or v6)
 
 Anyone can write any From address, so a list with ``authenticated = true``
@@ -83,14 +84,20 @@ class ListsOptions:
 @dataclass(frozen=True, slots=True)
 class ListEntries:
     addresses: frozenset[str] = frozenset()
-    domains: frozenset[str] = frozenset()
+    domains: frozenset[str] = frozenset()  # and their subdomains
+    exact_domains: frozenset[str] = frozenset()  # "@example.com": that domain only
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def match_address(self, addr: str) -> str:
         addr = addr.lower()
         if addr in self.addresses:
             return addr
-        return self.match_domain(addr.rpartition("@")[2]) if "@" in addr else ""
+        if "@" not in addr:
+            return ""
+        domain = addr.rpartition("@")[2].rstrip(".")
+        if domain in self.exact_domains:
+            return "@" + domain
+        return self.match_domain(domain)
 
     def match_domain(self, domain: str) -> str:
         labels = domain.lower().rstrip(".").split(".")
@@ -113,12 +120,13 @@ def parse_list(text: str, label: str) -> ListEntries:
     """Parse a list file; an unreadable entry is an error naming ``label:line``."""
     addresses: set[str] = set()
     domains: set[str] = set()
+    exact: set[str] = set()
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for n, line in enumerate(text.splitlines(), 1):
         entry = line.split("#", 1)[0].strip().lower()
         if not entry:
             continue
-        if len(addresses) + len(domains) + len(networks) >= _MAX_ENTRIES:
+        if len(addresses) + len(domains) + len(exact) + len(networks) >= _MAX_ENTRIES:
             raise ValueError(f"{label}: more than {_MAX_ENTRIES} entries")
         if "@" in entry:
             local, _, domain = entry.rpartition("@")
@@ -127,7 +135,7 @@ def parse_list(text: str, label: str) -> ListEntries:
             if local:
                 addresses.add(entry)
             else:
-                domains.add(domain)
+                exact.add(domain.rstrip("."))
             continue
         try:
             networks.append(ipaddress.ip_network(entry, strict=False))
@@ -141,7 +149,7 @@ def parse_list(text: str, label: str) -> ListEntries:
                 f"{label}:{n}: {entry!r} is not an address, domain, IP or network "
                 "(e.g. user@example.com, example.com, 192.0.2.0/24)"
             )
-    return ListEntries(frozenset(addresses), frozenset(domains), tuple(networks))
+    return ListEntries(frozenset(addresses), frozenset(domains), frozenset(exact), tuple(networks))
 
 
 def _read(path: Path, label: str) -> ListEntries:

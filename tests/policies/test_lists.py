@@ -66,7 +66,8 @@ def test_list_file_entries_and_errors() -> None:
     entries = parse_list("User@Example.COM\n@exact.example.org\nexample.net\n10.0.0.0/8\n", "f")
     assert entries.match_address("user@example.com") == "user@example.com"
     assert entries.match_address("x@mail.example.net") == "example.net"
-    assert entries.match_address("x@exact.example.org") == "exact.example.org"
+    assert entries.match_address("x@exact.example.org") == "@exact.example.org"
+    assert entries.match_address("x@sub.exact.example.org") == ""
     assert entries.match_address("x@notexample.net") == ""
     with pytest.raises(ValueError, match=r"f:2: 'not a domain!' is not an address, domain"):
         parse_list("ok.example.com\nnot a domain!\n", "f")
