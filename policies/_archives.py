@@ -112,6 +112,8 @@ def open_archive(
             return _rar(data, name, budget)
         if kind is Kind.CAB:
             return _cab(data, name, budget)
+        if kind is Kind.ISO:
+            return _iso(data, name, budget, want_full)
     except ArchiveBombError:
         raise
     except Exception as exc:  # hostile bytes make parsers raise anything; found by fuzzing
@@ -420,6 +422,66 @@ def _rar(data: bytes, name: str, budget: Budget) -> Listing:
                     content = b""
             members.append(Member(fname, int(info.file_size or 0), content, False))
     return listing
+
+
+_ISO_MAX_DIRECTORIES = 1000
+
+
+def _iso(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing:
+    """Files of an ISO 9660 image (ECMA-119 §9), Joliet names when present; no copy made."""
+    block, root, joliet = 2048, None, None
+    for sector in range(16, 32):  # volume descriptor set (ECMA-119 §8.1), ends with type 255
+        vd = data[sector * 2048 : sector * 2048 + 2048]
+        if len(vd) < 190 or vd[1:6] != b"CD001" or vd[0] == 255:
+            break
+        if vd[0] == 1 and root is None:
+            block = struct.unpack_from("<H", vd, 128)[0] or 2048
+            root = vd[156:190]
+        elif vd[0] == 2 and vd[88:90] == b"%/" and vd[90:91] in (b"@", b"C", b"E"):
+            joliet = vd[156:190]  # Joliet: UCS-2 names in a supplementary descriptor
+    start = joliet or root
+    if start is None:
+        return Listing(problem="ISO image without a primary volume descriptor (UDF only)")
+    encoding = "utf-16-be" if joliet else "latin-1"
+    members: list[Member] = []
+    queue = [(struct.unpack_from("<I", start, 2)[0], struct.unpack_from("<I", start, 10)[0], "")]
+    seen: set[int] = set()
+    while queue:
+        extent, length, prefix = queue.pop()
+        if extent in seen or len(seen) >= _ISO_MAX_DIRECTORIES:
+            continue
+        seen.add(extent)
+        budget.check_time(name)
+        pos, end = extent * block, min(extent * block + length, len(data))
+        while pos < end:
+            size = data[pos]
+            if size == 0:  # records do not cross sectors: skip to the next one
+                pos = (pos // block + 1) * block
+                continue
+            record = data[pos : pos + size]
+            pos += size
+            if len(record) < 34:
+                break
+            name_len = record[32]
+            raw_name = record[33 : 33 + name_len]
+            if raw_name in (b"\0", b"\1"):
+                continue
+            fname = raw_name.decode(encoding, "replace").split(";")[0].rstrip(".")
+            f_extent, f_size = (
+                struct.unpack_from("<I", record, 2)[0],
+                struct.unpack_from("<I", record, 10)[0],
+            )
+            path = f"{prefix}{fname}"
+            if record[25] & 0x02:  # directory
+                queue.append((f_extent, f_size, path + "/"))
+                continue
+            budget.count(1, name)
+            at = f_extent * block
+            content = data[at : at + min(f_size, ISO_HEAD_BYTES)]
+            if len(content) < f_size and want_full(path, content):
+                content = data[at : at + f_size]
+            members.append(Member(path, f_size, content, len(content) >= f_size))
+    return Listing(members)
 
 
 def _cab(data: bytes, name: str, budget: Budget) -> Listing:

@@ -428,7 +428,8 @@ class AttachmentsPolicy(Policy):
                     kind = Kind.MSI
                 if info.package is not None:
                     self._judge_member(info.package, where, depth, st)
-        if kind in ARCHIVE_KINDS and (opts.scan_archives or kind is Kind.ZIP):
+        # Disk images are listed too: an ISO is how executables skip Mark-of-the-Web.
+        if (kind in ARCHIVE_KINDS or kind is Kind.ISO) and (opts.scan_archives or kind is Kind.ZIP):
             kind = self._judge_archive(kind, where, full, depth, st)
         self._judge_kind(FileType(kind), infos, where, head, blocked_ext is not None, st)
 

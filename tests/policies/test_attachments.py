@@ -20,6 +20,7 @@ from test_attachments_builders import (
     docm_bytes,
     docx_with_embedding,
     elf_bytes,
+    iso9660_bytes,
     message,
     nested_zip,
     ole_bytes,
@@ -813,3 +814,17 @@ def test_office_macros_are_found_even_when_archives_are_not_scanned() -> None:
 def test_bidi_override_in_an_archive_member_name() -> None:
     raw = message(("x.zip", zip_bytes({"invoice\u202egpj.exe": pe_bytes()}), OCTET))
     assert names(check(raw)) == {"ATTACH_BIDI_NAME", "ATTACH_BLOCKED_EXT"}
+
+
+def test_files_inside_an_iso_image_are_judged_even_when_iso_is_allowed() -> None:
+    image = iso9660_bytes({"readme.txt": b"hello", "invoice.pdf": pe_bytes(5000)})
+    blocked = tuple(e for e in AttachmentsOptions().blocked_extensions if e != "iso")
+    result = check(message(("docs.iso", image, OCTET)), blocked_extensions=blocked)
+    assert names(result) == {"ATTACH_DISGUISED_EXEC"}
+    assert "docs.iso > INVOICE.PDF" in result.reason
+
+
+def test_iso_image_by_name_is_rejected_and_its_executables_named() -> None:
+    result = check(message(("docs.iso", iso9660_bytes({"setup.exe": pe_bytes()}), OCTET)))
+    assert names(result) == {"ATTACH_BLOCKED_EXT"}
+    assert "docs.iso > SETUP.EXE" in detail(result, "ATTACH_BLOCKED_EXT")

@@ -313,6 +313,41 @@ def rar_bytes(members: dict[str, bytes], *, encrypted: bool = False) -> bytes:
     return out + block(0x7B, 0x4000, b"")
 
 
+def iso9660_bytes(files: dict[str, bytes]) -> bytes:
+    """An ISO 9660 image (ECMA-119): PVD, terminator, a root directory, one extent per file."""
+
+    def both32(v: int) -> bytes:
+        return struct.pack("<I", v) + struct.pack(">I", v)
+
+    def both16(v: int) -> bytes:
+        return struct.pack("<H", v) + struct.pack(">H", v)
+
+    def record(name: bytes, extent: int, size: int, flags: int) -> bytes:
+        body = (
+            b"\0" + both32(extent) + both32(size) + b"\0" * 7 + bytes([flags, 0, 0])
+            + both16(1) + bytes([len(name)]) + name
+        )  # fmt: skip
+        body += b"\0" * ((len(body) + 1) % 2)  # ECMA-119 §9.1.12: padded to even, counted
+        return bytes([len(body) + 1]) + body
+
+    extents, lba = [], 19
+    for data in files.values():
+        extents.append(lba)
+        lba += max(1, -(-len(data) // 2048))
+    root = record(b"\0", 18, 2048, 2) + record(b"\1", 18, 2048, 2)
+    for (fname, data), extent in zip(files.items(), extents, strict=True):
+        root += record(fname.upper().encode() + b";1", extent, len(data), 0)
+    pvd = bytearray(2048)
+    pvd[0:7] = b"\x01CD001\x01"
+    pvd[80:88] = both32(lba)
+    pvd[128:132] = both16(2048)
+    pvd[156:190] = record(b"\0", 18, 2048, 2)
+    out = bytearray(16 * 2048) + pvd + b"\xffCD001\x01".ljust(2048, b"\0") + root.ljust(2048, b"\0")
+    for data in files.values():
+        out += data.ljust(max(1, -(-len(data) // 2048)) * 2048, b"\0")
+    return bytes(out)
+
+
 # --------------------------------------------------------------------------- messages
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from test_attachments_builders import (
     docm_bytes,
     docx_with_embedding,
+    iso9660_bytes,
     message,
     pdf_bytes,
     pe_bytes,
@@ -50,6 +51,7 @@ SEEDS = [
     docm_bytes(),
     docx_with_embedding("evil.exe", pe_bytes()),
     xls_with_macro_sheet(),
+    iso9660_bytes({"a.pdf": pdf_bytes(), "setup.exe": pe_bytes()}),
     pe_bytes(),
 ]
 
@@ -84,7 +86,8 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 @FUZZ
 @given(
-    mutated(), st.sampled_from(["a.zip", "a.7z", "a.tar.gz", "a.rar", "a.docm", "a.xls", "a.bin"])
+    mutated(),
+    st.sampled_from(["a.zip", "a.7z", "a.tar.gz", "a.rar", "a.docm", "a.xls", "a.img", "a.bin"]),
 )
 @example(  # zipfile raised NotImplementedError for a mutated "version needed" field
     b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xcf*w],\xfc!|L\x00\x00\x00x\x00\x00\x00\t\x00\x00"
