@@ -36,6 +36,8 @@ COMPOSE: dict[str, Any] = {
     "server.listen": "0.0.0.0:10025",
     "server.hostname": "mx.example.org",
     "server.accepted_domains": ["example.org"],
+    # Every proxied session comes from the Postfix container: at least its maxproc (20).
+    "server.max_sessions_per_ip": 25,
     "relay.host": "postfix",
     "relay.port": 10026,
     "metrics.listen": "0.0.0.0:9325",
