@@ -158,22 +158,19 @@ def _leaf(node: Message, path: str) -> MimePart:
 
 def decode_part(part: MimePart, *, full: bool, head: int = 64 * 1024) -> Decoded:
     """Decode base64 ourselves (prefix or whole, strict, problems named); others via stdlib."""
-    payload = part.message.get_payload()
-    if not isinstance(payload, str):
-        return Decoded(b"", True, problems=("part payload is not text",))
     if part.cte == "base64":
+        payload = part.message.get_payload()
+        if not isinstance(payload, str):
+            return Decoded(b"", True, problems=("part payload is not text",))
         return _decode_base64(payload, full=full, head=head)
     problems: tuple[str, ...] = ()
     if part.cte not in _KNOWN_CTE:
         problems = (f"unknown transfer encoding {part.cte}",)
-    try:
-        if part.cte == "quoted-printable":
-            data = binascii.a2b_qp(payload.encode("ascii", "surrogateescape"))
-        else:  # identity, or unknown: the bytes as sent (RFC 2045 §6.4)
-            data = payload.encode("ascii", "surrogateescape")
-    except (UnicodeEncodeError, binascii.Error, ValueError):
-        data = payload.encode("utf-8", "surrogateescape")
-        problems = (*problems, f"undecodable {part.cte} content")
+    # The stdlib restores 8-bit bytes exactly (get_payload() without decode would
+    # replace them) and decodes quoted-printable and the uuencode variants.
+    data = part.message.get_payload(decode=True)
+    if not isinstance(data, bytes):
+        return Decoded(b"", True, problems=(*problems, "part payload is not text"))
     return Decoded(data, True, tail=data[-512:], problems=problems)
 
 

@@ -828,3 +828,31 @@ def test_iso_image_by_name_is_rejected_and_its_executables_named() -> None:
     result = check(message(("docs.iso", iso9660_bytes({"setup.exe": pe_bytes()}), OCTET)))
     assert names(result) == {"ATTACH_BLOCKED_EXT"}
     assert "docs.iso > SETUP.EXE" in detail(result, "ATTACH_BLOCKED_EXT")
+
+
+def _uuencoded(data: bytes) -> bytes:
+    import binascii
+
+    lines = [binascii.b2a_uu(data[i : i + 45]) for i in range(0, len(data), 45)]
+    return b"begin 644 a.exe\r\n" + b"".join(lines).replace(b"\n", b"\r\n") + b"`\r\nend\r\n"
+
+
+@pytest.mark.parametrize(
+    ("cte", "body", "expected"),
+    [
+        ("binary", pe_bytes(), {"ATTACH_DISGUISED_EXEC"}),
+        ("8bit", pe_bytes(), {"ATTACH_DISGUISED_EXEC"}),
+        (None, pe_bytes(), {"ATTACH_DISGUISED_EXEC"}),
+        ("quoted-printable", b"MZ=90=00=03=00=00=00=04=00=00=00=FF=FF", {"ATTACH_DISGUISED_EXEC"}),
+        ("x-uuencode", _uuencoded(pe_bytes()), {"ATTACH_DISGUISED_EXEC", "ATTACH_MALFORMED"}),
+    ],
+)
+def test_content_is_judged_whatever_the_transfer_encoding(
+    cte: str | None, body: bytes, expected: set[str]
+) -> None:
+    """8-bit bytes must reach the sniffer exactly (get_payload() without decode mangles them)."""
+    headers = "Content-Type: application/octet-stream; name=a.pdf"
+    if cte:
+        headers += f"\nContent-Transfer-Encoding: {cte}"
+    result = check(raw_message([part(headers, body)]))
+    assert names(result) == expected and result.force is REJECT
