@@ -105,3 +105,52 @@ def test_every_metric_in_dashboard_and_alerts_is_exported(scrape: str) -> None:
 def test_the_relayed_message_shows_up_in_the_throughput_metrics(scrape: str) -> None:
     """The dashboard's headline panel has data after one message."""
     assert re.search(r'^gateway_messages_total\{action="(relay|add_header)"\} 1\.0$', scrape, re.M)
+
+
+def _labels_by_family() -> dict[str, set[str]]:
+    """Label names of every metric gateway.metrics defines, keyed by series name."""
+    from gateway import metrics
+
+    out: dict[str, set[str]] = {}
+    for collector in list(metrics.REGISTRY._collector_to_names):  # our own registry
+        name = collector._name  # type: ignore[attr-defined]
+        labels = set(collector._labelnames)  # type: ignore[attr-defined]
+        for suffix in ("", "_total", "_sum", "_count"):
+            out[name + suffix] = labels
+        out[name + "_bucket"] = labels | {"le"}
+    return out
+
+
+TARGET_LABELS = {"instance", "job"}  # added by Prometheus at scrape time
+
+
+def test_dashboard_and_alerts_only_use_labels_the_metrics_have() -> None:
+    """`reason`, `outcome`, `stage`... must be real label names, or the query is silently empty."""
+    families = _labels_by_family()
+    problems = []
+    for where, expr in _exprs().items():
+        used_metrics = [m for m in _metric_names(expr) if m in families]
+        for metric, matchers in re.findall(r"\b(gateway_[a-z0-9_]+)\{([^}]*)\}", expr):
+            names = set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", matchers))
+            unknown = names - families.get(metric, set()) - TARGET_LABELS
+            if unknown:
+                problems.append(f"{where}: {metric} has no label {sorted(unknown)}")
+        available = set().union(TARGET_LABELS, *(families[m] for m in used_metrics))
+        for clause in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            unknown = {c.strip() for c in clause.split(",") if c.strip()} - available
+            if unknown:
+                problems.append(f"{where}: grouping by unknown label {sorted(unknown)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_dashboard_panels_do_not_overlap() -> None:
+    """Overlapping gridPos makes Grafana reshuffle the layout on load."""
+    dash = json.loads((DEPLOY / "grafana/gateway-dashboard.json").read_text(encoding="utf-8"))
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dash["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
