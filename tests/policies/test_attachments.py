@@ -856,3 +856,14 @@ def test_content_is_judged_whatever_the_transfer_encoding(
         headers += f"\nContent-Transfer-Encoding: {cte}"
     result = check(raw_message([part(headers, body)]))
     assert names(result) == expected and result.force is REJECT
+
+
+def test_types_outside_the_signature_table_are_recognised_with_puremagic() -> None:
+    """An operator blocking RTF (a favourite exploit carrier) catches it under any name."""
+    rtf = b"{\\rtf1\\ansi\\deff0 {\\fonttbl {\\f0 Times;}} Hello}"
+    result = check(message(("letter.txt", rtf, "text/plain")), blocked_types=("application/rtf",))
+    assert names(result) == {"ATTACH_BLOCKED_TYPE"}
+    assert detail(result, "ATTACH_BLOCKED_TYPE") == (
+        "letter.txt: content is application/rtf, which is not accepted"
+    )
+    assert names(check(message(("letter.txt", rtf, "text/plain")))) == set()
