@@ -15,7 +15,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: help test demo setup system-deps venv lint typecheck pytest clean
+.PHONY: help test demo setup system-deps venv lint typecheck pytest configs clean
 
 help:
 	@echo "make demo   run the gateway with a local downstream and sample mail (Ctrl-C stops)"
@@ -50,6 +50,11 @@ test: setup lint typecheck pytest
 
 demo: venv
 	$(VPY) deploy/demo/run.py
+
+# Re-render deploy/compose/gateway.toml and the Kubernetes ConfigMap after an
+# edit of config.example.toml (tests/deploy fails while they are stale).
+configs:
+	$(PYTHON) deploy/render_config.py
 
 clean:
 	rm -rf var/demo .pytest_cache

@@ -306,13 +306,13 @@ def _render_module() -> Any:
 def test_generated_deploy_configs_are_fresh() -> None:
     """compose/gateway.toml and the ConfigMap equal config.example.toml plus their overrides.
 
-    When this fails after an edit of config.example.toml: `python deploy/render_config.py`.
+    When this fails after an edit of config.example.toml: `make configs`.
     """
     render = _render_module()
     example = (REPO / "config.example.toml").read_text(encoding="utf-8")
     for path, text in render.targets(example).items():
         assert path.read_text(encoding="utf-8") == text, (
-            f"{_rel(path)} is stale: run `python deploy/render_config.py`"
+            f"{_rel(path)} is stale after a config.example.toml change: run `make configs`"
         )
 
 
