@@ -356,3 +356,25 @@ def test_deploy_configs_pass_check_config(path: Path | None, tmp_path: Path) -> 
         cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_postfix_image_turns_the_snippet_into_a_working_master_cf(tmp_path: Path) -> None:
+    """The compose Postfix image rewrites the before-queue snippet with sed; check the result."""
+    dockerfile = (DEPLOY / "compose/postfix/Dockerfile").read_text(encoding="utf-8")
+    expressions = re.findall(r"-e '([^']+)'", dockerfile)
+    assert expressions, "no sed expressions found in compose/postfix/Dockerfile"
+    snippet = DEPLOY / "postfix/before-queue/master.cf"
+    result = subprocess.run(
+        ["sed", *(arg for e in expressions for arg in ("-e", e)), str(snippet)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    out = result.stdout
+    assert "-o smtpd_proxy_filter=gateway:10025" in out
+    assert re.search(r"^10026\s+inet\b", out, re.M), "return smtpd must listen on the network"
+    assert "mynetworks=127.0.0.0/8,172.16.0.0/12," in out
+    assert re.search(r"^smtp\s+inet\b", out, re.M)
+    # Debian's own "smtp inet" line is deleted by this exact pattern before appending.
+    assert "sed -i '/^smtp      inet/d' /etc/postfix/master.cf" in dockerfile
