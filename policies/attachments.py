@@ -167,8 +167,8 @@ _FORCE = {
     "score": None,
 }
 
-# Parts bigger than this (encoded) are scanned in a worker thread, off the event loop.
-_INLINE_LIMIT = 256 * 1024
+# Archives and OLE files bigger than this (encoded) are scanned in a worker thread.
+_INLINE_LIMIT = 64 * 1024
 _DETAIL_LIMIT = 400
 
 
