@@ -147,7 +147,9 @@ SYMBOLS: dict[str, tuple[SymbolDef, Group]] = {
     ),
     "ATTACH_TOO_MANY": (SymbolDef(3.0, "more attachments than max_attachments"), Group.SIZE),
     "ATTACH_ARCHIVE_UNREADABLE": (
-        SymbolDef(4.0, "archive or member that cannot be opened (corrupt or unsupported)"),
+        SymbolDef(
+            4.0, "archive or document that could not be opened (corrupt, unsupported, too big)"
+        ),
         Group.UNINSPECTABLE,
     ),
     "ATTACH_MALFORMED": (
@@ -198,6 +200,7 @@ class AttachmentsOptions:
     action_uninspectable: Consequence = "quarantine"
     _blocked: frozenset[str] = field(init=False, repr=False, compare=False)
     _allowed: frozenset[str] = field(init=False, repr=False, compare=False)
+    _blocked_types: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key in (
@@ -234,6 +237,7 @@ class AttachmentsOptions:
         object.__setattr__(
             self, "_allowed", frozenset(e.casefold() for e in self.allowed_extensions)
         )
+        object.__setattr__(self, "_blocked_types", frozenset(t.lower() for t in self.blocked_types))
 
     def consequence(self, group: Group) -> Action | None:
         if group is Group.SCORE:
@@ -337,7 +341,10 @@ class AttachmentsPolicy(Policy):
             total += size
             sizes.append((part, size))
             if size > opts.max_attachment_size:
-                st.add("ATTACH_TOO_LARGE", f"{where}: {size} bytes over {opts.max_attachment_size}")
+                st.add(
+                    "ATTACH_TOO_LARGE",
+                    f"{where}: {size} bytes, over the limit of {opts.max_attachment_size}",
+                )
             self._judge_part(part, where, size, st)
         if count > opts.max_attachments:
             st.add(
@@ -408,13 +415,17 @@ class AttachmentsPolicy(Policy):
                     f"{where}: .{blocked_ext.extension} hidden behind "
                     f".{blocked_ext.extensions[-2]}",
                 )
-        if declared and declared.lower() in (t.lower() for t in opts.blocked_types):
+        if declared and declared.lower() in opts._blocked_types:
             st.add("ATTACH_BLOCKED_TYPE", f"{where}: declared type {declared} is not accepted")
         ftype = sniff(head, tail)
         kind = ftype.kind
         if kind is Kind.OLE:
             data = full()
-            if data is not None:
+            if data is None:
+                st.add(
+                    "ATTACH_ARCHIVE_UNREADABLE", f"{where}: document not opened (too big to read)"
+                )
+            else:
                 info = ole_info(data, st.budget, where)
                 if info.problem:
                     st.add("ATTACH_MALFORMED", f"{where}: {info.problem}")
@@ -452,11 +463,10 @@ class AttachmentsPolicy(Policy):
                     f"{where}: {ftype.kind.value} disguised as {claimed}",
                 )
             return
-        blocked_types = {t.lower() for t in opts.blocked_types}
         real = ftype.mime if ftype.kind is not Kind.UNKNOWN else None
         if real is None and self._puremagic and head:
             real = puremagic_mime(head)
-        if real and real in blocked_types:
+        if real and real in opts._blocked_types:
             st.add("ATTACH_BLOCKED_TYPE", f"{where}: content is {real}, which is not accepted")
 
     def _judge_archive(
@@ -474,6 +484,9 @@ class AttachmentsPolicy(Policy):
             return kind
         data = full()
         if data is None:
+            st.add(
+                "ATTACH_ARCHIVE_UNREADABLE", f"{where}: {kind.value} not opened (too big to read)"
+            )
             return kind
         try:
             listing = open_archive(kind, data, where, st.budget, _want_full)

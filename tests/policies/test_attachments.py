@@ -867,3 +867,13 @@ def test_types_outside_the_signature_table_are_recognised_with_puremagic() -> No
         "letter.txt: content is application/rtf, which is not accepted"
     )
     assert names(check(message(("letter.txt", rtf, "text/plain")))) == set()
+
+
+def test_archive_too_big_to_open_is_flagged_when_size_is_only_scored() -> None:
+    """With action_size = "score", an archive we did not open must not pass silently."""
+    import os
+
+    raw = message(("big.zip", zip_bytes({"setup.exe": os.urandom(200_000)}), OCTET))
+    result = check(raw, max_attachment_size=100_000, action_size="score")
+    assert names(result) == {"ATTACH_TOO_LARGE", "ATTACH_ARCHIVE_UNREADABLE"}
+    assert result.force is QUARANTINE
