@@ -58,6 +58,7 @@ class ClassResult:
     tested: int = 0
     actions: collections.Counter[str] = field(default_factory=collections.Counter)
     symbols: collections.Counter[str] = field(default_factory=collections.Counter)
+    scored: list[dict[str, Any]] = field(default_factory=list)
     flagged_files: list[tuple[str, float, list[str]]] = field(default_factory=list)
     missed_files: list[tuple[str, float, list[str]]] = field(default_factory=list)
 
@@ -236,6 +237,16 @@ async def evaluate(
                 names = [f"{s.name}={s.score}" for s in ev.verdict.symbols]
                 res.symbols.update(s.name for s in ev.verdict.symbols)
                 entry = (path.name, float(ev.verdict.score), names)
+                res.scored.append(
+                    {
+                        "class": cls,
+                        "file": path.name,
+                        "score": float(ev.verdict.score),
+                        "action": ev.action.value,
+                        "symbols": {s.name: float(s.score) for s in ev.verdict.symbols},
+                        "details": {s.name: s.detail for s in ev.verdict.symbols if s.detail},
+                    }
+                )
                 if ev.action.value in FLAGGED:
                     res.flagged_files.append(entry)
                 else:
@@ -262,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         help="train through `python -m gateway learn` (auto: when the CLI has it)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--dump", type=Path, help="write every test message's class, score and symbols (JSON lines)"
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="list every flagged ham")
     args = parser.parse_args(argv)
 
@@ -293,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                         learn_seconds[label] = asyncio.run(learn_inprocess(config, label, files))
             results, eval_seconds = asyncio.run(evaluate(config, split))
     tested = sum(r.tested for r in results.values())
+    if args.dump:
+        with args.dump.open("w", encoding="utf-8") as fh:
+            for r in results.values():
+                for row in r.scored:
+                    fh.write(json.dumps(row) + "\n")
     report = {
         "seed": args.seed,
         "train_fraction": args.train_fraction,

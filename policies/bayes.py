@@ -16,8 +16,9 @@ measured comparisons and the one SpamAssassin's Bayes uses (Gary Robinson's
    message carries strong evidence both ways, which is what keeps false
    positives rare.
 
-The probability becomes one of the SpamAssassin-like buckets ``BAYES_00`` ..
-``BAYES_999``; the symbol's detail carries the probability. Counts live in
+The probability becomes one of the SpamAssassin buckets ``BAYES_00`` ..
+``BAYES_99``, plus ``BAYES_999`` on top of ``BAYES_99`` from 99.9% (as in
+SpamAssassin); the symbol's detail carries the probability. Counts live in
 the gateway's state store (``services.state``: local SQLite, or Redis shared
 by every node), as (spam, ham) message counts per hashed token in table
 ``bayes`` plus a totals row; learned message ids in ``bayes_seen`` make
@@ -49,7 +50,7 @@ from gateway.api import (
 )
 from policies._tokens import TokenizerOptions, hash_token, message_tokens
 
-__all__ = ["BayesOptions", "BayesPolicy", "bucket", "chi2q", "spam_probability"]
+__all__ = ["BayesOptions", "BayesPolicy", "buckets", "chi2q", "spam_probability"]
 
 log = logging.getLogger("policies.bayes")
 
@@ -66,9 +67,9 @@ _BUCKETS: tuple[tuple[float, str], ...] = (
     (0.80, "BAYES_50"),
     (0.95, "BAYES_80"),
     (0.99, "BAYES_95"),
-    (0.999, "BAYES_99"),
-    (math.inf, "BAYES_999"),
+    (math.inf, "BAYES_99"),
 )
+ALMOST_CERTAIN = 0.999  # BAYES_999 comes on top of BAYES_99 from here, as in SpamAssassin
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,12 +167,10 @@ def spam_probability(
     return (spamminess - hamminess + 1.0) / 2.0, n
 
 
-def bucket(probability: float) -> str:
-    """The BAYES_* symbol of a probability."""
-    for upper, name in _BUCKETS:
-        if probability < upper:
-            return name
-    return _BUCKETS[-1][1]
+def buckets(probability: float) -> tuple[str, ...]:
+    """The BAYES_* symbols of a probability: one bucket, plus BAYES_999 above 99.9%."""
+    name = next(name for upper, name in _BUCKETS if probability < upper)
+    return (name, "BAYES_999") if probability >= ALMOST_CERTAIN else (name,)
 
 
 # -- the policy -----------------------------------------------------------------
@@ -187,17 +186,20 @@ class BayesPolicy(Policy):
     """Scores a message by what the classifier learned from mail marked spam or ham."""
 
     name = "bayes"
-    # Scores: strong ham evidence subtracts, strong spam evidence adds; only
-    # BAYES_999 flags (>= add_header 5.0) on its own, none comes near reject (15).
+    # Scores (measured, docs/quality.md): strong ham evidence subtracts, strong
+    # spam evidence adds. Only BAYES_99 + BAYES_999 together (5.5) reach
+    # add_header (5.0) alone; nothing comes near reject (15.0).
     symbols = {
-        "BAYES_00": SymbolDef(-3.0, "classifier: spam probability below 1%"),
+        "BAYES_00": SymbolDef(-2.5, "classifier: spam probability below 1%"),
         "BAYES_05": SymbolDef(-1.0, "classifier: spam probability 1% to 5%"),
         "BAYES_20": SymbolDef(-0.3, "classifier: spam probability 5% to 20%"),
         "BAYES_50": SymbolDef(0.0, "classifier: unsure, spam probability 20% to 80%"),
-        "BAYES_80": SymbolDef(1.0, "classifier: spam probability 80% to 95%"),
-        "BAYES_95": SymbolDef(2.5, "classifier: spam probability 95% to 99%"),
-        "BAYES_99": SymbolDef(4.0, "classifier: spam probability 99% to 99.9%"),
-        "BAYES_999": SymbolDef(5.5, "classifier: spam probability above 99.9%"),
+        "BAYES_80": SymbolDef(2.0, "classifier: spam probability 80% to 95%"),
+        "BAYES_95": SymbolDef(3.5, "classifier: spam probability 95% to 99%"),
+        "BAYES_99": SymbolDef(4.5, "classifier: spam probability 99% or more"),
+        "BAYES_999": SymbolDef(
+            1.0, "classifier: spam probability 99.9% or more (in addition to BAYES_99)"
+        ),
         "BAYES_UNTRAINED": SymbolDef(
             0.0, "classifier: too few messages learned yet; learn with `gateway learn`"
         ),
@@ -252,7 +254,7 @@ class BayesPolicy(Policy):
             max_clues=opts.max_clues,
         )
         detail = f"{probability:.4f} ({clues} clues)"
-        return Result(symbols=(Symbol(bucket(probability), detail=detail),))
+        return Result(symbols=tuple(Symbol(name, detail=detail) for name in buckets(probability)))
 
     # -- learning -----------------------------------------------------------
 
