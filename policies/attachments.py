@@ -124,7 +124,7 @@ SYMBOLS: dict[str, tuple[SymbolDef, Group]] = {
     ),
     "ATTACH_BLOCKED_TYPE": (SymbolDef(8.0, "attachment of a blocked MIME type"), Group.BLOCKED),
     "ATTACH_ENCRYPTED_ARCHIVE": (
-        SymbolDef(4.0, "password-protected archive: its content cannot be inspected"),
+        SymbolDef(4.0, "password-protected archive or Office file: content cannot be inspected"),
         Group.ENCRYPTED,
     ),
     "ATTACH_MACRO": (SymbolDef(5.0, "Office document with macros"), Group.MACRO),
@@ -153,7 +153,7 @@ SYMBOLS: dict[str, tuple[SymbolDef, Group]] = {
         Group.UNINSPECTABLE,
     ),
     "ATTACH_MALFORMED": (
-        SymbolDef(2.0, "broken MIME structure, transfer encoding or archive"),
+        SymbolDef(2.0, "broken MIME structure or transfer encoding, corrupt OLE document"),
         Group.SCORE,
     ),
     "ATTACH_BIDI_NAME": (
