@@ -17,6 +17,8 @@ import pytest
 from test_attachments_builders import (
     MSI_CLSID,
     b64,
+    cab_bytes,
+    compressed_bytes,
     docm_bytes,
     docx_with_embedding,
     elf_bytes,
@@ -31,6 +33,7 @@ from test_attachments_builders import (
     rar_bytes,
     raw_message,
     sevenzip_bytes,
+    tar_bytes,
     tar_gz_bytes,
     xls_with_macro_sheet,
     zip_bytes,
@@ -877,3 +880,52 @@ def test_archive_too_big_to_open_is_flagged_when_size_is_only_scored() -> None:
     result = check(raw, max_attachment_size=100_000, action_size="score")
     assert names(result) == {"ATTACH_TOO_LARGE", "ATTACH_ARCHIVE_UNREADABLE"}
     assert result.force is QUARANTINE
+
+
+@pytest.mark.parametrize(
+    ("filename", "data", "where"),
+    [
+        ("x.tar", tar_bytes({"bin/evil.exe": pe_bytes()}), "x.tar > bin/evil.exe"),
+        ("x.tar.xz", tar_bytes({"evil.exe": pe_bytes()}, "xz"), "x.tar.xz > evil.exe"),
+        ("x.tbz2", tar_bytes({"evil.exe": pe_bytes()}, "bz2"), "x.tbz2 > evil.exe"),
+        ("tool.exe.bz2", compressed_bytes("bz2", pe_bytes()), "tool.exe.bz2 > tool.exe"),
+        ("tool.exe.xz", compressed_bytes("xz", pe_bytes()), "tool.exe.xz > tool.exe"),
+        ("setup.cab", cab_bytes(["readme.txt", "evil.exe"]), "setup.cab > evil.exe"),
+    ],
+)
+def test_every_archive_format_has_its_members_judged(
+    filename: str, data: bytes, where: str
+) -> None:
+    result = check(message((filename, data, OCTET)))
+    assert names(result) == {"ATTACH_BLOCKED_EXT"}
+    assert where in result.reason
+
+
+@pytest.mark.parametrize(
+    ("filename", "members", "evidence"),
+    [
+        ("book.xlsm", {"xl/vbaProject.bin": b"x"}, "xl/vbaProject.bin"),
+        ("deck.pptm", {"ppt/vbaProject.bin": b"x"}, "ppt/vbaProject.bin"),
+        ("book.xlsx", {"xl/macrosheets/sheet1.xml": b"<xm/>"}, "xl/macrosheets/sheet1.xml"),
+    ],
+)
+def test_ooxml_macro_parts_whatever_the_extension(
+    filename: str, members: dict[str, bytes], evidence: str
+) -> None:
+    base = {"[Content_Types].xml": b"<Types/>", "_rels/.rels": b"<Relationships/>"}
+    result = check(message((filename, zip_bytes({**base, **members}), OCTET)))
+    assert names(result) == {"ATTACH_MACRO"}
+    assert evidence in detail(result, "ATTACH_MACRO")
+
+
+def test_opendocument_basic_macros() -> None:
+    odt = zip_bytes(
+        {
+            "mimetype": b"application/vnd.oasis.opendocument.text",
+            "META-INF/manifest.xml": b"<manifest/>",
+            "content.xml": b"<office:document-content/>",
+            "Basic/Standard/Module1.xml": b"<script:module/>",
+        }
+    )
+    result = check(message(("letter.odt", odt, OCTET)))
+    assert names(result) == {"ATTACH_MACRO"} and result.force is QUARANTINE

@@ -348,6 +348,40 @@ def iso9660_bytes(files: dict[str, bytes]) -> bytes:
     return bytes(out)
 
 
+def cab_bytes(names: list[str]) -> bytes:
+    """A cabinet's header, one stored folder and its CFFILE table ([MS-CAB] §2.1-2.3), no data."""
+    files = b""
+    for name in names:
+        files += struct.pack("<IIHHHH", 0, 0, 0, 0x5A21, 0, 0x20) + name.encode() + b"\0"
+    header_size, folder_size = 36, 8
+    total = header_size + folder_size + len(files)
+    header = b"MSCF" + struct.pack(
+        "<IIIIIBBHHHHH", 0, total, 0, header_size + folder_size, 0, 3, 1, 1, len(names), 0, 0, 0
+    )
+    folder = struct.pack("<IHH", total, 0, 0)
+    return header + folder + files
+
+
+def compressed_bytes(kind: str, data: bytes) -> bytes:
+    """``data`` compressed as a single gzip, bzip2 or xz stream."""
+    import bz2
+    import gzip
+    import lzma
+
+    return {"gz": lambda: gzip.compress(data, mtime=0), "bz2": lambda: bz2.compress(data),
+            "xz": lambda: lzma.compress(data)}[kind]()  # fmt: skip
+
+
+def tar_bytes(members: dict[str, bytes], compression: str = "") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------- messages
 
 
