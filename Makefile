@@ -46,7 +46,15 @@ pytest: venv
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; \
 	exit $$rc
 
-test: setup lint typecheck pytest
+# Every check runs even when an earlier one failed, so one run shows everything
+# to fix; the target fails if any did.
+test: setup
+	@status=0; \
+	$(MAKE) --no-print-directory lint || status=1; \
+	$(MAKE) --no-print-directory typecheck || status=1; \
+	$(MAKE) --no-print-directory pytest || status=1; \
+	if [ $$status -ne 0 ]; then echo "make test: FAILED (see above)" >&2; fi; \
+	exit $$status
 
 demo: venv
 	$(VPY) deploy/demo/run.py
