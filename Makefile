@@ -34,8 +34,10 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	@rc=0; \
+	echo "ruff check ."; $(VENV)/bin/ruff check . || rc=1; \
+	echo "ruff format --check ."; $(VENV)/bin/ruff format --check . || rc=1; \
+	exit $$rc
 
 typecheck: venv
 	$(VENV)/bin/mypy
