@@ -112,3 +112,9 @@ async def test_an_allowlisted_client_is_not_rejected_however_spammy(tmp_path: Pa
     action, names = await evaluate("192.0.2.10")
     assert "ALLOWLIST_CLIENT" in names
     assert action is Action.RELAY
+
+
+def test_every_shipped_symbol_is_documented() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "policies" / "spam.md").read_text()
+    missing = sorted(n for n in shipped_symbols() if f"`{n}`" not in doc)
+    assert missing == []
