@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -192,6 +194,7 @@ class AttachmentsOptions:
     max_expanded_size: int = 50_000_000
     max_ratio: float = 100.0
     scan_time_limit: float = 5.0
+    scan_workers: int = 2  # archive scans at once; bounds memory (see the docs)
     action_blocked: Consequence = "reject"
     action_encrypted: Consequence = "quarantine"
     action_macro: Consequence = "quarantine"
@@ -211,6 +214,7 @@ class AttachmentsOptions:
             "max_parts",
             "max_archive_members",
             "max_expanded_size",
+            "scan_workers",
         ):
             if getattr(self, key) < 1:
                 raise OptionError(key, "must be at least 1")
@@ -295,6 +299,21 @@ class AttachmentsPolicy(Policy):
             ctx.message, ctx.raw, max_depth=options.max_mime_depth, max_parts=options.max_parts
         )
         self._puremagic = any(t.lower() not in KNOWN_MIMES for t in options.blocked_types)
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        # A small pool of our own: at most scan_workers archive scans hold memory at once.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                self.options.scan_workers, thread_name_prefix="attachments"
+            )
+        return self._executor
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            # Scans already queued finish: a reload must not fail messages in flight.
+            self._executor.shutdown(wait=False, cancel_futures=False)
+            self._executor = None
 
     async def check(self, ctx: Context) -> Result:
         walk = ctx.memo(self._walk)
@@ -303,7 +322,8 @@ class AttachmentsPolicy(Policy):
             findings = [f for p in walk.parts for f in _cheap_findings(p)]
             return self._result(findings) if findings else Result()
         if any(_needs_thread(p) for p in inspect):
-            findings = await asyncio.to_thread(self.scan, walk)
+            loop = asyncio.get_running_loop()
+            findings = await loop.run_in_executor(self._pool(), functools.partial(self.scan, walk))
         else:
             findings = self.scan(walk)
         return self._result(findings)

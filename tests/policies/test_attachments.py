@@ -929,3 +929,20 @@ def test_opendocument_basic_macros() -> None:
     )
     result = check(message(("letter.odt", odt, OCTET)))
     assert names(result) == {"ATTACH_MACRO"} and result.force is QUARANTINE
+
+
+def test_big_archives_are_scanned_in_the_policys_own_pool_and_close_releases_it() -> None:
+    import os
+
+    policy = AttachmentsPolicy(AttachmentsOptions(scan_workers=1))
+    raw = message(("docs.zip", zip_bytes({"a.bin": os.urandom(100_000), "b.exe": b"x"}), OCTET))
+
+    async def run() -> Result:
+        try:
+            return await policy.check(make_context(raw))
+        finally:
+            assert policy._executor is not None  # used: the zip is over 64 KiB encoded
+            await policy.close()
+
+    assert names(asyncio.run(run())) == {"ATTACH_BLOCKED_EXT"}
+    assert policy._executor is None
