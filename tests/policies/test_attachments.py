@@ -946,3 +946,27 @@ def test_big_archives_are_scanned_in_the_policys_own_pool_and_close_releases_it(
 
     assert names(asyncio.run(run())) == {"ATTACH_BLOCKED_EXT"}
     assert policy._executor is None
+
+
+def test_attachment_modules_import_only_gateway_api_from_the_gateway() -> None:
+    """Built-in policies use the plugin API like third-party ones (architecture.md)."""
+    import ast
+    from pathlib import Path
+
+    import policies
+
+    root = Path(policies.__file__).parent
+    for name in ("attachments.py", "_archives.py", "_filetypes.py", "_mime_walk.py"):
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith("gateway") or module == "gateway.api", (name, module)
+    import policies.attachments as public
+
+    assert public.__all__ == ["AttachmentsOptions", "AttachmentsPolicy"]
