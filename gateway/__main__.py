@@ -558,18 +558,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    default_config = os.environ.get("GATEWAY_CONFIG")
+    # --config is accepted anywhere (`gateway --config P quarantine list`, `gateway
+    # quarantine list --config P`); SUPPRESS keeps a subcommand from resetting it.
+    config_help = "TOML config file (default: $GATEWAY_CONFIG)"
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        metavar="PATH",
-        default=default_config,
-        required=default_config is None,
-        help="TOML config file (default: $GATEWAY_CONFIG)",
-    )
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     parser = argparse.ArgumentParser(
         prog="gateway",
         description="Inbound mail filtering gateway (SMTP proxy in front of your MTA).",
+    )
+    parser.add_argument(
+        "--config", metavar="PATH", default=os.environ.get("GATEWAY_CONFIG"), help=config_help
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="serve in the foreground until SIGTERM/SIGINT")
@@ -589,7 +588,9 @@ def _parser() -> argparse.ArgumentParser:
         "symbols", parents=[common], help="every enabled symbol, its effective score and source"
     )
     symbols.add_argument("--json", action="store_true", help="print a JSON array")
-    q = sub.add_parser("quarantine", help="list, show, release or delete quarantined mail")
+    q = sub.add_parser(
+        "quarantine", parents=[common], help="list, show, release or delete quarantined mail"
+    )
     qsub = q.add_subparsers(dest="qcommand", required=True, metavar="ACTION")
     qlist = qsub.add_parser("list", parents=[common], help="newest first")
     qlist.add_argument("--json", action="store_true", help="print a JSON array")
@@ -618,7 +619,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("the following arguments are required: --config PATH")
     if (
         args.command == "quarantine"
         and args.qcommand == "list"

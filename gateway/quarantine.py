@@ -267,6 +267,16 @@ class LocalQuarantine:
                 self._db = self._connect()
             return self._db
 
+    def _existing(self) -> sqlite3.Connection | None:
+        """The index for reading; None (an empty quarantine) when nothing was ever stored.
+
+        Reading never creates directories: ``quarantine list`` with a mistyped
+        path should show nothing, not leave an empty store behind.
+        """
+        if self._db is None and not (self.path / "index.sqlite").exists():
+            return None
+        return self._open_sync()
+
     def _connect(self) -> sqlite3.Connection:
         self.messages.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(
@@ -370,7 +380,9 @@ class LocalQuarantine:
     def _get_sync(self, id: str) -> tuple[QuarantineItem, bytes] | None:
         if not valid_id(id):
             return None
-        db = self._open_sync()
+        db = self._existing()
+        if db is None:
+            return None
         with self._lock:
             row = db.execute(
                 f"SELECT {_COLUMNS} FROM items WHERE id = ?",  # noqa: S608
@@ -387,7 +399,9 @@ class LocalQuarantine:
     def _list_sync(
         self, limit: int, offset: int, mail_from: str | None, rcpt: str | None
     ) -> list[QuarantineItem]:
-        db = self._open_sync()
+        db = self._existing()
+        if db is None:
+            return []
         where: list[str] = []
         args: list[Any] = []
         if mail_from is not None:
@@ -408,7 +422,9 @@ class LocalQuarantine:
     def _delete_sync(self, id: str) -> bool:
         if not valid_id(id):
             return False
-        db = self._open_sync()
+        db = self._existing()
+        if db is None:
+            return False
         # The file goes first: a crash in between leaves a row without a file,
         # which the next open drops; the other order would leave an orphan file.
         existed = self._file(id).exists()
@@ -422,7 +438,9 @@ class LocalQuarantine:
     def _claim_sync(self, id: str, seconds: float) -> bool:
         if not valid_id(id):
             return False
-        db = self._open_sync()
+        db = self._existing()
+        if db is None:
+            return False
         now = time.time()
         with self._lock:
             cur = db.execute(
@@ -433,18 +451,24 @@ class LocalQuarantine:
         return cur.rowcount == 1
 
     def _unclaim_sync(self, id: str) -> None:
-        db = self._open_sync()
+        db = self._existing()
+        if db is None:
+            return
         with self._lock:
             db.execute("UPDATE items SET claimed_until = NULL WHERE id = ?", (id,))
 
     def _count_sync(self) -> int:
-        db = self._open_sync()
+        db = self._existing()
+        if db is None:
+            return 0
         with self._lock:
             (n,) = db.execute("SELECT count(*) FROM items").fetchone()
         return int(n)
 
     def _purge_sync(self, before: float) -> int:
-        db = self._open_sync()
+        db = self._existing()
+        if db is None:
+            return 0
         with self._lock:
             ids = [
                 r[0] for r in db.execute("SELECT id FROM items WHERE received_at < ?", (before,))

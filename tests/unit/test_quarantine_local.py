@@ -170,7 +170,7 @@ def test_disk_full_raises_quarantine_error_and_leaves_no_partial_file(tmp_path: 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         async def main():
             store = LocalQuarantine(Path({str(tmp_path)!r}))
-            await store.count()  # create the index before the limit
+            await asyncio.to_thread(store._open_sync)  # create the index before the limit
             resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
             try:
                 await store.put(item(), b"x" * 1_000_000)
@@ -248,7 +248,7 @@ def test_sigkill_during_puts_loses_no_acknowledged_message(tmp_path: Path) -> No
 
 async def test_index_uses_wal_with_full_synchronous_commits(tmp_path: Path) -> None:
     store = LocalQuarantine(tmp_path)
-    await store.count()
+    await asyncio.to_thread(store._open_sync)
     db = sqlite3.connect(tmp_path / "index.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
@@ -259,7 +259,7 @@ async def test_index_uses_wal_with_full_synchronous_commits(tmp_path: Path) -> N
 
 async def test_a_large_put_does_not_block_the_event_loop(tmp_path: Path) -> None:
     store = LocalQuarantine(tmp_path)
-    await store.count()
+    await asyncio.to_thread(store._open_sync)
     gaps: list[float] = []
 
     async def ticker() -> None:
@@ -342,4 +342,15 @@ async def test_an_index_from_before_claims_is_upgraded_in_place(tmp_path: Path) 
     it = item()
     await store.put(it, RAW)
     assert await store.claim(it.id) is True
+    await store.close()
+
+
+async def test_reading_an_empty_location_creates_nothing(tmp_path: Path) -> None:
+    store = LocalQuarantine(tmp_path / "never-used")
+    assert await store.list() == []
+    assert await store.count() == 0
+    assert await store.get(new_id()) is None
+    assert await store.delete(new_id()) is False
+    assert await store.purge(datetime.now(UTC)) == 0
+    assert not (tmp_path / "never-used").exists()
     await store.close()
