@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import mailbox
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -435,3 +436,21 @@ def test_release_of_a_message_another_release_holds_is_refused(tmp_path: Path) -
         out = gateway("quarantine", "release", item.id, "--config", str(path))
         assert out.returncode == 1 and b"being released by another command" in out.stderr
         assert sink.messages == []
+
+
+def test_config_may_come_before_the_command_or_from_the_environment(tmp_path: Path) -> None:
+    path = str(write_config(tmp_path))
+    assert gateway("--config", path, "check-config").returncode == 0
+    assert gateway("--config", path, "quarantine", "list").returncode == 0
+    assert gateway("quarantine", "--config", path, "list").returncode == 0
+    env_run = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config"],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "GATEWAY_CONFIG": path},
+    )
+    assert env_run.returncode == 0, env_run.stderr
+    missing = gateway("check-config")
+    assert missing.returncode == 2 and b"--config" in missing.stderr
+    assert not (tmp_path / "quarantine").exists()  # listing an empty store creates nothing
