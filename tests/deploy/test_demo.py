@@ -6,6 +6,7 @@ Ctrl-C) on free ports with its own work directory.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +44,12 @@ def test_demo_shows_relay_reject_quarantine_and_relay_denied(tmp_path: Path) -> 
     assert "DATA -> 250" in out and "X-Spam-Status: No, score=" in out
     assert "Authentication-Results: mx.demo.example; spf=pass" in out
     # [2] GTUBE, [3] DMARC p=reject, [4] .exe: rejected with reasons a sender can act on.
-    assert "DATA -> 550 5.7.1 Message rejected: spam score" in out and "GTUBE" in out
-    assert "DMARC policy of bank.example is reject" in out
-    assert "invoice-4711.pdf.exe" in out
+    rejections = re.findall(r"DATA -> (550 5\.7\.\d .*)", out)
+    assert len(rejections) == 3, rejections
+    gtube, spoof, attachment = rejections
+    assert "GTUBE" in gtube
+    assert "DMARC" in spoof and "bank.example" in spoof
+    assert "invoice-4711.pdf.exe" in attachment
     # [5] encrypted archive: 250 to the sender, held in quarantine, listed.
     assert "held in quarantine" in out and "<carol@sender.example> -> bob@example.org" in out
     # [6] never an open relay.
