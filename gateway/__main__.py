@@ -580,8 +580,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("--ip", default=None, help="client IP address as the gateway would see it")
     scan.add_argument("--helo", default="", help="HELO/EHLO name the client sent")
-    scan.add_argument("--mail-from", default="", help="reverse-path as sent (unvalidated)")
-    scan.add_argument("--rcpt", action="append", default=[], help="recipient (repeat for several)")
+    scan.add_argument(
+        "--mail-from",
+        default="",
+        help="reverse-path as sent, unvalidated (default: the null sender <>)",
+    )
+    scan.add_argument(
+        "--rcpt",
+        action="append",
+        default=[],
+        help="recipient, repeat for several (default: postmaster@ the first accepted domain)",
+    )
     scan.add_argument("--json", action="store_true", help="print one JSON object")
     scan.add_argument("file", metavar="FILE|-", help="the message; - reads stdin")
     symbols = sub.add_parser(
