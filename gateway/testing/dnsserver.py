@@ -198,9 +198,18 @@ class DNSServer:
             finally:
                 writer.close()
 
-        udp_transport, _ = await loop.create_datagram_endpoint(UDP, local_addr=(self.host, 0))
-        self.port = udp_transport.get_extra_info("sockname")[1]
-        tcp_server = await asyncio.start_server(tcp, self.host, self.port)
+        # UDP picks a free port; TCP must bind the same number, which another process may
+        # hold (parallel suites): try again with a new port rather than never starting.
+        for attempt in range(50):
+            udp_transport, _ = await loop.create_datagram_endpoint(UDP, local_addr=(self.host, 0))
+            self.port = udp_transport.get_extra_info("sockname")[1]
+            try:
+                tcp_server = await asyncio.start_server(tcp, self.host, self.port)
+                break
+            except OSError:
+                udp_transport.close()
+                if attempt == 49:
+                    raise
         self._stop = asyncio.Event()
         self._ready.set()
         try:
