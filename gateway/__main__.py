@@ -205,6 +205,14 @@ def _read_message(source: str, limit: int) -> bytes:
     return data
 
 
+def _unbracket(address: str) -> str:
+    """``<a@b.test>`` as typed from a MAIL FROM line -> ``a@b.test``; ``<>`` -> null sender."""
+    text = address.strip()
+    if text.startswith("<") and text.endswith(">"):
+        return text[1:-1]
+    return text
+
+
 def _auth_json(auth: Sequence[AuthResult]) -> dict[str, Any]:
     """``auth`` of ``scan --json`` from the RFC 8601 results (INTERFACE.md)."""
     spf, spf_helo = "none", "none"
@@ -250,7 +258,7 @@ async def _scan(args: argparse.Namespace, out: TextIO) -> int:
         envelope = Envelope(
             client_ip=args.ip,
             helo=args.helo,
-            mail_from=args.mail_from,
+            mail_from=_unbracket(args.mail_from),
             rcpt_to=rcpts,
             queue_id=f"scan{new_id()[-8:]}",
         )
