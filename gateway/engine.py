@@ -7,10 +7,12 @@ swaps it in; sessions already evaluating keep the one they started with.
 
 from __future__ import annotations
 
-import email.parser
+import asyncio
+import email.feedparser
 import email.policy
 import logging
 import re
+from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -26,9 +28,6 @@ from gateway.verdict import Verdict, decide, verdict_headers
 __all__ = ["Engine", "Envelope", "Evaluation", "parse_message"]
 
 log = logging.getLogger("gateway.engine")
-
-_PARSER = email.parser.BytesParser(policy=email.policy.default)
-_HEADER_PARSER = email.parser.BytesParser(policy=email.policy.default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +60,13 @@ class Evaluation:
         return verdict_reply(self.verdict.action, self.verdict.reason, self.envelope.queue_id)
 
 
-_MULTIPART = re.compile(rb"content-type:[ \t]*(?:\r?\n[ \t]+)?multipart/", re.IGNORECASE)
+_PARSE_INLINE = 256 * 1024  # bytes; larger messages are parsed step by step, yielding
+_STEP = 1 << 20  # bytes of container counting per step
+_FEED = 64 * 1024  # bytes fed to the parser per step (~3 ms of pure-Python parsing)
+# Matched on lower-cased bytes: a literal prefix keeps the regex a fast scan
+# (re.IGNORECASE made it 0.45 s on 25 MB, all of it blocking the event loop).
+_MULTIPART = re.compile(rb"content-type:[ \t]*(?:\r?\n[ \t]+)?multipart/")
+_Parsed = tuple[EmailMessage, Symbol | None]
 
 
 def parse_message(raw: bytes) -> EmailMessage:
@@ -73,24 +78,62 @@ def parse_message(raw: bytes) -> EmailMessage:
     return parse_bounded(raw, max_containers=None)[0]
 
 
-def parse_bounded(raw: bytes, max_containers: int | None) -> tuple[EmailMessage, Symbol | None]:
+def parse_bounded(raw: bytes, max_containers: int | None) -> _Parsed:
     """Parse within a bounded cost; a message we could not inspect fully yields a symbol."""
+    steps = _parse_steps(raw, max_containers)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+async def parse_bounded_async(raw: bytes, max_containers: int | None) -> _Parsed:
+    """:func:`parse_bounded` in steps of a few milliseconds, yielding to the event loop."""
+    if len(raw) <= _PARSE_INLINE:
+        return parse_bounded(raw, max_containers)
+    steps = _parse_steps(raw, max_containers)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        await asyncio.sleep(0)
+
+
+def _parse_steps(raw: bytes, max_containers: int | None) -> Generator[None, None, _Parsed]:
     if max_containers is not None:
-        containers = len(_MULTIPART.findall(raw))
+        containers = 0
+        for start in range(0, len(raw), _STEP):
+            window = raw[start : start + _STEP + 256].lower()  # overlap: no match is cut
+            containers += sum(1 for m in _MULTIPART.finditer(window) if m.start() < _STEP)
+            yield
         if containers > max_containers:
-            msg = _HEADER_PARSER.parsebytes(raw, headersonly=True)
-            assert isinstance(msg, EmailMessage)
+            msg = yield from _feed(raw, headersonly=True)
             # Policies see the header only: a body they cannot walk is not a crash.
             del msg["Content-Type"]
             msg.set_payload("")
             return msg, Symbol("MIME_TOO_COMPLEX", detail=f"{containers} multipart containers")
     try:
-        msg = _PARSER.parsebytes(raw)
+        msg = yield from _feed(raw)
     except (RecursionError, Exception) as exc:  # the stdlib parser is lenient; a backstop
         log.warning("message_parse_failed", extra={"error": type(exc).__name__})
         return EmailMessage(), Symbol("MIME_UNPARSEABLE", detail=type(exc).__name__)
-    assert isinstance(msg, EmailMessage)  # policy=default builds EmailMessage
     return msg, None
+
+
+def _feed(raw: bytes, *, headersonly: bool = False) -> Generator[None, None, EmailMessage]:
+    """What ``BytesParser(policy=default).parsebytes`` does, one slice per step."""
+    parser = email.feedparser.FeedParser(policy=email.policy.default)
+    if headersonly:
+        parser._set_headersonly()  # type: ignore[attr-defined]  # what parse(headersonly=True) calls
+    for start in range(0, len(raw), _FEED):
+        # ASCII with surrogateescape maps byte for byte, so slices decode independently.
+        parser.feed(raw[start : start + _FEED].decode("ascii", "surrogateescape"))
+        yield
+    msg = parser.close()
+    assert isinstance(msg, EmailMessage)  # policy=default builds EmailMessage
+    return msg
 
 
 class Engine:
@@ -136,7 +179,10 @@ class Engine:
         return [k for k in self.config.scores if k not in known]
 
     async def evaluate(self, envelope: Envelope, raw: bytes) -> Evaluation:
-        message, parse_problem = parse_bounded(raw, self.config.pipeline.max_mime_containers)
+        # The stdlib parser is pure Python (~20 ms/MB): big messages go step by step.
+        message, parse_problem = await parse_bounded_async(
+            raw, self.config.pipeline.max_mime_containers
+        )
         ctx = Context(
             client_ip=envelope.client_ip,
             client_name=envelope.client_name,

@@ -72,7 +72,7 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
-from gateway import metrics
+from gateway import metrics, smuggling
 from gateway.config import RelayConfig
 
 __all__ = [
@@ -209,12 +209,11 @@ def _refuse_smuggling(data: bytes) -> None:
 
 
 async def _prepared(data: bytes) -> bytes:
-    """``_terminated(data)`` after ``_refuse_smuggling``, slice by slice, yielding between."""
+    """``_terminated(data)`` after ``_refuse_smuggling``, window by window, yielding between."""
     data = _terminated(data)
-    for i, piece in enumerate(_slices(data)):
-        if i:
-            await asyncio.sleep(0)
-        _refuse_smuggling(piece)
+    # Window by window (also through one huge line, which has no CRLF to slice at).
+    if await smuggling.found(data, smuggling.Rule.DOT_LINE):
+        _refuse_smuggling(data)
     return data
 
 
@@ -241,14 +240,7 @@ def _stuff(piece: bytes) -> bytes:
 
 def _bare_line_end_dot(data: bytes) -> bool:
     """True if a bare CR or bare LF is followed by "." and then CR or LF."""
-    # CR "." is always a bare CR.
-    if b"\r.\r" in data or b"\r.\n" in data:
-        return True
-    if b"\n.\r" not in data and b"\n.\n" not in data:
-        return False  # the common case: no copy needed
-    # Hide every CRLF; any LF left is bare. (CRLF cannot overlap itself.)
-    masked = data.replace(b"\r\n", b"\r_")
-    return b"\n.\r" in masked or b"\n.\n" in masked
+    return smuggling.found_sync(data, smuggling.Rule.DOT_LINE)
 
 
 def _check_address(address: str, what: str) -> bytes:

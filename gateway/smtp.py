@@ -41,7 +41,7 @@ from typing import Any, AnyStr, Protocol
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP
 
-from gateway import metrics, replies
+from gateway import metrics, replies, smuggling
 from gateway.api import TLSInfo
 from gateway.config import ServerConfig
 from gateway.engine import Envelope
@@ -66,6 +66,7 @@ log = logging.getLogger("gateway.smtp")
 
 IDENT = "ESMTP gateway"
 _READ_CHUNK = 256 * 1024  # bytes per DATA read; memory per session is bounded by max_message_size
+_LONG_LINE = 1 << 20  # bytes of one unfinished line held before it is moved on in pieces
 _PROXY_TIMEOUT = 10.0  # seconds a trusted proxy has to send its PROXY header
 
 
@@ -364,9 +365,6 @@ _DEFAULT_STATUS = {
     555: "5.5.4",
 }
 _STAGES = {"HELO": "helo", "EHLO": "helo", "MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}
-# A dot right after a bare CR or a bare LF. Matching the rare dot first and looking
-# behind keeps this a fast literal scan on multi-megabyte messages.
-_SMUGGLE = re.compile(rb"\.(?:(?<=\r\.)|(?<=(?<!\r)\n\.))")
 _SMUGGLING_REPLY = Reply(
     550,
     "5.5.2",
@@ -683,7 +681,7 @@ class GatewaySMTP(SMTP):
                 )
                 await self.push(str(replies.MESSAGE_TOO_BIG))
                 return
-            if _SMUGGLE.search(raw):
+            if await smuggling.found(raw, smuggling.Rule.ANY_DOT):
                 log.warning(
                     "message_refused_bare_newline",
                     extra={"client_ip": self.client_ip, "size": len(raw)},
@@ -774,6 +772,7 @@ class GatewaySMTP(SMTP):
         first = True
         outcome = DataOutcome.OK
         scan = 0
+        prefix = 2  # buf starts with a line's CRLF (2) or in the middle of a line (0)
         while True:
             if self.transport is None:
                 raise _ClientGone
@@ -806,14 +805,22 @@ class GatewaySMTP(SMTP):
                 del buf[:-4]
                 scan = 0
                 continue
-            last = buf.rfind(b"\r\n")
+            # Only the new bytes can hold a CRLF (everything before the last one is
+            # consumed): searching the whole buffer was quadratic on one huge line.
+            last = buf.rfind(b"\r\n", max(0, len(buf) - len(chunk) - 1))
+            midline = False
+            if last <= 0 and len(buf) > _LONG_LINE:
+                # One very long line: hand most of it over now, so the last step stays
+                # small. buf holds no CRLF past its start, so the cut splits none.
+                last, midline = len(buf) - 4, True
             if last > 0:
                 segment = bytes(buf[:last]).replace(b"\r\n.", b"\r\n")
                 out += segment[2:] if first else segment
                 first = False
                 del buf[:last]
+                prefix = 0 if midline else 2
             scan = max(0, len(buf) - 4)
-            if len(out) + len(buf) - 2 > limit:
+            if len(out) + len(buf) - prefix > limit:
                 outcome = DataOutcome.TOO_BIG
                 out = bytearray()
                 del buf[:-4]

@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import random
 import re
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -39,6 +41,7 @@ __all__ = [
     "FaultyProxy",
     "FlakySink",
     "Ledger",
+    "SinkProcess",
     "ledger_ids",
     "numbered_message",
     "send_with_retries",
@@ -221,6 +224,54 @@ class FlakySink(SinkServer):
             tls_context=self._tls_context,
             timeout=30,
         )
+
+
+class SinkProcess:
+    """``python -m gateway.testing.sink`` in a subprocess (keeps its CPU out of the test's GIL).
+
+    ``port`` is where it listens; ``deliveries`` counts the messages it took.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.deliveries = 0
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> SinkProcess:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.testing.sink", "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+        )
+        assert self._proc.stdout is not None
+        first = self._proc.stdout.readline()
+        match = re.search(r":(\d+)\s*$", first)
+        if match is None:
+            self._proc.kill()
+            raise RuntimeError(f"sink did not start: {first!r}")
+        self.port = int(match.group(1))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith("delivered #"):
+                self.deliveries += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
 
 
 # --- senders and the ledger -------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import RCPT, SENDER, GatewayFactory, overrides
+from rel_support import RCPT, SENDER, GatewayFactory, overrides
 
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.faults import (

@@ -1,0 +1,79 @@
+"""The SMTP smuggling check: a "." after a bare CR or bare LF, found without blocking the loop.
+
+RFC 5321 §2.3.8 delimits lines by CRLF only. A downstream that (wrongly)
+also ends lines at a bare CR or LF sees ``<LF>.<LF>`` (and kin) as the end of
+DATA, so a client could smuggle a second, unfiltered message past the
+gateway (CVE-2023-51764 and kin). The listener refuses any dot after a bare
+line end (:data:`ANY_DOT`); the relay, as a last line of defence, refuses a
+lone dot line (:data:`DOT_LINE`).
+
+Both rules are plain ``bytes`` searches (no regex, no per-byte Python loop),
+and :func:`found` checks a large message in overlapping windows of
+:data:`WINDOW` bytes, yielding to the event loop between them, so a 25 MB
+hostile message never blocks other sessions for more than a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+
+__all__ = ["WINDOW", "Rule", "found", "found_sync"]
+
+WINDOW = 1 << 20  # bytes per scan step between yields to the loop
+_OVERLAP = 4  # longer than every pattern below, so no match spans two windows unseen
+
+
+class Rule(enum.Enum):
+    """What follows the bare CR or LF."""
+
+    ANY_DOT = "any_dot"  # "." (the listener: refuse before anything else sees it)
+    DOT_LINE = "dot_line"  # "." then CR or LF (the relay: what ends DATA somewhere)
+
+
+def _window(data: bytes, rule: Rule) -> bool:
+    if b"\r." not in data and b"\n." not in data:
+        return False  # the common case, and two-byte searches stay fast on any input
+    if rule is Rule.ANY_DOT:
+        if b"\r." in data:  # CR then "." is always a bare CR
+            return True
+        if b"\n." not in data:
+            return False  # the common case: no copy needed
+    else:
+        if b"\r.\r" in data or b"\r.\n" in data:
+            return True
+        if b"\n.\r" not in data and b"\n.\n" not in data:
+            return False
+    # Hide every CRLF; any LF left is bare (CRLF cannot overlap itself).
+    masked = data.replace(b"\r\n", b"\r_")
+    if rule is Rule.ANY_DOT:
+        return b"\n." in masked
+    return b"\n.\r" in masked or b"\n.\n" in masked
+
+
+def _bounds(size: int, data: bytes) -> list[tuple[int, int]]:
+    out = []
+    for start in range(0, size, WINDOW):
+        lo = max(0, start - _OVERLAP)
+        if lo and data[lo] == 0x0A and data[lo - 1] == 0x0D:
+            lo -= 1  # never start a window between the CR and LF of a CRLF
+        out.append((lo, min(size, start + WINDOW)))
+    return out
+
+
+def found_sync(data: bytes, rule: Rule = Rule.ANY_DOT) -> bool:
+    """True when ``data`` holds a bare CR or LF followed as ``rule`` says (one pass)."""
+    return _window(data, rule)
+
+
+async def found(data: bytes, rule: Rule = Rule.ANY_DOT) -> bool:
+    """:func:`found_sync`, window by window, yielding to the event loop between windows."""
+    if len(data) <= WINDOW:
+        return _window(data, rule)
+    view = memoryview(data)
+    for i, (lo, hi) in enumerate(_bounds(len(data), data)):
+        if i:
+            await asyncio.sleep(0)
+        if _window(bytes(view[lo:hi]), rule):
+            return True
+    return False

@@ -1,0 +1,42 @@
+"""Shared constants and helpers of the reliability suite (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gateway.testing.dnsserver import DNSServer
+from gateway.testing.harness import GatewayProcess
+
+ZONES = ("example.org", "sender.test")
+SENDER = "alice@sender.test"
+RCPT = "bob@example.org"
+
+
+def sender_zone() -> dict[str, list[tuple[str, str]]]:
+    """sender.test publishes SPF for loopback and DMARC p=reject (so DNS decides delivery)."""
+    return {
+        "sender.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all"), ("A", "127.0.0.1")],
+        "_dmarc.sender.test": [("TXT", "v=DMARC1; p=reject")],
+        "ledger.sender.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all"), ("A", "127.0.0.1")],
+    }
+
+
+def overrides(
+    relay_port: int, dns: DNSServer, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """No policies, relay to ``relay_port``, DNS from ``dns``, short timeouts."""
+    base: dict[str, Any] = {
+        "relay.host": "127.0.0.1",
+        "relay.port": relay_port,
+        "relay.timeout": 3.0,
+        "dns.nameservers": [dns.address],
+        "dns.timeout": 0.5,
+        "policies": {},
+        "scores": {},
+    }
+    base.update(extra or {})
+    return base
+
+
+GatewayFactory = Callable[..., GatewayProcess]
