@@ -301,8 +301,68 @@ def _squeeze(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", text).strip()
 
 
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]{0,15})\b[^>]{0,2000}?(/?)>")
+_VOID = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param"}
+    | {"source", "track", "wbr"}
+)
+_INVISIBLE = re.compile(r"(?i)<(script|style|head|noscript|template)\b")
+_ANY_TAG = re.compile(r"<[^>]{0,2000}>")
+_LINK = re.compile(
+    r"""(?i)<(a|area|img|iframe|form)\b[^>]{0,2000}?\b(href|src|action)\s*=\s*"""
+    r"""(?:"([^"]*)"|'([^']*)'|([^\s>]+))"""
+)
+MAX_HTML_DEPTH = 1000  # deeper nesting makes HTML tree building quadratic
+
+
+def _too_deep(html: str) -> bool:
+    """True when elements nest deeper than MAX_HTML_DEPTH (only checked for big documents)."""
+    if html.count("<") <= MAX_HTML_DEPTH:
+        return False
+    depth = 0
+    for m in _TAG.finditer(html):
+        name = m.group(2).lower()
+        if m.group(3) or name in _VOID:
+            continue
+        depth = max(depth - 1, 0) if m.group(1) else depth + 1
+        if depth > MAX_HTML_DEPTH:
+            return True
+    return False
+
+
+def _render_html_flat(html: str, max_links: int) -> tuple[str, list[HTMLLink]]:
+    """A linear-time fallback for pathological HTML: tags stripped by regex."""
+    links: list[HTMLLink] = []
+    for m in _LINK.finditer(html):
+        if len(links) >= max_links:
+            break
+        target = m.group(3) or m.group(4) or m.group(5) or ""
+        if target:
+            links.append(HTMLLink(target.strip(), "", m.group(1).lower()))
+    text = _ANY_TAG.sub("", _BLOCK_TAG.sub("\n<", _drop_invisible(html)))
+    return _squeeze(text), links
+
+
+def _drop_invisible(html: str) -> str:
+    """Cut script/style/head... blocks in one forward pass (an unclosed one ends the text)."""
+    lower = html.lower()
+    out: list[str] = []
+    pos = 0
+    while (m := _INVISIBLE.search(html, pos)) is not None:
+        out.append(html[pos : m.start()])
+        end = lower.find("</" + m.group(1).lower(), m.end())
+        if end < 0:
+            return " ".join(out)
+        close = lower.find(">", end)
+        pos = len(html) if close < 0 else close + 1
+    out.append(html[pos:])
+    return " ".join(out)
+
+
 def _render_html(html: str, max_links: int) -> tuple[str, list[HTMLLink]]:
     """Visible text of an HTML document and its links (script/style/head dropped)."""
+    if _too_deep(html):
+        return _render_html_flat(html, max_links)
     tree = LexborHTMLParser(_BLOCK_TAG.sub("\n<", html))
     links: list[HTMLLink] = []
     if max_links > 0:
