@@ -556,7 +556,7 @@ _PG_MIGRATIONS: tuple[str, ...] = (
         raw bytea NOT NULL
     );
     CREATE INDEX quarantine_received_at ON quarantine (received_at DESC, id DESC);
-    CREATE INDEX quarantine_mail_from ON quarantine (mail_from_lc, received_at DESC);
+    CREATE INDEX quarantine_mail_from ON quarantine (mail_from_lc, received_at DESC, id DESC);
     CREATE INDEX quarantine_rcpt ON quarantine USING gin (rcpt_lc);
     """,
     # 2: releases claim a message first, so two nodes never deliver it twice
@@ -756,6 +756,18 @@ class PostgresQuarantine:
         rcpt: str | None = None,
     ) -> list[QuarantineItem]:
         _check_paging(limit, offset)
+        sql, args = self.list_query(limit=limit, offset=offset, mail_from=mail_from, rcpt=rcpt)
+        async with self._conn() as conn:
+            cur = await conn.execute(sql, args)
+            rows = await cur.fetchall()
+            await conn.rollback()
+        return [_pg_row(r) for r in rows]
+
+    @staticmethod
+    def list_query(
+        *, limit: int, offset: int, mail_from: str | None, rcpt: str | None
+    ) -> tuple[bytes, tuple[Any, ...]]:
+        """The listing's SQL: newest first, each filter served by its index."""
         where: list[str] = []
         args: list[Any] = []
         if mail_from is not None:
@@ -769,11 +781,7 @@ class PostgresQuarantine:
             f"SELECT {_PG_COLUMNS} FROM quarantine {clause} "  # noqa: S608
             "ORDER BY received_at DESC, id DESC LIMIT %s OFFSET %s"
         )
-        async with self._conn() as conn:
-            cur = await conn.execute(sql.encode(), (*args, limit, offset))
-            rows = await cur.fetchall()
-            await conn.rollback()
-        return [_pg_row(r) for r in rows]
+        return sql.encode(), (*args, limit, offset)
 
     async def delete(self, id: str) -> bool:
         if not valid_id(id):

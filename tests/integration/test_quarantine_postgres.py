@@ -146,8 +146,11 @@ async def test_purge_deletes_only_messages_older_than_the_cutoff(dsn: str) -> No
     await store.close()
 
 
-async def test_listing_stays_fast_with_many_rows(dsn: str) -> None:
-    """200k rows: the first page and a filtered page come from indexes, in milliseconds."""
+async def test_listings_are_served_by_indexes_not_table_scans(dsn: str) -> None:
+    """50k rows: every listing's plan uses an index, so it stays fast at a million rows.
+
+    (docs/storage.md has the timings measured with 1,000,000 rows.)
+    """
     store = PostgresQuarantine(dsn)
     await store.count()  # migrate
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
@@ -158,17 +161,21 @@ async def test_listing_stays_fast_with_many_rows(dsn: str) -> None:
         "'s' || (g % 1000) || '@b.test', 's' || (g % 1000) || '@b.test', "
         "ARRAY['r' || (g % 500) || '@example.org'], ARRAY['r' || (g % 500) || '@example.org'], "
         "10, 11, 'quarantine', ARRAY['x'], ARRAY['h: v'], '\\x00'::bytea "
-        "FROM generate_series(1, 200000) g"
+        "FROM generate_series(1, 50000) g"
     )
     await conn.execute("ANALYZE quarantine")
-    await conn.close()
-    loop = asyncio.get_running_loop()
-    for kwargs in ({}, {"mail_from": "s7@b.test"}, {"rcpt": "r9@example.org"}):
-        started = loop.time()
+    cases = ({}, {"mail_from": "S7@b.test"}, {"rcpt": "r9@example.org"})
+    for kwargs in cases:
+        sql, args = PostgresQuarantine.list_query(
+            limit=50, offset=0, mail_from=kwargs.get("mail_from"), rcpt=kwargs.get("rcpt")
+        )
+        cur = await conn.execute(b"EXPLAIN " + sql, args)
+        plan = "\n".join(r[0] for r in await cur.fetchall())
+        assert "Seq Scan" not in plan, (kwargs, plan)
+        assert "Index" in plan, (kwargs, plan)
         rows = await store.list(limit=50, **kwargs)  # type: ignore[arg-type]
-        elapsed = loop.time() - started
         assert len(rows) == 50
-        assert elapsed < 0.5, (kwargs, elapsed)
+    await conn.close()
     await store.close()
 
 
