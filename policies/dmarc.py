@@ -27,6 +27,7 @@ from __future__ import annotations
 import email.utils
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -76,14 +77,18 @@ class DMARCRecord:
     """The tags of one DMARC Policy Record that this receiver acts on."""
 
     domain: str  # where it was found (without ``_dmarc.``)
-    p: Disposition | None
+    p: Disposition  # as read, or none (RFC 9989 §4.10.1: invalid p/sp/np with a valid rua)
     sp: Disposition | None = None
     np: Disposition | None = None
     adkim: Literal["r", "s"] = "r"
     aspf: Literal["r", "s"] = "r"
     psd: Literal["y", "n", "u"] = "u"
     testing: bool = False  # t=y, or a legacy pct=0 without t
+    usable: bool = True  # False: no valid p (or a bad sp/np) and no valid rua: no DMARC
     notes: tuple[str, ...] = ()  # tags we could not use, for the symbol detail
+
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")  # RFC 3986 scheme ":" something
 
 
 def _disposition(value: str | None) -> Disposition | None:
@@ -96,9 +101,10 @@ def _disposition(value: str | None) -> Disposition | None:
 
 
 def parse_record(domain: str, text: str) -> DMARCRecord | None:
-    """A DMARC record (RFC 9989 §4.7), or None when ``text`` is not one (v=DMARC1 first)."""
+    """A DMARC record (RFC 9989 §4.7), or None when ``text`` is not one (``v=DMARC1`` first)."""
     parts = [p.strip() for p in text.split(";")]
-    if not parts or parts[0].replace(" ", "") != "v=DMARC1":
+    version, eq, value = parts[0].partition("=")
+    if not eq or version.strip() != "v" or value.strip() != "DMARC1":  # case-sensitive (§4.8)
         return None
     tags: dict[str, str] = {}
     for part in parts[1:]:
@@ -107,26 +113,37 @@ def parse_record(domain: str, text: str) -> DMARCRecord | None:
             tags.setdefault(key.strip().lower(), value.strip())
     notes: list[str] = []
     p = _disposition(tags.get("p"))
-    if p is None:
-        # RFC 9989 §4.7: a record without a usable p= is treated as p=none.
-        notes.append("p missing or invalid, read as none")
+    sp = _disposition(tags.get("sp"))
+    np = _disposition(tags.get("np"))
+    usable = True
+    if p is None or ("sp" in tags and sp is None) or ("np" in tags and np is None):
+        # RFC 9989 §4.10.1: with a valid rua act as p=none, otherwise no DMARC processing.
+        rua = [u.strip() for u in tags.get("rua", "").split(",")]
+        usable = any(_URI.match(u) for u in rua)
+        notes.append(
+            "no valid p/sp/np, read as p=none (rua given)"
+            if usable
+            else "no valid p/sp/np and no valid rua: DMARC not applied"
+        )
+        p, sp, np = Disposition.NONE, None, None
     adkim = tags.get("adkim", "r").lower()
     aspf = tags.get("aspf", "r").lower()
     psd = tags.get("psd", "u").lower()
-    t = tags.get("t", "").lower()
-    testing = t == "y"
+    testing = tags.get("t", "").lower() == "y"
     if "t" not in tags and tags.get("pct", "").strip() == "0":
+        # pct is historic (RFC 9989 §A.6): pct=0 meant "testing", i.e. t=y.
         testing = True
         notes.append("legacy pct=0 read as t=y")
     return DMARCRecord(
         domain=domain,
         p=p,
-        sp=_disposition(tags.get("sp")),
-        np=_disposition(tags.get("np")),
+        sp=sp,
+        np=np,
         adkim="s" if adkim == "s" else "r",
         aspf="s" if aspf == "s" else "r",
         psd="y" if psd == "y" else "n" if psd == "n" else "u",
         testing=testing,
+        usable=usable,
         notes=tuple(notes),
     )
 
@@ -148,7 +165,7 @@ class TreeWalk:
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
         self._records: dict[str, DMARCRecord | None] = {}
-        self._orgs: dict[str, str] = {}
+        self._orgs: dict[str, tuple[str, DMARCRecord | None]] = {}
 
     async def record_at(self, name: str) -> DMARCRecord | None:
         if name in self._records:
@@ -161,36 +178,50 @@ class TreeWalk:
         return rec
 
     async def policy_record(self, domain: str) -> DMARCRecord | None:
-        """The first valid record on the walk from ``domain`` (RFC 9989 §4.10.1)."""
-        for name in tree_walk_names(domain):
-            rec = await self.record_at(name)
+        """The record whose policy applies to ``domain`` (RFC 9989 §4.10.1): its own, else
+        its Organizational Domain's, else its Public Suffix Domain's (psd=y); a record at
+        an intermediate name covers only that name."""
+        own = await self.record_at(domain)
+        if own is not None:
+            return own
+        org, psd = await self._discover(domain)
+        if org != domain:
+            rec = await self.record_at(org)
             if rec is not None:
                 return rec
-        return None
+        return psd
 
     async def organizational_domain(self, domain: str) -> str:
-        """RFC 9989 §4.10.2: psd=n stops there, psd=y above the start means one label below
-        it; otherwise the record with the fewest labels; no record: the domain itself."""
+        """RFC 9989 §4.10.2 (see :meth:`_discover`)."""
+        return (await self._discover(domain))[0]
+
+    async def _discover(self, domain: str) -> tuple[str, DMARCRecord | None]:
+        """(Organizational Domain, the psd=y record that decided it, if any).
+
+        Walking from ``domain`` up: a record with psd=n is the Organizational Domain;
+        a psd=y record above the start makes it the name one label below; otherwise
+        the record with the fewest labels; no record at all: ``domain`` itself.
+        """
         if domain in self._orgs:
             return self._orgs[domain]
         labels = domain.split(".")
         found: list[str] = []
-        org = ""
+        result: tuple[str, DMARCRecord | None] | None = None
         for name in tree_walk_names(domain):
             rec = await self.record_at(name)
             if rec is None:
                 continue
             if rec.psd == "n":
-                org = name
+                result = (name, None)
                 break
             if rec.psd == "y" and name != domain:
-                org = ".".join(labels[-(name.count(".") + 2) :])
+                result = (".".join(labels[-(name.count(".") + 2) :]), rec)
                 break
             found.append(name)
-        if not org:
-            org = min(found, key=lambda n: n.count(".")) if found else domain
-        self._orgs[domain] = org
-        return org
+        if result is None:
+            result = (min(found, key=lambda n: n.count(".")) if found else domain, None)
+        self._orgs[domain] = result
+        return result
 
     async def aligned(self, identifier: str, author: str, mode: Literal["r", "s"]) -> bool:
         """Identifier alignment (RFC 9989 §4.4.1, §4.4.2)."""
@@ -207,17 +238,12 @@ class TreeWalk:
 
 
 async def _nonexistent(resolver: Resolver, domain: str) -> bool:
-    """RFC 9989: no A, AAAA or MX record (NXDOMAIN or NODATA). Unknown counts as existing."""
+    """RFC 9989 §3.2 "Non-existent Domains": NXDOMAIN, as RFC 8020 reads it. Unknown
+    (a temporary error) counts as existing."""
     try:
-        for rdtype in ("A", "AAAA", "MX"):
-            answer = await resolver.query(domain, rdtype)
-            if answer.nxdomain:
-                return True
-            if answer.records:
-                return False
+        return (await resolver.query(domain, "A")).nxdomain
     except DNSTemporaryError:
         return False
-    return True
 
 
 # -- evaluation ---------------------------------------------------------------
@@ -234,11 +260,16 @@ class DomainEvaluation:
     record_domain: str = ""
     testing: bool = False
     detail: str = ""
+    record_p: Disposition | None = None  # the record's own p= (A-R polrec.p)
 
     def auth(self) -> AuthResult:
         props: list[tuple[str, str]] = [("header.from", self.domain)]
         if self.policy is not None:
-            props.append(("policy.dmarc", self.policy.value))
+            props.append(("policy.dmarc", self.policy.value))  # the policy applied
+        if self.record_p is not None:
+            props.append(("polrec.p", self.record_p.value))  # RFC 9989 IANA: p= as read
+        if self.record_domain:
+            props.append(("polrec.domain", self.record_domain))
         return AuthResult("dmarc", self.result, properties=tuple(props))
 
 
@@ -271,15 +302,21 @@ async def evaluate_domain(
         return DomainEvaluation(domain, "temperror", detail=f"policy lookup: {printable(str(exc))}")
     if record is None:
         return DomainEvaluation(domain, "none", detail="no DMARC policy record")
+    if not record.usable:
+        return DomainEvaluation(
+            domain,
+            "none",
+            record_domain=record.domain,
+            detail=f"record at {record.domain}: " + "; ".join(record.notes),
+        )
     if record.domain == domain:
-        published = record.p or Disposition.NONE
-        which = "p"
+        published, which = record.p, "p"
     elif record.np is not None and await _nonexistent(resolver, domain):
         published, which = record.np, "np"
     elif record.sp is not None:
         published, which = record.sp, "sp"
     else:
-        published, which = record.p or Disposition.NONE, "p"
+        published, which = record.p, "p"
     policy = (
         published.lower() if record.testing and published is not Disposition.NONE else published
     )
@@ -312,6 +349,7 @@ async def evaluate_domain(
                     record.domain,
                     record.testing,
                     printable(f"{where}; aligned {kind} pass {ident}"),
+                    record.p,
                 )
             if ok:
                 temp = True  # an aligned identifier could not be checked (temperror)
@@ -325,6 +363,7 @@ async def evaluate_domain(
         record.domain,
         record.testing,
         printable(f"{where}; no aligned SPF or DKIM pass ({seen})", 300),
+        record.p,
     )
 
 

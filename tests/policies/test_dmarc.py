@@ -36,6 +36,9 @@ ZONE: dict[str, list[tuple[str, str]]] = {
     "_dmarc.pct50.example": [("TXT", "v=DMARC1; p=reject; pct=50")],
     "_dmarc.nop.example": [("TXT", "v=DMARC1; rua=mailto:x@nop.example")],
     "_dmarc.two.example": [("TXT", "v=DMARC1; p=reject"), ("TXT", "v=DMARC1; p=none")],
+    "_dmarc.nopnorua.example": [("TXT", "v=DMARC1; adkim=s; rua=not a uri")],
+    "_dmarc.badsp.example": [("TXT", "v=DMARC1; p=reject; sp=bogus; rua=mailto:a@badsp.example")],
+    "_dmarc.lower.example": [("TXT", "v=dmarc1; p=reject")],
     "_dmarc.notdmarc.example": [("TXT", "v=spf1 -all")],
     # A public-suffix-like operator publishing psd=y (RFC 9989 §4.10.2).
     "_dmarc.psd": [("TXT", "v=DMARC1; p=reject; psd=y")],
@@ -192,13 +195,31 @@ CASES = [
         Action.REJECT,
     ),
     (
-        "nodata subdomain is non-existent",
+        "nodata subdomain exists (only NXDOMAIN is non-existent)",
         "a@nodata.org.example",
+        (),
+        {"DMARC_POLICY_QUARANTINE"},
+        ("fail", "quarantine"),
+        Action.QUARANTINE,
+    ),
+    (
+        "intermediate record covers only its own name",
+        "a@x.a.multi.test",
         (),
         {"DMARC_POLICY_REJECT"},
         ("fail", "reject"),
         Action.REJECT,
     ),
+    ("no valid p and no rua", "a@nopnorua.example", (), {"DMARC_NONE"}, ("none", None), None),
+    (
+        "bad sp with rua is p=none",
+        "a@badsp.example",
+        (),
+        {"DMARC_POLICY_NONE"},
+        ("fail", "none"),
+        None,
+    ),
+    ("version is case-sensitive", "a@lower.example", (), {"DMARC_NONE"}, ("none", None), None),
     (
         "p when no sp",
         "a@sub.nosp.example",
@@ -334,6 +355,13 @@ async def test_reject_reason_names_the_domains_policy(resolver: CachingResolver)
     result = await run(resolver, "a@reject.example", (spf("evil.example"),))
     assert result.force is Action.REJECT
     assert "DMARC policy of reject.example is reject" in result.reason
+    (dm,) = [a for a in result.auth if a.method == "dmarc"]
+    assert dm.properties == (
+        ("header.from", "reject.example"),
+        ("policy.dmarc", "reject"),
+        ("polrec.p", "reject"),
+        ("polrec.domain", "reject.example"),
+    )
 
 
 async def test_no_from_means_no_dmarc(resolver: CachingResolver) -> None:
