@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -39,6 +40,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +259,25 @@ async def evaluate(
     return results, time.perf_counter() - started
 
 
+@contextlib.contextmanager
+def start_dns() -> Iterator[Any]:
+    """A DNS server with no zones; retried, as its UDP and TCP ports are bound one by one."""
+    from gateway.testing.dnsserver import DNSServer
+
+    for attempt in range(3):
+        server = DNSServer()
+        try:
+            server.start()
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.quality", description=__doc__.split("\n")[0]
@@ -279,8 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", "-v", action="store_true", help="list every flagged ham")
     args = parser.parse_args(argv)
 
-    from gateway.testing.dnsserver import DNSServer
-
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
@@ -288,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             tar.extractall(work / "corpus", filter="data")
         unpack = time.perf_counter() - t0
         split = split_corpus(work / "corpus", args.seed, args.train_fraction)
-        with DNSServer() as dns:
+        with start_dns() as dns:
             config = write_config(
                 args.config, work / "gateway.toml", dns.address, work, bayes=not args.no_bayes
             )

@@ -418,3 +418,38 @@ async def test_tokens_are_stored_hashed_never_as_text(tmp_path: Path) -> None:
         keys = [k for (k,) in db.execute("SELECT key FROM counters WHERE tbl = 'bayes'")]
     assert TOTALS_KEY in keys
     assert all(len(k) == 16 for k in keys if k != TOTALS_KEY)
+
+
+async def test_tokens_learned_on_one_node_count_on_another_through_redis() -> None:
+    """Two gateways sharing one Redis (state.backend = "redis") share what was learned."""
+    import os
+    import secrets
+
+    import redis.asyncio
+
+    from gateway.state import RedisState
+
+    url = os.environ.get("GATEWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+    client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        await client.ping()
+    except (redis.RedisError, OSError) as exc:
+        await client.aclose()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis at {url} unreachable: {exc}")
+        pytest.skip(f"Redis at {url} unreachable: {exc}")
+    prefix = f"test-bayes-{secrets.token_hex(4)}:"
+    learner, reader = RedisState(url, prefix), RedisState(url, prefix)
+    try:
+        await trained(learner)
+        node_b = await started(reader, min_spam=10, min_ham=10)
+        message = make_message(random.Random(99), True, 1000)
+        name, _ = symbol(await node_b.check(make_context(message)))
+        assert name == "BAYES_99"
+    finally:
+        await learner.close()
+        await reader.close()
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
