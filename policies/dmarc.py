@@ -408,6 +408,10 @@ class DMARCOptions:
     arc: bool = True  # validate ARC chains and report arc= (RFC 8617)
     tempfail_on_temperror: bool = True  # 451 (retry) when DMARC cannot be decided (DNS)
     max_author_domains: int = 10  # distinct From domains evaluated (DNS cost bound)
+    # Several author domains: "strictest" evaluates each and the strictest outcome counts
+    # (local policy: a second address must not switch DMARC off); "exempt" follows
+    # RFC 9989 §5.3.1 to the letter (no DMARC checking, only DMARC_MULTIPLE_FROM).
+    multiple_from: Literal["strictest", "exempt"] = "strictest"
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default=(), init=False, repr=False
     )
@@ -501,6 +505,10 @@ class DMARCPolicy(Policy):
                     detail=printable(f"{nfields} From field(s): " + ", ".join(domains + bad)),
                 )
             )
+            if len(domains) > 1 and self.options.multiple_from == "exempt":
+                reason = "several author domains: exempt from DMARC (RFC 9989 5.3.1)"
+                auth.append(AuthResult("dmarc", "none", reason=reason))
+                return Result(symbols=tuple(symbols), auth=tuple(auth))
 
         limit = self.options.max_author_domains
         if len(domains) > limit:

@@ -391,6 +391,17 @@ async def test_several_from_domains_are_each_evaluated_strictest_wins(
     ]
 
 
+async def test_several_from_domains_can_be_exempt_as_rfc_9989_says(
+    resolver: CachingResolver,
+) -> None:
+    """multiple_from = "exempt": RFC 9989 §5.3.1, no DMARC checking, the symbol only."""
+    raw = message(from_="a@none.example, b@reject.example")
+    result = await run(resolver, "", (), raw=raw, multiple_from="exempt")
+    assert names(result) == {"DMARC_MULTIPLE_FROM", "ARC_NONE"}
+    assert result.force is None
+    assert [(a.result, a.properties) for a in result.auth if a.method == "dmarc"] == [("none", ())]
+
+
 async def test_two_from_fields_same_domain_evaluated_once(resolver: CachingResolver) -> None:
     raw = b"From: a@reject.example\r\n" + message(from_="b@reject.example")
     result = await run(resolver, "", (dkim("reject.example"),), raw=raw)
