@@ -5,8 +5,10 @@ operator rule files are re-read on SIGHUP.
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import smtplib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.sink import SinkServer
+from policies.dnsbl import ip_query_name
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -97,3 +100,42 @@ def test_operator_rule_files_are_reloaded_on_sighup(
         assert event is not None
         send(gw.smtp_port, message("Cheap watches here", subject="watches"))
         assert "LOCAL_SECOND" in spam_status(sink.messages[-1].data)
+
+
+class ProxySMTP(smtplib.SMTP):
+    """smtplib opening with a PROXY v1 header, so the gateway sees ``client_ip``."""
+
+    def __init__(self, client_ip: str, port: int) -> None:
+        self._proxy = f"PROXY TCP4 {client_ip} 127.0.0.1 40000 25\r\n".encode()
+        super().__init__("127.0.0.1", port, timeout=15)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        sock.sendall(self._proxy)
+        return sock  # type: ignore[no-any-return]
+
+
+def test_blocklisted_client_and_url_domain_are_scored_from_real_dns(sink: SinkServer) -> None:
+    """Spamhaus ZEN and DBL answers served by the test DNS server over UDP, through the
+    default [policies.dnsbl] zones; the 127.255.255.x answer is not counted as a listing."""
+    records = {
+        ip_query_name(ipaddress.ip_address("45.33.113.9"), "zen.spamhaus.org"): [
+            ("A", "127.0.0.2")
+        ],
+        ip_query_name(ipaddress.ip_address("45.33.113.10"), "zen.spamhaus.org"): [
+            ("A", "127.255.255.254")
+        ],
+        "bad-shop.com.dbl.spamhaus.org": [("A", "127.0.1.2")],
+    }
+    body = "Visit http://www.bad-shop.com/deal today"
+    zones = ["zen.spamhaus.org", "dbl.spamhaus.org", "sender.test", "example.org"]
+    with (
+        DNSServer(records, zones=zones) as dns,
+        GatewayProcess(overrides(sink, dns, **{"server.proxy_protocol": True})) as gw,
+    ):
+        for ip in ("45.33.113.9", "45.33.113.10"):
+            with ProxySMTP(ip, gw.smtp_port) as client:
+                client.sendmail("alice@sender.test", ["bob@example.org"], message(body))
+        listed, blocked = (spam_status(m.data) for m in sink.messages)
+    assert "RBL_SPAMHAUS_SBL" in listed and "DBL_SPAM" in listed
+    assert "DNSBL_BLOCKED_RESOLVER" in blocked and "RBL_SPAMHAUS" not in blocked
