@@ -632,6 +632,9 @@ class GatewaySMTP(SMTP):
             )
             await self.push(str(replies.RELAY_DENIED))
             return
+        if path in self.envelope.rcpt_tos:
+            await self.push("250 2.1.5 OK (duplicate recipient)")
+            return
         if len(self.envelope.rcpt_tos) >= self.settings.server.max_recipients:
             await self.push(str(replies.TOO_MANY_RECIPIENTS))
             return

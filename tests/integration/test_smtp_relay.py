@@ -113,8 +113,9 @@ def test_received_field_names_hop_protocol_queue_id_and_single_recipient(
 def test_several_recipients_are_not_named_in_received(
     module_gateway: GatewayProcess, fresh_sink: SinkServer, connect: Connect
 ) -> None:
+    """A repeated recipient is accepted once (the downstream delivers one copy)."""
     with connect(module_gateway.smtp_port) as client:
-        client.sendmail("a@sender.test", ["x@example.org", "y@example.org"], MSG)
+        client.sendmail("a@sender.test", ["x@example.org", "y@example.org", "x@example.org"], MSG)
     (got,) = fresh_sink.wait_for(1)
     assert got.rcpt_tos == ("x@example.org", "y@example.org")
     assert b"for <" not in split_prepended(got.data, MSG)[0]
