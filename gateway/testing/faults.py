@@ -390,6 +390,7 @@ async def send_with_retries(
     retry_delay: tuple[float, float] = (0.02, 0.2),
     reply_timeout: float = 20.0,
     deadline: float | None = None,
+    stop: asyncio.Event | None = None,
     seed: int = 0,
 ) -> None:
     """One sending MTA: a session reused for many messages, retrying 4xx and lost replies.
@@ -397,7 +398,8 @@ async def send_with_retries(
     Every attempt is in ``ledger``: the DATA reply code, or None when the
     connection was lost or timed out before a reply (the message may or may
     not have been taken: a real MTA retries, which is where SMTP allows
-    duplicates). A 5xx is final. Stops retrying at ``deadline`` (loop time).
+    duplicates). A 5xx is final. Stops at ``deadline`` (loop time) or once
+    ``stop`` is set; messages not tried by then are not in the ledger.
     """
     rnd = random.Random(seed)
     loop = asyncio.get_running_loop()
@@ -411,6 +413,8 @@ async def send_with_retries(
         client = None
 
     for ident, data in messages:
+        if stop is not None and stop.is_set():
+            break
         for _ in range(max_attempts):
             if deadline is not None and loop.time() > deadline:
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from gateway.testing.dnsserver import DNSServer
@@ -40,3 +41,23 @@ def overrides(
 
 
 GatewayFactory = Callable[..., GatewayProcess]
+
+
+QUARANTINE_RULES = """\
+[[rule]]
+name = "TEST_QUARANTINE"
+type = "header"
+header = "X-Test-Verdict"
+pattern = 'quarantine'
+score = 0.0
+action = "quarantine"
+description = "the test asks for quarantine"
+"""
+
+
+def quarantine_policy(workdir: Path) -> dict[str, Any]:
+    """Overrides: only the rules policy, with a rule quarantining X-Test-Verdict: quarantine."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    rules = workdir / "quarantine-rules.toml"
+    rules.write_text(QUARANTINE_RULES, encoding="utf-8")
+    return {"policies": {"rules": {"files": [str(rules)], "builtin": False}}}
