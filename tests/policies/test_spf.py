@@ -51,6 +51,10 @@ ZONE: dict[str, list[tuple[str, str]]] = {
     "v6.example": [("TXT", "v=spf1 a -all"), ("AAAA", "2001:db8:2::1")],
     "incsf.example": [("TXT", "v=spf1 include:servfail.example -all")],
     "long.example": [("TXT", f"v=spf1 {MANY_IPS} ip4:192.0.2.0/24 -all")],
+    "manymx.example": [("TXT", "v=spf1 mx -all")]
+    + [("MX", f"{i} mx{i}.manymx.example.") for i in range(11)],
+    "loop.example": [("TXT", "v=spf1 redirect=loop.example")],
+    "cname.example": [("CNAME", "example.com.")],
 }
 
 
@@ -138,6 +142,9 @@ CASES = [
     ("no at sign", "192.0.2.10", "example.com", "h", {"SPF_PASS", "SPF_HELO_NONE"}),
     ("helo literal", "192.0.2.10", "a@example.com", "[192.0.2.10]", {"SPF_PASS", "SPF_HELO_NONE"}),
     ("long record over tcp", "192.0.2.8", "a@long.example", "h", {"SPF_PASS", "SPF_HELO_NONE"}),
+    ("11 mx names", "203.0.113.1", "a@manymx.example", "h", {"SPF_PERMERROR", "SPF_HELO_NONE"}),
+    ("redirect loop", "203.0.113.1", "a@loop.example", "h", {"SPF_PERMERROR", "SPF_HELO_NONE"}),
+    ("cname to a record", "192.0.2.10", "a@cname.example", "h", {"SPF_PASS", "SPF_HELO_NONE"}),
 ]
 
 
