@@ -183,6 +183,7 @@ Ready = Callable[[], Awaitable[tuple[bool, str]]]
 _MAX_REQUEST_HEAD = 8192  # bytes of request line + headers we are willing to read
 _REQUEST_TIMEOUT = 10.0  # seconds for a scraper to send its request
 _READY_TIMEOUT = 5.0  # seconds for the readiness probe to decide
+_MAX_CLIENTS = 64  # concurrent connections; scrapers and probes need a handful
 
 
 class HTTPEndpoint:
@@ -209,13 +210,20 @@ async def start_http(listen: str, ready: Ready) -> HTTPEndpoint:
     else ``(False, reason)``.
     """
     host, port = _parse_listen(listen)
+    active = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active
+        if active >= _MAX_CLIENTS:  # a flood of idle sockets must not pile up
+            writer.close()
+            return
+        active += 1
         try:
             await _serve_one(reader, writer, ready)
         except Exception:  # a broken scraper must never take the endpoint down
             log.debug("metrics_request_failed", exc_info=True)
         finally:
+            active -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

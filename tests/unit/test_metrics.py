@@ -156,3 +156,27 @@ def test_no_metric_has_a_label_that_could_carry_an_address_or_subject() -> None:
     for family in metrics.REGISTRY.collect():
         for sample in family.samples:
             assert not forbidden & set(sample.labels), family.name
+
+
+async def test_a_flood_of_idle_connections_is_capped_and_the_endpoint_recovers() -> None:
+    async def ready() -> tuple[bool, str]:
+        return True, ""
+
+    endpoint = await metrics.start_http("127.0.0.1:0", ready)
+    idle = [await asyncio.open_connection("127.0.0.1", endpoint.port) for _ in range(80)]
+
+    async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+        try:
+            return await asyncio.wait_for(reader.read(1), 1.0) == b""
+        except TimeoutError:
+            return False  # still held open, waiting for a request
+
+    try:
+        closed = await asyncio.gather(*(closed_by_server(r) for r, _ in idle))
+        assert sum(closed) == len(idle) - metrics._MAX_CLIENTS
+    finally:
+        for _, writer in idle:
+            writer.close()
+    await asyncio.sleep(0.1)
+    assert (await _get(endpoint.port, "/healthz"))[0] == 200
+    await endpoint.close()
