@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,29 @@ def quarantine_policy(workdir: Path) -> dict[str, Any]:
     rules = workdir / "quarantine-rules.toml"
     rules.write_text(QUARANTINE_RULES, encoding="utf-8")
     return {"policies": {"rules": {"files": [str(rules)], "builtin": False}}}
+
+
+def send_raw(port: int, payload: bytes, result: list[bytes]) -> None:
+    """One SMTP transaction over a plain socket; payload is already dot-stuffed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        f = s.makefile("rb")
+
+        def reply() -> bytes:
+            while True:
+                line = f.readline()
+                if line[3:4] != b"-":
+                    return line
+
+        replies = [reply()]
+        for cmd in (
+            b"EHLO c.sender.test",
+            f"MAIL FROM:<{SENDER}>".encode(),
+            f"RCPT TO:<{RCPT}>".encode(),
+            b"DATA",
+        ):
+            s.sendall(cmd + b"\r\n")
+            replies.append(reply())
+        s.sendall(payload + b"\r\n.\r\n")
+        replies.append(reply())
+        result.extend(replies)
+        s.sendall(b"QUIT\r\n")

@@ -9,12 +9,11 @@ whole path: DATA reader, smuggling check, evaluation, relay to the sink.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
 import pytest
-from rel_support import RCPT, SENDER, overrides
+from rel_support import RCPT, SENDER, overrides, send_raw
 
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.faults import SinkProcess
@@ -22,32 +21,6 @@ from gateway.testing.harness import running_gateway
 
 MAX_GAP = 0.1  # seconds of CPU one step may keep the loop from other sessions
 SIZE = 25_000_000
-
-
-def _send_raw(port: int, payload: bytes, result: list[bytes]) -> None:
-    """One SMTP transaction over a plain socket; payload is already dot-stuffed."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        f = s.makefile("rb")
-
-        def reply() -> bytes:
-            while True:
-                line = f.readline()
-                if line[3:4] != b"-":
-                    return line
-
-        replies = [reply()]
-        for cmd in (
-            b"EHLO c.sender.test",
-            f"MAIL FROM:<{SENDER}>".encode(),
-            f"RCPT TO:<{RCPT}>".encode(),
-            b"DATA",
-        ):
-            s.sendall(cmd + b"\r\n")
-            replies.append(reply())
-        s.sendall(payload + b"\r\n.\r\n")
-        replies.append(reply())
-        result.extend(replies)
-        s.sendall(b"QUIT\r\n")
 
 
 def _lines() -> bytes:
@@ -86,7 +59,7 @@ async def test_a_25mb_message_never_blocks_the_loop_over_100ms(
 
             ticker = asyncio.create_task(tick())
             result: list[bytes] = []
-            sender = threading.Thread(target=_send_raw, args=(gw.smtp_port, payload, result))
+            sender = threading.Thread(target=send_raw, args=(gw.smtp_port, payload, result))
             sender.start()
             while sender.is_alive():
                 await asyncio.sleep(0.05)
