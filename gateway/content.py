@@ -539,6 +539,8 @@ def _redirect_target(host: str, path: str, query: str) -> str:
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if ":" not in host and not host[:1].isdigit():
+        return None  # neither IPv6 nor dotted IPv4: skip the costly ValueError
     try:
         return ipaddress.ip_address(host)
     except ValueError:

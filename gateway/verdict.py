@@ -108,6 +108,8 @@ def decide(
 
 def _one_line(text: str, limit: int = 200) -> str:
     """Printable ASCII on one line: reasons end up in SMTP replies and headers."""
+    if text.isascii() and text.isprintable():  # the common case, without a loop per character
+        return text[:limit]
     clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
     return clean[:limit]
 

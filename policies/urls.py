@@ -103,7 +103,8 @@ class URLPolicy(Policy):
             out.append(("URI_REDIRECTOR", f"{url.redirector} -> {url.host}"))
         if not url.is_ip:
             host = url.host
-            if host in self._shorteners or any(host.endswith("." + s) for s in self._shorteners):
+            labels = host.split(".")  # the host and each parent: set lookups, not a scan
+            if any(".".join(labels[i:]) in self._shorteners for i in range(len(labels))):
                 out.append(("URI_SHORTENER", shown))
             if host.rpartition(".")[2] in self._tlds:
                 out.append(("URI_SUSPICIOUS_TLD", host))
