@@ -126,7 +126,14 @@ class _Handler:
 
 
 class _TrackedSMTP(SMTP):
-    """Remembers its transport so ``stop()`` can drop live sessions too."""
+    """Remembers its transport so ``stop()`` can drop live sessions too.
+
+    Lines of any length up to 4 MiB are accepted (aiosmtpd refuses more than
+    1000 octets): the gateway relays long lines unchanged, and a recording
+    downstream must not be stricter than the MTAs it stands in for.
+    """
+
+    line_length_limit = 4 * 1024 * 1024
 
     def __init__(self, connections: set[asyncio.BaseTransport], *args: Any, **kw: Any):
         super().__init__(*args, **kw)
