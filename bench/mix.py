@@ -16,7 +16,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-__all__ = ["MIX", "BenchMessage", "SenderDomain", "build_mix"]
+__all__ = ["MIX", "BenchMessage", "SenderDomain", "big_message", "build_mix"]
 
 WORDS = (  # noqa: SIM905 - a word list reads better as one string
     "meeting project report quarterly update schedule invoice budget review team "
@@ -131,6 +131,19 @@ def _build(rng: random.Random, kind: str, sender: str, rcpt: str) -> bytes:
             "--mix\r\n" + _attachment(rng, size, name, ctype) + "--mix--\r\n"
         )
     return msg.encode()
+
+
+def big_message(size: int, sender: str, rcpt: str, seed: int = 2) -> BenchMessage:
+    """One message of about ``size`` bytes: a base64 attachment (for the memory check)."""
+    rng = random.Random(seed)
+    head = _headers(rng, sender, rcpt, "Big attachment")
+    blob = int(size / 1.37)  # base64 with CRLF every 76 chars: 4/3 + 2.6 %
+    msg = (
+        head + 'Content-Type: multipart/mixed; boundary="mix"\r\n\r\n'
+        "--mix\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + _words(rng, 80) + "\r\n"
+        "--mix\r\n" + _attachment(rng, blob, "big.bin", "application/octet-stream") + "--mix--\r\n"
+    )
+    return BenchMessage("big", sender, rcpt, msg.encode())
 
 
 def build_mix(

@@ -45,9 +45,7 @@ def bench_records(domains: list) -> dict[str, list[tuple[str, str]]]:  # type: i
 
 
 async def make_engine(dns_address: str, tmp: Path) -> Engine:
-    cfg = write_config(
-        {"dns.nameservers": [dns_address], "server.listen": "127.0.0.1:0"}, tmp
-    )
+    cfg = write_config({"dns.nameservers": [dns_address], "server.listen": "127.0.0.1:0"}, tmp)
     config = load_config(cfg)
     plan = Engine.make_plan(config)
     services = Services(

@@ -1,7 +1,9 @@
 """Throughput benchmark: the gateway beside a do-nothing relay, in one run.
 
-    python -m bench.run                       # full: concurrency 10 and 50, 20 s rounds
+    python -m bench.run                       # full: concurrency 10 and 50, 20 s rounds, memory
     python -m bench.run --quick               # a few seconds; CI smoke test, no assertions
+    python -m bench.run --workers 2           # the gateway with server.workers = 2
+    python -m bench.run --profile-gateway /tmp/gw.prof   # cProfile the gateway process
 
 Alternating rounds of (a) the do-nothing aiosmtpd -> aiosmtplib relay and (b)
 the gateway with the full shipped default pipeline (config.example.toml), both
@@ -9,6 +11,8 @@ relaying to the same fast sink in its own process, with DNS answered by a
 local authoritative server (SPF, DKIM, DMARC records, DNSBL zones). Prints
 messages/s, latency p50/p99 per message kind, server CPU ms per message, peak
 RSS, and the ratios b/a. Load is bounded by count and time; loopback only.
+The memory part (full mode, or ``--memory``) reports the gateway's peak RSS
+with 200 concurrent sessions and what one in-flight 20 MB message costs.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from bench.mix import BenchMessage, build_mix, make_domain
+from bench.mix import BenchMessage, big_message, build_mix, make_domain
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import write_config
 
@@ -87,6 +91,19 @@ def peak_rss_mb(pid: int) -> float:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def rss_mb(pid: int) -> float:
+    """Current resident set of the process and its children."""
+    total = 0
+    for p in _pids(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
         except OSError:
             continue
@@ -191,6 +208,62 @@ def gateway_config(tmp: Path, port: int, sink_port: int, dns: str, workers: int)
     )
 
 
+def start_gateway(cfg: Path, profile: str | None = None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable]
+    if profile:
+        cmd += ["-m", "cProfile", "-o", profile]
+    cmd += ["-m", "gateway", "run", "--config", str(cfg)]
+    return subprocess.Popen(cmd, cwd=ROOT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def memory_checks(
+    tmp: Path, sink_port: int, dns: str, workers: int, messages: list[BenchMessage]
+) -> None:
+    """Peak RSS with 200 concurrent sessions; the cost of one in-flight 20 MB message.
+
+    Each on a fresh gateway process, so VmHWM is that check's own peak.
+    """
+    port = free_port()
+    gw = start_gateway(gateway_config(tmp / "m1", port, sink_port, dns, workers))
+    try:
+        wait_port(port, gw)
+        run_round("warmup", gw.pid, port, messages[:40], 5, 5)
+        idle = rss_mb(gw.pid)
+        res = run_round("gateway", gw.pid, port, messages, 200, 15)
+        print(
+            f"memory: 200 concurrent sessions: {res.sent} msgs ({res.failed} failed), "
+            f"peak RSS {res.rss_mb:.1f} MB (idle {idle:.1f} MB)"
+        )
+    finally:
+        stop(gw)
+    port = free_port()
+    gw = start_gateway(gateway_config(tmp / "m2", port, sink_port, dns, 1))
+    try:
+        wait_port(port, gw)
+        run_round("warmup", gw.pid, port, messages[:40], 5, 5)
+        before = rss_mb(gw.pid)
+        big = big_message(20_000_000, messages[0].mail_from, messages[0].rcpt_to)
+        res = run_round("gateway", gw.pid, port, [big], 1, 60)
+        cost = res.rss_mb - before
+        size = len(big.data) / 2**20
+        print(
+            f"memory: one in-flight {size:.1f} MB message: peak RSS {res.rss_mb:.1f} MB, "
+            f"+{cost:.1f} MB over {before:.1f} MB = {cost / size:.2f}x its size "
+            f"({res.sent} relayed, {1000 * res.seconds:.0f} ms, cpu {1000 * res.cpu:.0f} ms)"
+        )
+    finally:
+        stop(gw)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -201,9 +274,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating (a, b) pairs per level")
     ap.add_argument("--workers", type=int, default=1, help="gateway server.workers")
     ap.add_argument("--messages", type=int, default=6000, help="size of the seeded mix")
+    ap.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the memory checks (default: on in full mode, off with --quick)",
+    )
+    ap.add_argument("--profile-gateway", metavar="PATH", help="run the gateway under cProfile")
     args = ap.parse_args()
+    warm = (50, 5.0)
     if args.quick:
-        args.concurrency, args.seconds, args.rounds, args.messages = [5], 3.0, 1, 300
+        args.concurrency, args.seconds, args.rounds, args.messages = [5], 3.0, 1, 200
+        warm = (10, 2.0)
+    if args.memory is None:
+        args.memory = not args.quick
 
     domains = [make_domain(f"sender{i}.example") for i in range(4)]
     messages = build_mix(args.messages, domains)
@@ -234,14 +318,12 @@ def main() -> int:
             procs.append(base)
             wait_port(base_port, base)
             cfg = gateway_config(tmp, gw_port, sink_port, dns.address, args.workers)
-            gw = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "--config", str(cfg)], cwd=ROOT
-            )
+            gw = start_gateway(cfg, args.profile_gateway)
             procs.append(gw)
             wait_port(gw_port, gw)
             # Warm-up: imports, DNS cache, pools.
-            run_round("warmup", gw.pid, gw_port, messages[:50], 5, 5)
-            run_round("warmup", base.pid, base_port, messages[:50], 5, 5)
+            run_round("warmup", gw.pid, gw_port, messages[: warm[0]], 5, warm[1])
+            run_round("warmup", base.pid, base_port, messages[: warm[0]], 5, warm[1])
             results: list[tuple[RoundResult, RoundResult]] = []
             for conc in args.concurrency:
                 for r in range(args.rounds):
@@ -251,6 +333,11 @@ def main() -> int:
                     b = run_round("gateway", gw.pid, gw_port, pool, conc, args.seconds)
                     results.append((a, b))
             report(results)
+            if args.profile_gateway:
+                stop(gw)
+                print(f"gateway profile: {args.profile_gateway}")
+            if args.memory:
+                memory_checks(tmp, sink_port, dns.address, args.workers, messages)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -277,13 +364,21 @@ def report(results: list[tuple[RoundResult, RoundResult]]) -> None:
                 f"{r.target:8} {r.concurrency:>4} {r.sent:>6} {r.failed:>4} {r.rate:>8.1f} "
                 f"{r.cpu_ms:>10.2f} {r.rss_mb:>7.1f}"
             )
-    print("\nlatency ms (p50/p99) by kind")
-    for a, b in results[-1:]:
-        for kind in sorted(set(a.latencies) | set(b.latencies)):
-            la, lb = a.latencies[kind], b.latencies[kind]
+    for conc, pairs in sorted(by_conc.items()):
+        print(f"\nlatency ms (p50/p99) by kind, concurrency {conc}, all rounds")
+        lat_a: dict[str, list[float]] = defaultdict(list)
+        lat_b: dict[str, list[float]] = defaultdict(list)
+        for a, b in pairs:
+            for kind, v in a.latencies.items():
+                lat_a[kind].extend(v)
+            for kind, v in b.latencies.items():
+                lat_b[kind].extend(v)
+        for kind in sorted(set(lat_a) | set(lat_b)):
+            la, lb = lat_a[kind], lat_b[kind]
             print(
                 f"  {kind:8} relay {pct(la, 0.5):7.1f}/{pct(la, 0.99):7.1f}"
                 f"   gateway {pct(lb, 0.5):7.1f}/{pct(lb, 0.99):7.1f}"
+                f"   added p99 {pct(lb, 0.99) - pct(la, 0.99):+7.1f}"
             )
     print("\nratios gateway/relay (mean over rounds)")
     for conc, pairs in sorted(by_conc.items()):
