@@ -7,7 +7,9 @@ its rule files can travel together.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import pwd
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -88,6 +90,24 @@ def _positive(key: str, value: float) -> None:
         raise OptionError(key, f"must be greater than 0, got {value}")
 
 
+def _check_account(user: str, group: str) -> None:
+    """``server.user`` / ``server.group`` must name existing accounts."""
+    if group and not user:
+        raise OptionError("group", "needs server.user as well (dropping only the group keeps root)")
+    if user:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise OptionError("user", f'no such user "{user}"; create it or fix the name') from None
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise OptionError(
+                "group", f'no such group "{group}"; create it or fix the name'
+            ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "0.0.0.0:25"
@@ -107,9 +127,12 @@ class ServerConfig:
     workers: int = 1
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight sessions
     max_data_memory: int = 104_857_600  # bytes of message data held across all sessions
+    user: str = ""  # drop to this user after binding the listener (empty = stay as started)
+    group: str = ""  # and this group (empty = the user's primary group)
 
     def __post_init__(self) -> None:
         _check_hostport("listen", self.listen, allow_port_zero=True)
+        _check_account(self.user, self.group)
         if not self.hostname or " " in self.hostname:
             raise OptionError("hostname", f'must be a host name, got "{self.hostname}"')
         if not self.accepted_domains:

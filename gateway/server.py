@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import ipaddress
 import json
 import logging
 import os
+import pwd
 import re
 import signal
 import socket
@@ -51,6 +53,7 @@ __all__ = [
     "RunningGateway",
     "StartupError",
     "configure_logging",
+    "drop_privileges",
     "run",
     "serve",
     "start",
@@ -456,6 +459,63 @@ async def build_generation(path: Path, state: ClosableStateStore | None) -> Gene
 # --- the process ----------------------------------------------------------------
 
 
+def drop_privileges(config: Config) -> None:
+    """Become ``server.user`` / ``server.group``; StartupError when that fails or leaves
+    the quarantine or state directory unwritable (the gateway would answer 451 forever)."""
+    server = config.server
+    if not server.user:
+        return
+    try:
+        account = pwd.getpwnam(server.user)
+        gid = grp.getgrnam(server.group).gr_gid if server.group else account.pw_gid
+    except KeyError as exc:
+        raise StartupError([f"server.user/server.group: no such account: {exc}"], 1) from None
+    if (os.getuid(), os.getgid()) != (account.pw_uid, gid):
+        if os.geteuid() != 0:
+            raise StartupError(
+                [
+                    f"server.user: switching to {server.user!r} needs root; start the gateway "
+                    "as root (to bind port 25) or leave server.user empty"
+                ],
+                1,
+            )
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(account.pw_uid)
+    problems = [
+        f"{key}: {where} is not writable by user {server.user!r}; "
+        f"chown it to {server.user} or choose another path"
+        for key, where in _writable_paths(config)
+        if not _writable(where)
+    ]
+    if problems:
+        raise StartupError(problems, 1)
+    log.info("privileges_dropped", extra={"uid": os.getuid(), "gid": os.getgid()})
+
+
+def _writable_paths(config: Config) -> list[tuple[str, Path]]:
+    out = []
+    if config.quarantine.backend == "local":
+        out.append(("quarantine.path", config.resolve_path(config.quarantine.path)))
+    if config.state.backend == "local":
+        state = config.resolve_path(config.state.path)
+        out.append(("state.path", state))
+    return out
+
+
+def _writable(path: Path) -> bool:
+    """``path`` (file or directory) can be written or created, and so can its directory."""
+    try:
+        if path.exists() and not os.access(path, os.W_OK):
+            return False
+        probe = path if path.is_dir() else path.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    except OSError:  # a directory on the way that this user cannot even search
+        return False
+    return os.access(probe, os.W_OK | os.X_OK)
+
+
 class StartupError(Exception):
     """The gateway could not start; ``problems`` are lines for the operator."""
 
@@ -557,6 +617,14 @@ async def start(
             raise StartupError(
                 [f"metrics.listen: cannot listen on {config.metrics.listen}: {exc}"], 1
             ) from None
+    try:
+        drop_privileges(config)  # sockets are bound: port 25 needed root, nothing else does
+    except StartupError:
+        listener.close()
+        if endpoint is not None:
+            await endpoint.close()
+        await gateway.close()
+        raise
     with contextlib.suppress(Exception):
         metrics.QUARANTINE_MESSAGES.set(await gateway.quarantine.count())
     running = RunningGateway(gateway, listener, endpoint, path)
