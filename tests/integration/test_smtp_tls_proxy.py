@@ -309,3 +309,39 @@ def test_received_names_the_client_only_when_reverse_dns_is_forward_confirmed(
         b"Received: from relay.sender.test (mta.sender.test [198.51.100.9])"
     )
     assert second.data.startswith(b"Received: from relay.sender.test (unknown [198.51.100.10])")
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_hundreds_of_idle_and_slowloris_sessions_do_not_starve_a_real_client(
+    make_gateway: GatewayFactory, sink: SinkServer, connect: Connect
+) -> None:
+    gw = make_gateway(sink, {"server.max_sessions_per_ip": 400, "server.max_sessions": 400})
+    before = _rss_kb(gw.pid)
+    idle = [socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=10) for _ in range(250)]
+    slow = []
+    try:
+        for _ in range(25):  # in DATA, trickling
+            s = socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=10)
+            s.sendall(
+                b"HELO s.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n"
+            )
+            slow.append(s)
+        time.sleep(0.5)
+        for s in slow:
+            s.sendall(b"X-Trickle: 1\r\n")
+        started = time.monotonic()
+        with connect(gw.smtp_port) as client:
+            client.sendmail("a@sender.test", ["x@example.org"], MSG)
+        assert time.monotonic() - started < 2.0
+        per_session = (_rss_kb(gw.pid) - before) / 275
+        assert per_session < 200, f"{per_session:.0f} kB per idle session"
+    finally:
+        for s in idle + slow:
+            s.close()
+    assert len(sink.wait_for(1)) == 1
