@@ -1,0 +1,221 @@
+"""Throwaway Redis and PostgreSQL servers for cluster tests, started from the binaries.
+
+Outage tests must stop and restart the shared services, which would disturb
+every other suite using the machine's own servers. So each test gets its own
+``redis-server`` and its own PostgreSQL cluster (``initdb`` + ``pg_ctl``, run as
+the ``postgres`` user when the tests run as root) in a temporary directory, on
+free loopback ports, removed afterwards. Missing binaries skip locally and fail
+under ``CI=true`` (``gateway.testing.require``).
+
+- ``redis_server``: a running :class:`ThrowawayRedis` (``.url``, ``.stop()``, ``.start()``).
+- ``pg_server``: a running :class:`ThrowawayPostgres` (``.dsn``, ``.stop()``, ``.start()``).
+- ``dns_server``: an authoritative DNSServer, so no test asks the system resolver.
+- ``sink``: the recording downstream.
+- ``node_overrides``: config overrides for a node: relay -> sink, DNS -> dns_server,
+  exactly the given policies.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.testing.dnsserver import DNSServer
+from gateway.testing.require import require
+from gateway.testing.sink import SinkServer
+
+START_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} while starting")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {START_TIMEOUT}s")
+
+
+class ThrowawayRedis:
+    """``redis-server`` on a free port; an append-only file makes a restart keep the data."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        # Another process may have taken the port while we were down: bind is retried.
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port, self.proc, "redis-server")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+class ThrowawayPostgres:
+    """A private PostgreSQL cluster (initdb) in a temp dir, trust auth on loopback only.
+
+    As root the server must run as another user: the ``postgres`` account,
+    through ``runuser``; the directory is owned by it.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+        assert initdb and pg_ctl
+        self.pg_ctl = pg_ctl
+        self.port = free_port()
+        self.workdir = workdir
+        self.data = workdir / "data"
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(workdir, user.pw_uid, user.pw_gid)
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+        self._run(initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        result = subprocess.run(
+            [*self.prefix, *args], capture_output=True, timeout=60, check=False, cwd=self.workdir
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {result.stderr.decode(errors='replace')}")
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 "
+            f"-c unix_socket_directories={self.workdir} -c fsync=on"
+        )
+        self._run(
+            self.pg_ctl, "-D", str(self.data), "-l", str(self.workdir / "log"), "-o", options,
+            "-w", "-t", "30", "start",
+        )  # fmt: skip
+        _wait_for_port(self.port, None, "postgres")
+
+    def stop(self) -> None:
+        """Fast shutdown: open sessions are cut, committed data stays (a real outage)."""
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
+
+    def close(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[ThrowawayRedis]:
+    require(shutil.which("redis-server"), "redis-server not installed (apt install redis-server)")
+    with tempfile.TemporaryDirectory(prefix="gw-redis-") as tmp:
+        server = ThrowawayRedis(Path(tmp))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def pg_server() -> Iterator[ThrowawayPostgres]:
+    require(
+        _pg_bin("initdb") and _pg_bin("pg_ctl"),
+        "PostgreSQL server binaries not installed (apt install postgresql)",
+    )
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            require(False, "running as root but there is no postgres user to run the server")
+    with tempfile.TemporaryDirectory(prefix="gw-pg-") as tmp:
+        server = ThrowawayPostgres(Path(tmp))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.close()
+
+
+@pytest.fixture(scope="session")
+def dns_server() -> Iterator[DNSServer]:
+    with DNSServer(zones=("example.org", "sender.test")) as server:
+        yield server
+
+
+@pytest.fixture
+def sink() -> Iterator[SinkServer]:
+    with SinkServer() as server:
+        yield server
+
+
+Overrides = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def node_overrides(sink: SinkServer, dns_server: DNSServer) -> Overrides:
+    """``node_overrides(policies, {"state.backend": ...})``: relay -> sink, DNS -> test server."""
+
+    def make(policies: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "relay.host": sink.host,
+            "relay.port": sink.port,
+            "relay.timeout": 5.0,
+            "relay.verify_recipients": False,
+            "dns.nameservers": [dns_server.address],
+            "dns.timeout": 2.0,
+            "policies": dict(policies),
+            "scores": {},
+            **(extra or {}),
+        }
+
+    return make
