@@ -66,7 +66,7 @@ SYMBOLS: Mapping[str, SymbolDef] = {
     "HDR_MISSING_MESSAGE_ID": SymbolDef(
         0.5, "no Message-ID header field (RFC 5322 §3.6.4 says SHOULD)"
     ),
-    "HDR_DATE_INVALID": SymbolDef(1.5, "Date header field cannot be parsed (RFC 5322 §3.3)"),
+    "HDR_DATE_INVALID": SymbolDef(2.0, "Date header field cannot be parsed (RFC 5322 §3.3)"),
     "HDR_DATE_FUTURE": SymbolDef(1.5, "Date is far after the first Received time"),
     "HDR_DATE_PAST": SymbolDef(0.5, "Date is far before the first Received time"),
     "FROM_NAME_HAS_ADDRESS": SymbolDef(
