@@ -18,8 +18,30 @@ from typing import Any
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.sink import SinkServer
 
-SPAMMY = "viagra casino lottery winner cash bonus prize guaranteed refinance discount".split()
-HAMMY = "kernel patch review branch commit changelog compiler debugger agenda minutes".split()
+SPAMMY = [
+    "viagra",
+    "casino",
+    "lottery",
+    "winner",
+    "cash",
+    "bonus",
+    "prize",
+    "guaranteed",
+    "refinance",
+    "discount",
+]
+HAMMY = [
+    "kernel",
+    "patch",
+    "review",
+    "branch",
+    "commit",
+    "changelog",
+    "compiler",
+    "debugger",
+    "agenda",
+    "minutes",
+]
 TRAINING = 12  # per class; the test config lowers min_spam/min_ham to 10
 
 
@@ -67,8 +89,16 @@ def test_mail_learned_through_node_a_is_classified_on_node_b(
             for i in range(TRAINING):
                 (folder / f"{i}.eml").write_bytes(message(spam, i, rng))
             learned = subprocess.run(
-                [sys.executable, "-m", "gateway", "learn", label]
-                + ["--config", str(node_a.config_path), str(folder)],
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "learn",
+                    label,
+                    "--config",
+                    str(node_a.config_path),
+                    str(folder),
+                ],
                 capture_output=True,
                 text=True,
                 timeout=60,

@@ -177,8 +177,18 @@ def test_redis_and_postgres_restarted_mid_stream_lose_nothing_and_recover_by_the
             stream.halt.set()
             stream.join(40)
         listed = subprocess.run(
-            [sys.executable, "-m", "gateway", "quarantine", "list", "--json", "--limit", "1000"]
-            + ["--config", str(node_b.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "quarantine",
+                "list",
+                "--json",
+                "--limit",
+                "1000",
+                "--config",
+                str(node_b.config_path),
+            ],
             capture_output=True,
             timeout=60,
             cwd=ROOT,
