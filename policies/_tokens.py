@@ -9,7 +9,8 @@ carries over to the next message:
   3..12 characters kept whole; longer words become a "skip" token of their
   first character and length bucket; e-mail addresses in the text become
   their domain. Optional: word bigrams, HTML tag names.
-- URLs: each host's registrable domain, "IP literal", scheme.
+- URLs: each host's registrable domain, "IP literal", scheme, and the
+  alphanumeric pieces of the path (``remove``, ``cgi``, ``unsubscribe``).
 - Headers, by an explicit list: Subject words, the From domain and display
   name words (and the shape of its local part), whether Reply-To is on
   another domain, a bucketed recipient count, the mail client's product name,
@@ -76,6 +77,7 @@ _SUBJECT_WORD = re.compile(r"[\w$'\-]+|[!?]{2,}|\$")
 _NAME_WORD = re.compile(r"[\w'\-]+")
 _PRODUCT = re.compile(r"[A-Za-z][A-Za-z\-]{2,20}")
 _DIGITS = re.compile(r"\d")
+_URL_PIECE = re.compile(r"[a-z0-9]+")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
 _FILENAME = re.compile(r"""(?:file)?name\*?\s*=\s*["']?([^"';\r\n]+)""", re.I)
@@ -260,6 +262,9 @@ def _url_tokens(ctx: Context) -> Iterator[str]:
             continue
         yield f"url:{u.domain}"
         yield f"url:scheme:{u.scheme}"
+        for piece in _URL_PIECE.findall(u.path.lower())[:20]:
+            if MIN_WORD <= len(piece) <= MAX_WORD:
+                yield f"url:path:{piece}"
         if u.port is not None:
             yield "url:port"
         if u.redirector:

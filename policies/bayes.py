@@ -16,9 +16,10 @@ measured comparisons and the one SpamAssassin's Bayes uses (Gary Robinson's
    message carries strong evidence both ways, which is what keeps false
    positives rare.
 
-The probability becomes one of the SpamAssassin buckets ``BAYES_00`` ..
-``BAYES_99``, plus ``BAYES_999`` on top of ``BAYES_99`` from 99.9% (as in
-SpamAssassin); the symbol's detail carries the probability. Counts live in
+The probability becomes one of SpamAssassin's buckets ``BAYES_00``,
+``_05``, ``_20``, ``_40``, ``_50``, ``_60``, ``_80``, ``_95``, ``_99``, plus
+``BAYES_999`` on top of ``BAYES_99`` from 99.9% (as in SpamAssassin); the
+symbol's detail carries the probability. Counts live in
 the gateway's state store (``services.state``: local SQLite, or Redis shared
 by every node), as (spam, ham) message counts per hashed token in table
 ``bayes`` plus a totals row; learned message ids in ``bayes_seen`` make
@@ -64,7 +65,9 @@ _BUCKETS: tuple[tuple[float, str], ...] = (
     (0.01, "BAYES_00"),
     (0.05, "BAYES_05"),
     (0.20, "BAYES_20"),
-    (0.80, "BAYES_50"),
+    (0.40, "BAYES_40"),
+    (0.60, "BAYES_50"),
+    (0.80, "BAYES_60"),
     (0.95, "BAYES_80"),
     (0.99, "BAYES_95"),
     (math.inf, "BAYES_99"),
@@ -186,19 +189,22 @@ class BayesPolicy(Policy):
     """Scores a message by what the classifier learned from mail marked spam or ham."""
 
     name = "bayes"
-    # Scores (measured, docs/quality.md): strong ham evidence subtracts, strong
-    # spam evidence adds. Only BAYES_99 + BAYES_999 together (5.5) reach
-    # add_header (5.0) alone; nothing comes near reject (15.0).
+    # Scores chosen on the benchmark (docs/quality.md): strong ham evidence
+    # subtracts, spam evidence adds. BAYES_99 (p >= 0.99) alone reaches
+    # add_header (5.0): the classifier may flag on its own, never more;
+    # nothing here comes near reject (15.0).
     symbols = {
         "BAYES_00": SymbolDef(-2.5, "classifier: spam probability below 1%"),
         "BAYES_05": SymbolDef(-1.0, "classifier: spam probability 1% to 5%"),
         "BAYES_20": SymbolDef(-0.3, "classifier: spam probability 5% to 20%"),
-        "BAYES_50": SymbolDef(0.0, "classifier: unsure, spam probability 20% to 80%"),
+        "BAYES_40": SymbolDef(0.0, "classifier: spam probability 20% to 40%"),
+        "BAYES_50": SymbolDef(0.0, "classifier: unsure, spam probability 40% to 60%"),
+        "BAYES_60": SymbolDef(1.0, "classifier: spam probability 60% to 80%"),
         "BAYES_80": SymbolDef(2.0, "classifier: spam probability 80% to 95%"),
-        "BAYES_95": SymbolDef(3.5, "classifier: spam probability 95% to 99%"),
-        "BAYES_99": SymbolDef(4.5, "classifier: spam probability 99% or more"),
+        "BAYES_95": SymbolDef(4.5, "classifier: spam probability 95% to 99%"),
+        "BAYES_99": SymbolDef(5.0, "classifier: spam probability 99% or more"),
         "BAYES_999": SymbolDef(
-            1.0, "classifier: spam probability 99.9% or more (in addition to BAYES_99)"
+            0.5, "classifier: spam probability 99.9% or more (in addition to BAYES_99)"
         ),
         "BAYES_UNTRAINED": SymbolDef(
             0.0, "classifier: too few messages learned yet; learn with `gateway learn`"
