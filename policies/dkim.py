@@ -151,7 +151,7 @@ def _verify_all(
     out: list[SignatureResult] = []
     try:
         verifier = dkim.DKIM(raw, minkey=min_key_bits, logger=log)
-    except dkim.DKIMException as exc:
+    except (dkim.DKIMException, IndexError) as exc:  # IndexError: a leading continuation line
         reason = f"message cannot be parsed: {printable(str(exc), 80)}"
         return [_result(p, "permerror", reason) for p in parsed]
     dnsfunc = key_dnsfunc(keys)
