@@ -8,7 +8,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -88,6 +88,29 @@ def test_tls_handshake_garbage_closes_only_that_session(
 # --- PROXY protocol -----------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def _proxy_pair(dns_server: DNSServer) -> Iterator[tuple[GatewayProcess, SinkServer]]:
+    with SinkServer() as sink:
+        overrides = {
+            "relay.port": sink.port,
+            "dns.nameservers": [dns_server.address],
+            "policies": {},
+            "scores": {},
+            "server.proxy_protocol": True,
+        }
+        with GatewayProcess(overrides) as gw:
+            yield gw, sink
+
+
+@pytest.fixture
+def proxy_gateway(
+    _proxy_pair: tuple[GatewayProcess, SinkServer],
+) -> tuple[GatewayProcess, SinkServer]:
+    """A shared gateway with PROXY on (loopback trusted) and its emptied sink."""
+    _proxy_pair[1].clear()
+    return _proxy_pair
+
+
 def proxy_v2(src: str, dst: str, sport: int, dport: int) -> bytes:
     """A HAProxy PROXY v2 header (PROXY command, TCP over IPv4 or IPv6)."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
@@ -127,22 +150,24 @@ def _send_via_proxy(port: int, header: bytes) -> list[bytes]:
     ids=["v1", "v2-ipv4", "v2-ipv6"],
 )
 def test_proxy_header_from_trusted_network_sets_the_client_address(
-    header: bytes, client_ip: str, make_gateway: GatewayFactory, sink: SinkServer
+    header: bytes, client_ip: str, proxy_gateway: tuple[GatewayProcess, SinkServer]
 ) -> None:
-    gw = make_gateway(sink, {"server.proxy_protocol": True})
+    gw, sink = proxy_gateway
+    seen = len(gw.events("message_processed"))
     replies = _send_via_proxy(gw.smtp_port, header)
     assert replies[0].startswith(b"220 ")
     assert replies[5].startswith(b"250 "), replies
     (got,) = sink.wait_for(1)
     literal = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
     assert f"(unknown [{literal}])".encode() in got.data.split(b"\r\n")[0]
-    assert gw.wait_for_event("message_processed")["client_ip"] == client_ip  # type: ignore[index]
+    event = gw.wait_for_event("message_processed", after=seen)
+    assert event is not None and event["client_ip"] == client_ip
 
 
 def test_proxy_from_trusted_network_without_header_is_dropped(
-    make_gateway: GatewayFactory, sink: SinkServer
+    proxy_gateway: tuple[GatewayProcess, SinkServer],
 ) -> None:
-    gw = make_gateway(sink, {"server.proxy_protocol": True})
+    gw, _ = proxy_gateway
     with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as sock:
         sock.sendall(b"EHLO no-proxy-header.test\r\n")
         assert sock.recv(4096) == b""
@@ -295,13 +320,13 @@ def test_spent_data_memory_budget_gets_452_and_is_given_back(
 
 
 def test_received_names_the_client_only_when_reverse_dns_is_forward_confirmed(
-    make_gateway: GatewayFactory, sink: SinkServer, dns_server: DNSServer
+    proxy_gateway: tuple[GatewayProcess, SinkServer], dns_server: DNSServer
 ) -> None:
+    gw, sink = proxy_gateway
     dns_server.set("9.100.51.198.in-addr.arpa", ("PTR", "mta.sender.test."))
     dns_server.set("mta.sender.test", ("A", "198.51.100.9"))
     dns_server.set("10.100.51.198.in-addr.arpa", ("PTR", "liar.sender.test."))
     dns_server.set("liar.sender.test", ("A", "192.0.2.77"))
-    gw = make_gateway(sink, {"server.proxy_protocol": True})
     _send_via_proxy(gw.smtp_port, b"PROXY TCP4 198.51.100.9 192.0.2.1 1 25\r\n")
     _send_via_proxy(gw.smtp_port, b"PROXY TCP4 198.51.100.10 192.0.2.1 1 25\r\n")
     first, second = sink.wait_for(2)
