@@ -45,7 +45,7 @@ SYMBOLS = {
     "URI_SHORTENER": SymbolDef(0.5, "a link goes through a URL shortener that hides its target"),
     "URI_SUSPICIOUS_TLD": SymbolDef(1.0, "a link points into a top-level domain abused by spam"),
     "URI_USERINFO": SymbolDef(
-        2.0, "a link carries user@ before its host (http://bank.example@evil.example/)"
+        3.0, "a link carries user@ before its host (http://bank.example@evil.example/)"
     ),
     "URI_REDIRECTOR": SymbolDef(0.3, "a link goes through an open redirector"),
 }
