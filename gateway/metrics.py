@@ -44,6 +44,7 @@ __all__ = [
     "HTTPEndpoint",
     "record_action",
     "record_evaluation",
+    "set_renderer",
     "start_http",
 ]
 
@@ -203,6 +204,15 @@ class HTTPEndpoint:
                 await self._server.wait_closed()
 
 
+_renderer: Callable[[], bytes] | None = None
+
+
+def set_renderer(render: Callable[[], bytes] | None) -> None:
+    """Replace what /metrics serves: worker 0 of ``server.workers`` serves all workers'."""
+    global _renderer
+    _renderer = render
+
+
 async def start_http(listen: str, ready: Ready) -> HTTPEndpoint:
     """Serve metrics on ``listen`` ("host:port", port 0 picks a free one).
 
@@ -259,7 +269,7 @@ async def _serve_one(
         return
     head_only = method == "HEAD"
     if target == "/metrics":
-        body = generate_latest(REGISTRY)
+        body = _renderer() if _renderer is not None else generate_latest(REGISTRY)
         await _respond(writer, 200, body, content_type=CONTENT_TYPE_LATEST, head_only=head_only)
     elif target == "/healthz":
         await _respond(writer, 200, "ok\n", head_only=head_only)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gateway import headers, metrics, replies
+from gateway import headers, metrics, replies, workers
 from gateway.api import Action, DNSError, Services
 from gateway.config import Config, ConfigError, LogConfig, load_config, parse_hostport
 from gateway.dns import CachingResolver
@@ -541,6 +541,7 @@ class RunningGateway:
         self.path = path
         self.smtp_port = int(listener.sockets[0].getsockname()[1])
         self.metrics_port = endpoint.port if endpoint is not None else None
+        self.share: workers.MetricsShare | None = None  # metrics across server.workers
 
     @property
     def config(self) -> Config:
@@ -553,6 +554,8 @@ class RunningGateway:
         """Stop listening, drain in-flight sessions, close every service."""
         self.listener.close()
         await self.gateway.drain(self.config.server.drain_timeout if grace is None else grace)
+        if self.share is not None:
+            await self.share.stop()
         if self.endpoint is not None:
             await self.endpoint.close()
         await self.gateway.close()
@@ -628,6 +631,12 @@ async def start(
     with contextlib.suppress(Exception):
         metrics.QUARANTINE_MESSAGES.set(await gateway.quarantine.count())
     running = RunningGateway(gateway, listener, endpoint, path)
+    if worker is not None:
+        running.share = workers.MetricsShare.for_worker(metrics.REGISTRY, worker)
+        if running.share is not None:
+            running.share.start()
+            if worker == 0:
+                metrics.set_renderer(running.share.render)
     log.info(
         "gateway_started",
         extra={
@@ -719,7 +728,8 @@ def _supervise(path: Path, config: Config) -> int:
 
     Each worker is a whole gateway (own event loop, engine, relay pool);
     session limits and the data memory budget apply per worker, and only
-    worker 0 serves the metrics endpoint.
+    worker 0 serves the metrics endpoint, with every worker's counts
+    (``gateway/workers.py``).
     """
     configure_logging(config.log)
     host, port = _listen_address(config.server.listen)
@@ -730,6 +740,7 @@ def _supervise(path: Path, config: Config) -> int:
         print(f"server.listen: cannot listen on {config.server.listen}: {exc}", file=sys.stderr)
         return 1
     sock.setblocking(False)
+    workers.prepare_share_dir()  # before forking: every worker writes its metrics there
     supervisor = os.getpid()
     children: dict[int, int] = {}
     stopping = False
@@ -785,5 +796,6 @@ def _supervise(path: Path, config: Config) -> int:
         if not stopping:
             spawn(index)
     sock.close()
+    workers.remove_share_dir()
     log.info("supervisor_stopped", extra={"exit_code": exit_code})
     return exit_code

@@ -1,0 +1,143 @@
+"""Metrics across ``server.workers`` processes: one /metrics answer for the whole gateway.
+
+Each worker is a whole gateway with its own in-process Prometheus registry.
+Every worker writes a snapshot of its registry (Prometheus text) into a
+directory the supervisor created before forking, once a second and when it
+stops; worker 0, which serves ``/metrics``, answers with its live registry
+merged with the other workers' latest snapshots: counters, histograms and
+session gauges are summed, gauges that describe shared things (the quarantine
+size, build info) take the largest value. A scrape is at most a second behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+__all__ = ["MetricsShare", "merge", "prepare_share_dir", "remove_share_dir"]
+
+log = logging.getLogger("gateway.workers")
+
+SNAPSHOT_INTERVAL = 1.0  # seconds between a worker's snapshots
+# Gauges whose every worker reports the same shared quantity: take the largest, not the sum.
+_MAX_GAUGES = frozenset({"gateway_quarantine_messages", "gateway_build_info"})
+
+_share_dir: Path | None = None
+
+
+def prepare_share_dir() -> Path:
+    """Create the snapshot directory (in the supervisor, before forking workers)."""
+    global _share_dir
+    _share_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    return _share_dir
+
+
+def remove_share_dir() -> None:
+    """Remove the snapshot directory (in the supervisor, after the workers exited)."""
+    global _share_dir
+    if _share_dir is not None:
+        shutil.rmtree(_share_dir, ignore_errors=True)
+        _share_dir = None
+
+
+def merge(texts: Iterable[str]) -> list[Metric]:
+    """Prometheus text expositions of several workers -> one set of metric families."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                values[fam.name] = {}
+            acc = values[fam.name]
+            for s in fam.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                if key not in acc:
+                    acc[key] = s.value
+                elif s.name.endswith("_created"):
+                    acc[key] = min(acc[key], s.value)  # the oldest worker's start
+                elif fam.type == "gauge" and fam.name in _MAX_GAUGES:
+                    acc[key] = max(acc[key], s.value)
+                else:
+                    acc[key] += s.value
+    out = []
+    for name, fam in families.items():
+        fam.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
+        out.append(fam)
+    return out
+
+
+class _Merged:
+    """A collector over already merged families (for ``generate_latest``)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+class MetricsShare:
+    """One worker's side: write snapshots; worker 0 also renders the merged view."""
+
+    def __init__(self, registry: CollectorRegistry, index: int, directory: Path) -> None:
+        self.registry = registry
+        self.index = index
+        self.directory = directory
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_worker(cls, registry: CollectorRegistry, index: int) -> MetricsShare | None:
+        """The share for worker ``index``, or None when not running under a supervisor."""
+        if _share_dir is None:
+            return None
+        return cls(registry, index, _share_dir)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.write()  # the final counts of a draining worker
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_INTERVAL)
+            try:
+                self.write()
+            except OSError as exc:  # a full /tmp must not stop the worker
+                log.warning("metrics_snapshot_failed", extra={"error": str(exc)})
+
+    def write(self) -> None:
+        """Replace this worker's snapshot atomically (a reader never sees half a file)."""
+        path = self.directory / f"worker-{self.index}.prom"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(generate_latest(self.registry))
+        tmp.replace(path)
+
+    def render(self) -> bytes:
+        """This worker's live registry merged with every other worker's latest snapshot."""
+        texts = [generate_latest(self.registry).decode("utf-8")]
+        for path in sorted(self.directory.glob("worker-*.prom")):
+            if path.name == f"worker-{self.index}.prom":
+                continue
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                texts.append(path.read_text(encoding="utf-8"))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Merged(merge(texts)))
+        return generate_latest(registry)
