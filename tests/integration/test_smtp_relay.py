@@ -363,11 +363,11 @@ def test_swaks_delivers_through_the_gateway(
 def test_message_processed_log_line_explains_the_message(
     module_gateway: GatewayProcess, fresh_sink: SinkServer, connect: Connect
 ) -> None:
+    seen = len(module_gateway.events("message_processed"))
     with connect(module_gateway.smtp_port) as client:
         client.sendmail("a@sender.test", ["x@example.org"], MSG)
-    fresh_sink.wait_for(1)
-    events = module_gateway.events("message_processed")
-    event = events[-1]
+    event = module_gateway.wait_for_event("message_processed", after=seen)
+    assert event is not None
     assert event["mail_from"] == "a@sender.test"
     assert event["rcpt_tos"] == ["x@example.org"]
     assert event["client_ip"] == "127.0.0.1"
