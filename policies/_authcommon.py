@@ -10,6 +10,7 @@ folded into dkimpy's "no key" (which would read as a failure).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -18,24 +19,32 @@ from gateway.api import DNSError, DNSTemporaryError, Resolver
 __all__ = [
     "KeyAnswer",
     "ascii_domain",
+    "auth_fields",
     "fetch_keys",
     "header_block",
     "key_dnsfunc",
     "key_name",
     "org_aligned",
     "printable",
+    "same_field",
     "valid_domain",
 ]
 
 
+MAX_HEADER_BYTES = 256_000  # a header section past this is hostile; fields beyond are ignored
+
+
 def header_block(raw: bytes) -> bytes:
-    """The header section only (with its terminating empty line): parsing the body to
-    find header fields would cost time proportional to the message size."""
+    """The header section only (with its terminating empty line), at most
+    MAX_HEADER_BYTES: parsing the body (or a hostile endless header) to find a few
+    header fields would cost time proportional to the message size on the loop."""
     for sep in (b"\r\n\r\n", b"\n\n"):
-        end = raw.find(sep)
+        end = raw.find(sep, 0, MAX_HEADER_BYTES + len(sep))
         if end >= 0:
             return raw[: end + len(sep)]
-    return raw
+    head = raw[:MAX_HEADER_BYTES]
+    cut = head.rfind(b"\n")
+    return head[: cut + 1] + b"\r\n" if cut >= 0 else b"\r\n"
 
 
 def ascii_domain(name: str) -> str:
@@ -47,6 +56,28 @@ def ascii_domain(name: str) -> str:
         return name.encode("idna").decode("ascii")
     except UnicodeError:
         return ""
+
+
+_AUTH_FIELD = re.compile(
+    rb"^(dkim-signature|arc-seal|arc-message-signature|arc-authentication-results)[ \t]*:"
+    rb"([^\n]*(?:\n[ \t][^\n]*)*)",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def auth_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(lower-case name, value) of the DKIM and ARC header fields, top first.
+
+    A regular-expression scan of the header section (C speed), used to know which
+    keys to fetch; dkimpy parses the message itself when it verifies, and results
+    are cross-checked against what it saw.
+    """
+    return [(m.group(1).lower(), m.group(2)) for m in _AUTH_FIELD.finditer(header_block(raw))]
+
+
+def same_field(a: bytes, b: bytes) -> bool:
+    """Two renderings of one field value are the same once whitespace is ignored."""
+    return re.sub(rb"\s+", b"", a) == re.sub(rb"\s+", b"", b)
 
 
 def printable(text: str | bytes, limit: int = 200) -> str:

@@ -25,6 +25,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from gateway.api import AuthResult, Context
 from policies._authcommon import (
     KeyAnswer,
+    auth_fields,
     fetch_keys,
     header_block,
     key_dnsfunc,
@@ -74,11 +75,7 @@ class ARCOutcome:
 
 
 def _arc_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
-    try:
-        headers, _ = dkim.rfc822_parse(header_block(raw))
-    except dkim.DKIMException:
-        return []
-    return [(k.lower(), v) for k, v in headers if k.lower() in dkim.ARC.ARC_HEADERS]
+    return [(k, v) for k, v in auth_fields(raw) if k != b"dkim-signature"]
 
 
 def _instance(value: bytes) -> int:
@@ -103,19 +100,31 @@ def _recorded(aar: bytes) -> tuple[str, tuple[RecordedResult, ...]]:
     return str(header.authserv_id).lower(), tuple(results)
 
 
-def _validate(raw: bytes, keys: dict[str, KeyAnswer], min_key_bits: int) -> tuple[str, str]:
+@dataclass(frozen=True, slots=True)
+class _Validation:
+    result: str
+    reason: str
+    sealer: str = ""  # d= of the latest ARC-Seal, as dkimpy validated it
+    aar: bytes = b""  # the latest ARC-Authentication-Results, as dkimpy read it
+
+
+def _validate(raw: bytes, keys: dict[str, KeyAnswer], min_key_bits: int) -> _Validation:
     """CPU-bound dkimpy validation (worker thread)."""
     try:
-        cv, _data, reason = dkim.ARC(raw, minkey=min_key_bits, logger=log).verify(
+        cv, data, reason = dkim.ARC(raw, minkey=min_key_bits, logger=log).verify(
             dnsfunc=key_dnsfunc(keys)
         )
     except Exception as exc:  # DKIMException and parse errors on hostile headers
-        return "fail", printable(f"{type(exc).__name__}: {exc}", 120)
+        return _Validation("fail", printable(f"{type(exc).__name__}: {exc}", 120))
     if cv == dkim.CV_Pass:
-        return "pass", ""
+        # data[0] is the highest instance: the sealer and results the override may trust
+        # come from what dkimpy validated, never from a separate scan of the header.
+        latest = data[0]
+        sealer = printable(latest.get("as-domain", b""), 100).lower().rstrip(".")
+        return _Validation("pass", "", sealer, latest.get("aar-value", b""))
     if cv == dkim.CV_None:
-        return "none", printable(reason, 120)
-    return "fail", printable(reason or "chain terminated", 120)
+        return _Validation("none", printable(reason, 120))
+    return _Validation("fail", printable(reason or "chain terminated", 120))
 
 
 async def verify_arc(ctx: Context, min_key_bits: int = 1024) -> ARCOutcome:
@@ -133,7 +142,6 @@ async def verify_arc(ctx: Context, min_key_bits: int = 1024) -> ARCOutcome:
             "fail", f"{instances} ARC sets on a {body}-byte body: too costly", instances
         )
     names: list[str] = []
-    sealer = ""
     for k, v in fields:
         if k == b"arc-authentication-results":
             continue
@@ -144,24 +152,12 @@ async def verify_arc(ctx: Context, min_key_bits: int = 1024) -> ARCOutcome:
         name = key_name(tags.get(b"s", b""), tags.get(b"d", b""))
         if name:
             names.append(name)
-        if k == b"arc-seal" and _instance(v) == instances:
-            sealer = printable(tags.get(b"d", b""), 100).lower().rstrip(".")
     keys = await fetch_keys(ctx.resolver, names)
     temp = [a for a in keys.values() if a.temperror]
-    aar = next(
-        (v for k, v in fields if k == b"arc-authentication-results" and _instance(v) == instances),
-        b"",
-    )
-    _srv, recorded = _recorded(aar)
     if temp:
         # RFC 8617 defines no temperror for arc=; the chain cannot be trusted right now.
-        return ARCOutcome(
-            "fail",
-            f"key lookup failed temporarily: {temp[0].name}",
-            instances,
-            sealer,
-            recorded,
-            temperror=True,
-        )
-    result, reason = await asyncio.to_thread(_validate, ctx.raw, keys, min_key_bits)
-    return ARCOutcome(result, reason, instances, sealer, recorded)
+        reason = f"key lookup failed temporarily: {temp[0].name}"
+        return ARCOutcome("fail", reason, instances, temperror=True)
+    checked = await asyncio.to_thread(_validate, ctx.raw, keys, min_key_bits)
+    recorded = _recorded(checked.aar)[1] if checked.result == "pass" else ()
+    return ARCOutcome(checked.result, checked.reason, instances, checked.sealer, recorded)

@@ -28,11 +28,12 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from gateway.api import AuthResult, Context, OptionError, Policy, Result, Symbol, SymbolDef
 from policies._authcommon import (
     KeyAnswer,
+    auth_fields,
     fetch_keys,
-    header_block,
     key_dnsfunc,
     key_name,
     printable,
+    same_field,
 )
 
 __all__ = ["DKIMOptions", "DKIMPolicy", "SignatureResult", "verify_signatures"]
@@ -96,6 +97,7 @@ class _Parsed:
     tags: dict[bytes, bytes]
     key: str | None  # key record name
     error: str  # set when the signature is malformed (permerror)
+    value: bytes = b""  # the field value as scanned, cross-checked against dkimpy's parse
 
 
 def _text(tags: dict[bytes, bytes], tag: bytes, limit: int = 100) -> str:
@@ -103,6 +105,11 @@ def _text(tags: dict[bytes, bytes], tag: bytes, limit: int = 100) -> str:
 
 
 def _parse(index: int, value: bytes) -> _Parsed:
+    parsed = _parse_tags(index, value)
+    return _Parsed(parsed.index, parsed.tags, parsed.key, parsed.error, value)
+
+
+def _parse_tags(index: int, value: bytes) -> _Parsed:
     try:
         tags: dict[bytes, bytes] = parse_tag_value(value)
     except (InvalidTagValueList, ValueError, IndexError) as exc:
@@ -155,10 +162,16 @@ def _verify_all(
         reason = f"message cannot be parsed: {printable(str(exc), 80)}"
         return [_result(p, "permerror", reason) for p in parsed]
     dnsfunc = key_dnsfunc(keys)
+    seen = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
     spent = 0
     for p in parsed:
         if p.error:
             out.append(_result(p, "permerror", p.error))
+            continue
+        if p.index >= len(seen) or not same_field(seen[p.index], p.value):
+            # Our scan and dkimpy's parse disagree (hostile folding): never report a
+            # result for one signature that was computed for another.
+            out.append(_result(p, "permerror", "signature field is ambiguous"))
             continue
         assert p.key is not None
         answer = keys.get(p.key)
@@ -209,12 +222,8 @@ def _verify_all(
 
 
 def _signature_fields(raw: bytes) -> list[bytes]:
-    """The values of the DKIM-Signature fields, top first, as dkimpy sees them."""
-    try:
-        headers, _body = dkim.rfc822_parse(header_block(raw))
-    except dkim.DKIMException:
-        return []
-    return [v for k, v in headers if k.lower() == b"dkim-signature"]
+    """The values of the DKIM-Signature fields, top first."""
+    return [v for k, v in auth_fields(raw) if k == b"dkim-signature"]
 
 
 async def verify_signatures(

@@ -131,3 +131,17 @@ async def test_thousands_of_from_addresses_are_bounded(dns_address: str) -> None
     result = await asyncio.wait_for(DMARCPolicy(DMARCOptions()).check(ctx), 30)
     assert {"DMARC_MULTIPLE_FROM", "DMARC_TOO_MANY_FROM"} <= {s.name for s in result.symbols}
     assert len([a for a in result.auth if a.method == "dmarc"]) == 10
+
+
+async def test_endless_header_section_is_cheap(dns_address: str) -> None:
+    """5 MB of header lines and no body: only the first 256 KB are scanned for DKIM/ARC."""
+    import time
+
+    sig = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1; b=AAAA; bh=AAAA; h=from\r\n"
+    raw = b"From: a@example.com\r\n" + (sig + b"X-Filler: " + b"y" * 60 + b"\r\n") * 60_000
+    assert len(raw) > 5_000_000
+    started = time.monotonic()
+    results = await _run_all(dns_address, raw, "a@example.com", "mail.example.com", "192.0.2.1")
+    assert time.monotonic() - started < 5.0
+    dkim_auth = [a for a in results[1].auth if a.method == "dkim"]
+    assert len(dkim_auth) == 10  # max_signatures, from the first 256 KB only
