@@ -140,7 +140,9 @@ def _split_path(arg: str) -> tuple[str, str] | None:
     """``<path> params`` -> (path, params); quoted strings may hold ``>``."""
     text = arg.strip()
     if not text.startswith("<"):
-        return None
+        # Lenient like most MTAs: a bare address (RFC 5321 wants angle brackets).
+        path, _, params = text.partition(" ")
+        return (path, params.strip()) if path and ">" not in path else None
     quoted = False
     escaped = False
     for i in range(1, len(text)):
