@@ -277,7 +277,7 @@ def _decoded_bytes(part: Message, cte: str, limit: int) -> tuple[bytes, bool]:
         compact = compact[: len(compact) - len(compact) % 4]
         try:
             data = binascii.a2b_base64(compact)
-        except binascii.Error:
+        except (binascii.Error, ValueError):  # ValueError: 8-bit bytes in a base64 body
             data = b""
     else:
         # The parser keeps undecodable 8-bit bytes as surrogate escapes.
