@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import authres
 import dkim
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.util import parse_tag_value
 
 from gateway.api import AuthResult, Context
 from policies._authcommon import (
@@ -76,6 +76,15 @@ class ARCOutcome:
 
 def _arc_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in auth_fields(raw) if k != b"dkim-signature"]
+
+
+def _tags(value: bytes) -> dict[bytes, bytes]:
+    """Tag list of an ARC field; empty when malformed (dkimpy then fails the chain)."""
+    try:
+        tags: dict[bytes, bytes] = parse_tag_value(value)
+    except Exception:  # InvalidTagValueList and whatever else hostile bytes provoke
+        return {}
+    return tags
 
 
 def _instance(value: bytes) -> int:
@@ -145,10 +154,7 @@ async def verify_arc(ctx: Context, min_key_bits: int = 1024) -> ARCOutcome:
     for k, v in fields:
         if k == b"arc-authentication-results":
             continue
-        try:
-            tags = parse_tag_value(v)
-        except (InvalidTagValueList, ValueError, IndexError):
-            continue
+        tags = _tags(v)
         name = key_name(tags.get(b"s", b""), tags.get(b"d", b""))
         if name:
             names.append(name)

@@ -189,3 +189,24 @@ async def test_verification_cpu_is_bounded_by_a_byte_budget(
     symbols, auth = await check(resolver, raw)
     assert [a.result for a in auth] == ["pass", "pass", "policy"]
     assert symbols == {"DKIM_PASS", "DKIM_TOO_MANY_SIGNATURES"}
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        (
+            b"v=1; a=rsa-sha256; d=example.com; i=example.com; s=s1; h=from; bh=AAAA; b=AAAA",
+            "permerror",
+        ),
+        (b"v=1; a=rsa-sha256; d=example.com; s=s1; h=from; bh=AAAA; b=AAAA; l=99999999999", "fail"),
+        (b"v=1; a=rsa-sha256; d=; s=; h=; bh=; b=", "permerror"),
+        (b"v=1; a=rsa-sha256; d=exa\xffmple.com; s=s\x001; h=from; bh=AAAA; b=AAAA", "permerror"),
+    ],
+    ids=["i-equals-d", "huge-l", "empty-tags", "binary"],
+)
+async def test_hostile_signature_fields_are_results_not_crashes(
+    resolver: CachingResolver, tags: bytes, expected: str
+) -> None:
+    symbols, auth = await check(resolver, b"DKIM-Signature: " + tags + b"\r\n" + message())
+    assert symbols == {f"DKIM_{expected.upper()}"}
+    assert [a.result for a in auth] == [expected]
