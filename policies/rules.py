@@ -328,7 +328,7 @@ class RuleSet:
         """Names of the rules that fire -> evidence."""
         hits: dict[str, str] = {}
         if self._header:
-            fields = all_headers(ctx)
+            fields = [(n, _encodable(v)) for n, v in all_headers(ctx)]
             for c in self._header:
                 r = c.rule
                 if r.header.upper() == "ALL":
@@ -346,12 +346,12 @@ class RuleSet:
         if self._body:
             subject = header(ctx, "subject") or ""
             text = (subject + "\n" + body_text(ctx))[:max_text]
-            self._scan(self._body, [text], hits)
+            self._scan(self._body, [_encodable(text)], hits)
         if self._raw:
             raw = ctx.raw[:max_text].decode("utf-8", "replace")
             self._scan(self._raw, [raw], hits)
         if self._uri:
-            self._scan(self._uri, [u.url for u in urls(ctx)], hits)
+            self._scan(self._uri, [_encodable(u.url) for u in urls(ctx)], hits)
         for c in self._meta:
             assert c.expr is not None
             if c.expr({name: True for name in hits}):
@@ -393,6 +393,17 @@ class _Family:
             if len(found) == len(self.rules):
                 break
         return found
+
+
+def _encodable(text: str) -> str:
+    """RE2 matches UTF-8: lone surrogates (undecodable bytes kept by the parser) become U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def _first(regex: Any, texts: list[str]) -> str | None:

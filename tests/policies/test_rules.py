@@ -287,3 +287,36 @@ def test_meta_expressions_follow_boolean_precedence(
 def test_meta_expressions_reject_anything_but_names_and_operators(bad: str) -> None:
     with pytest.raises(ValueError):
         _parse_expression(bad)
+
+
+async def test_undecodable_bytes_in_headers_and_body_do_not_break_matching(tmp_path: Path) -> None:
+    policy = await started(
+        tmp_path,
+        rule("LOCAL_SUBJ", type="header", header="Subject", pattern="caf")
+        + rule("LOCAL_BODY", type="body", pattern="bytes"),
+        builtin=False,
+    )
+    raw = b"From: a@example.net\r\nSubject: caf\xe9 \xff\xfe\r\n\r\nraw \xff bytes\r\n"
+    result = await policy.check(make_context(raw))
+    assert {s.name for s in result.symbols} == {"LOCAL_SUBJ", "LOCAL_BODY"}
+
+
+def test_symbols_command_lists_shipped_and_operator_rules(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[2] / "config.example.toml"
+    config = tmp_path / "gateway.toml"
+    shutil.copy(example, config)
+    (tmp_path / "local.toml").write_text(rule("LOCAL_LISTED", type="body", pattern="x", score=0.7))
+    text = config.read_text().replace("files = []", 'files = ["local.toml"]', 1)
+    config.write_text(text)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "symbols", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "GTUBE" in out and "LOCAL_LISTED" in out and "0.70" in out
