@@ -82,3 +82,17 @@ async def test_missing_list_file_names_the_option_and_the_file(tmp_path: Path) -
 def test_list_options_validate_the_symbol() -> None:
     with pytest.raises(OptionError, match="UPPER_SNAKE"):
         ListSpec(file="a.txt", symbol="lower", score=1.0)
+
+
+def test_lists_runs_after_dmarc_when_enabled_and_alone_without_it() -> None:
+    from gateway.registry import plan_policies
+    from gateway.schema import Problems
+
+    problems = Problems()
+    plan = plan_policies({"lists": {}, "dmarc": {}, "spf": {}, "dkim": {}}, problems)
+    order = [p.name for p in plan.policies]
+    assert not problems.lines
+    assert order.index("lists") > order.index("dmarc")
+    alone = plan_policies({"lists": {}}, problems)
+    assert not problems.lines
+    assert [p.name for p in alone.policies] == ["lists"]
