@@ -96,3 +96,29 @@ def test_lists_runs_after_dmarc_when_enabled_and_alone_without_it() -> None:
     alone = plan_policies({"lists": {}}, problems)
     assert not problems.lines
     assert [p.name for p in alone.policies] == ["lists"]
+
+
+async def test_the_pipeline_hands_lists_the_dmarc_result(tmp_path: Path) -> None:
+    """A stand-in dmarc policy passes; the pipeline gives lists its result (after_optional)."""
+    from gateway.api import Context, Policy
+    from gateway.pipeline import Pipeline
+    from gateway.registry import plan_policies
+    from gateway.schema import Problems
+
+    class PassingDMARC(Policy):
+        name = "dmarc"
+
+        async def check(self, ctx: Context) -> Result:
+            return dmarc("pass")["dmarc"]
+
+    (tmp_path / "allow.txt").write_text("partner.example.com\n")
+    problems = Problems()
+    tables = {"dmarc": {}, "lists": {"lists": [{"file": "allow.txt", **ALLOW}]}}
+    plan = plan_policies(tables, problems, available={"dmarc": PassingDMARC, "lists": ListsPolicy})
+    assert not problems.lines
+    pipeline = Pipeline(plan, default_timeout=5.0)
+    await pipeline.start(
+        Services(resolver=NoDNS(), state=None, hostname="mx", config_dir=tmp_path)  # type: ignore[arg-type]
+    )
+    run = await pipeline.run(make_context(MSG))
+    assert [s.name for s in run.results["lists"].symbols] == ["ALLOWLIST_SENDER"]
