@@ -65,6 +65,7 @@ MAX_PART_TEXT = 256 * 1024  # decoded bytes of one text part
 MAX_TOTAL_TEXT = 1024 * 1024  # decoded bytes over all text parts
 MAX_LINKS = 500  # HTML links kept
 MAX_URLS = 200  # URLs kept
+MAX_URL_CANDIDATES = 2000  # bare-URL matches in text looked at (repeats included)
 MAX_URL_LENGTH = 2048  # longer URLs are cut before parsing
 MAX_REDIRECT_DEPTH = 3  # nested redirectors unwrapped
 
@@ -415,6 +416,7 @@ def urls(ctx: Context) -> tuple[URL, ...]:
 
 def _urls(ctx: Context) -> tuple[URL, ...]:
     seen: set[tuple[str, URLSource, str]] = set()
+    seen_raw: set[str] = set()
     out: list[URL] = []
 
     def add(u: URL | None) -> bool:
@@ -432,11 +434,19 @@ def _urls(ctx: Context) -> tuple[URL, ...]:
         )
         if not add(normalize_url(link.target, source, link.text)):
             return tuple(out)
+    candidates = 0
     for part in text_parts(ctx):
         if part.is_html:
             continue
         for m in _BARE_URL.finditer(part.text):
-            if not add(normalize_url(m.group(0).rstrip(_TRAILING), URLSource.TEXT)):
+            candidates += 1
+            raw = m.group(0).rstrip(_TRAILING)
+            if candidates > MAX_URL_CANDIDATES:
+                return tuple(out)
+            if raw in seen_raw:
+                continue
+            seen_raw.add(raw)
+            if not add(normalize_url(raw, URLSource.TEXT)):
                 return tuple(out)
     return tuple(out)
 

@@ -171,3 +171,11 @@ def test_url_and_link_counts_are_bounded_and_fast_on_hostile_html() -> None:
 )
 def test_registrable_domain_uses_the_bundled_public_suffix_list(host: str, domain: str) -> None:
     assert registrable_domain(host) == domain
+
+
+def test_repeated_bare_urls_cost_little() -> None:
+    text = "http://same.example.com/ " * 40_000
+    ctx = make_context(f"From: a@example.net\n\n{text}")
+    started = time.process_time()
+    assert [u.host for u in urls(ctx)] == ["same.example.com"]
+    assert time.process_time() - started < 0.5
