@@ -224,8 +224,12 @@ def test_dockerfile_runs_unprivileged_with_a_healthcheck() -> None:
     assert re.search(r"^EXPOSE\s+25\s+9325\s*$", text, re.M)
     assert re.search(r"^HEALTHCHECK .*\\\n.*127\.0\.0\.1:9325/healthz", text, re.M)
     assert 'CMD ["run", "--config", "/etc/gateway/config.toml"]' in text
-    for copied in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    copy_lines = re.findall(r"^COPY (?!--from)(.+)$", text, re.M)
+    for copied in (src for line in copy_lines for src in line.split()[:-1]):
         assert (REPO / copied).exists(), f"Dockerfile copies missing {copied}"
+        # The context is an allow-list: everything COPY needs must be let in.
+        assert f"!{copied}" in ignore or f"!{copied}/**" in ignore, f"{copied} is .dockerignored"
 
 
 def test_systemd_unit_is_hardened_and_reloads_with_sighup() -> None:
