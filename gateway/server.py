@@ -63,6 +63,7 @@ log = logging.getLogger("gateway.server")
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$", re.S)
 _RELOAD_GRACE = 5.0  # seconds between retiring a generation's relay and closing it
+_GAUGE_REFRESH = 30.0  # seconds between recounts of the quarantine for its gauge
 _RDNS_TIMEOUT = 2.0  # seconds for the client's PTR + forward lookups (at most dns.timeout)
 
 
@@ -542,6 +543,17 @@ class RunningGateway:
         self.smtp_port = int(listener.sockets[0].getsockname()[1])
         self.metrics_port = endpoint.port if endpoint is not None else None
         self.share: workers.MetricsShare | None = None  # metrics across server.workers
+        self._gauges: asyncio.Task[None] | None = None
+
+    def start_housekeeping(self) -> None:
+        """Keep gauges other processes change (``quarantine release/delete``) current."""
+        self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                metrics.QUARANTINE_MESSAGES.set(await self.gateway.quarantine.count())
+            await asyncio.sleep(_GAUGE_REFRESH)
 
     @property
     def config(self) -> Config:
@@ -553,6 +565,8 @@ class RunningGateway:
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, drain in-flight sessions, close every service."""
         self.listener.close()
+        if self._gauges is not None:
+            self._gauges.cancel()
         await self.gateway.drain(self.config.server.drain_timeout if grace is None else grace)
         if self.share is not None:
             await self.share.stop()
@@ -628,9 +642,8 @@ async def start(
             await endpoint.close()
         await gateway.close()
         raise
-    with contextlib.suppress(Exception):
-        metrics.QUARANTINE_MESSAGES.set(await gateway.quarantine.count())
     running = RunningGateway(gateway, listener, endpoint, path)
+    running.start_housekeeping()
     if worker is not None:
         running.share = workers.MetricsShare.for_worker(metrics.REGISTRY, worker)
         if running.share is not None:
