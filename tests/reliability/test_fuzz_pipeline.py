@@ -181,7 +181,7 @@ def messages(draw: st.DrawFn) -> bytes:
 
 
 @settings(
-    max_examples=700,
+    max_examples=400,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,
