@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.testing.require import require_tool
+from gateway.testing.require import require, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -402,3 +402,18 @@ def test_compose_postfix_image_turns_the_snippet_into_a_working_master_cf(tmp_pa
     assert re.search(r"^smtp\s+inet\b", out, re.M)
     # Debian's own "smtp inet" line is deleted by this exact pattern before appending.
     assert "sed -i '/^smtp      inet/d' /etc/postfix/master.cf" in dockerfile
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
+    """Strict schema check (kubernetes-validate, offline): a misspelt field fails here."""
+    try:
+        import kubernetes_validate
+    except ImportError:
+        require(False, "kubernetes-validate not installed (pip install -e '.[dev]')")
+    listed = yaml.safe_load((DEPLOY / "kubernetes/kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(
+        p.name for p in (DEPLOY / "kubernetes").glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    for name in listed:
+        for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text(encoding="utf-8")):
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
