@@ -20,6 +20,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   run the gateway with a local downstream and sample mail (Ctrl-C stops)"
 	@echo "make test   install test dependencies if missing, then ruff, mypy, pytest"
+	@echo "make configs  re-render the compose/Kubernetes configs from config.example.toml"
 
 setup: system-deps venv
 
