@@ -457,6 +457,8 @@ class GatewaySMTP(SMTP):
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return  # the connection is already gone
         # RFC 5321 §4.5.3.2: say why before closing instead of just dropping the line.
         self._write_now(replies.TIMEOUT)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
@@ -698,6 +700,9 @@ class GatewaySMTP(SMTP):
             # 2xx and retries -- at worst a duplicate, as RFC 5321 §6.1 accepts.
             tx = self._transaction(raw, received_at, await self._client_name())
             delivery = asyncio.ensure_future(self.backend.deliver(tx))
+            # The delivery holds the message now: it gives the budget back when done.
+            taken, self._taken = self._taken, 0
+            delivery.add_done_callback(lambda _: self.budget.give(taken))
             reply = await asyncio.shield(delivery)
             await self.push(str(reply))
         finally:
@@ -705,7 +710,8 @@ class GatewaySMTP(SMTP):
             self._taken = 0
             self.busy = False
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            self._reset_timeout()
+            if self.transport is not None:
+                self._reset_timeout()
             if self._closing and self.transport is not None:
                 self._write_now(replies.SHUTTING_DOWN)
                 self.transport.close()
