@@ -207,6 +207,7 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
             env=env,
             cwd=self.workdir,
+            start_new_session=True,  # one process group: kill() reaches every worker
         )
         self._reader = threading.Thread(target=self._read, name="gateway-log", daemon=True)
         self._reader.start()
@@ -272,10 +273,14 @@ class GatewayProcess:
         return self.proc.returncode
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
+        """SIGKILL the gateway and, with ``server.workers`` > 1, its workers too."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, _signal.SIGKILL)  # its own process group (see start)
+        self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
 
     def close(self) -> None:
         self.stop()
