@@ -89,6 +89,8 @@ async def measure(
 async def amain(args: argparse.Namespace) -> None:
     domains = [make_domain(f"sender{i}.example") for i in range(4)]
     messages = build_mix(args.messages, domains)
+    if args.kind:
+        messages = [m for m in messages if m.kind == args.kind]
     with (
         DNSServer(bench_records(domains), zones=["spamhaus.org", "example", "example.org"]) as dns,
         tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp,
@@ -143,6 +145,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=600)
     ap.add_argument("--profile", type=int, default=0, help="print cProfile's top N")
     ap.add_argument("--pyinstrument", action="store_true")
+    ap.add_argument("--kind", help="only this kind of the mix (plain, html, pdf200k, att2m)")
     args = ap.parse_args()
     asyncio.run(amain(args))
 
