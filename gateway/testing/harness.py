@@ -38,6 +38,7 @@ from typing import Any
 __all__ = [
     "GatewayFailed",
     "GatewayProcess",
+    "RunningGatewayHandle",
     "build_config",
     "dump_toml",
     "example_config_path",
