@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.api import OptionError, Services, StateUnavailableError
 from gateway.config import StateConfig
@@ -458,3 +460,43 @@ async def test_tokens_learned_on_one_node_count_on_another_through_redis() -> No
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+# -- hostile input ------------------------------------------------------------------
+
+
+def test_tokenizer_is_bounded_on_deep_nesting_many_parts_and_huge_headers() -> None:
+    """A hostile message costs about what a normal one does and never raises."""
+    nested = "".join(
+        f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n' for i in range(300)
+    )
+    many = "".join(f"X-Filler-{i}: {'y' * 50}\r\n" for i in range(5000))
+    huge = "Subject: " + "A" * 500_000 + "\r\n"
+    for raw in (
+        f"From: a@b.example\r\n{nested}body\r\n",
+        f"From: a@b.example\r\n{many}\r\nbody\r\n",
+        f"From: a@b.example\r\n{huge}\r\nbody\r\n",
+        "From: =?bogus-charset?B?////?= <x@y.example>\r\nSubject: =?utf-8?Q?=FF=FE?=\r\n\r\n",
+    ):
+        began = time.perf_counter()
+        toks = tokens_of(raw)
+        assert toks and len(toks) <= 3000
+        assert time.perf_counter() - began < 2.0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=3000))
+def test_tokenizer_never_raises_on_arbitrary_bytes(raw: bytes) -> None:
+    toks = message_tokens(make_context(raw), TokenizerOptions())
+    assert len(toks) == len(set(toks)) <= 3000
+
+
+async def test_learning_garbage_and_empty_messages_does_not_fail(
+    state: ClosableStateStore,
+) -> None:
+    policy = await started(state)
+    nested = "".join(
+        f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n' for i in range(2000)
+    )
+    garbage = [b"", b"\x00\xff\xfe not a message", nested.encode()]
+    assert await policy.learn(garbage, spam=True) == 3
