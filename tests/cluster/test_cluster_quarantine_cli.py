@@ -99,12 +99,9 @@ def test_every_quarantine_command_sees_the_same_store_from_either_node(
         deleted = cli(b, "delete", ids["one@sender.test"])
         assert deleted.returncode == 0, deleted.stderr
         assert ids["one@sender.test"] not in {i["id"] for i in listing(a)}
-        for again in (
-            cli(a, "show", ids["one@sender.test"]),
-            cli(a, "delete", ids["one@sender.test"]),
-        ):
-            assert again.returncode == 1
-            assert b"no quarantined message with id" in again.stderr
+        again = cli(a, "delete", ids["one@sender.test"])
+        assert again.returncode == 1
+        assert b"no quarantined message with id" in again.stderr
 
         # release on A what came through B.
         released = cli(a, "release", ids["three@sender.test"])
