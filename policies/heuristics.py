@@ -73,7 +73,7 @@ SYMBOLS: Mapping[str, SymbolDef] = {
         2.0, "From display name shows an address on another domain than the sender's"
     ),
     "FROM_NAME_BRAND": SymbolDef(
-        3.0, "From display name names a brand whose domains do not include the sender's"
+        3.0, "From display name is a brand (plus words like Support) the sender's domain is not"
     ),
     "HDR_REPLYTO_DIFF_DOMAIN": SymbolDef(
         0.3, "Reply-To is on another domain than From (not a mailing list)"
@@ -190,7 +190,7 @@ class HeuristicsPolicy(Policy):
                 out.append(Symbol("FROM_NAME_HAS_ADDRESS", detail=f"{m.group(0)[:60]} via {own}"))
                 break
         for pattern, brand, domains in self._brands:
-            if own not in domains and pattern.search(name):
+            if own not in domains and pattern.search(name) and _only_brand(pattern, name):
                 out.append(Symbol("FROM_NAME_BRAND", detail=f"{brand} from {own}"))
                 break
         return out
@@ -217,6 +217,65 @@ class HeuristicsPolicy(Policy):
         if len(letters) >= self.options.caps_min_letters and all(c.isupper() for c in letters):
             return [Symbol("SUBJ_ALL_CAPS", detail=subject[:60])]
         return []
+
+
+# Words that dress up an impersonated brand ("PayPal Service", "Apple Support Team").
+_SERVICE_WORDS = frozenset(
+    [
+        "the",
+        "support",
+        "service",
+        "services",
+        "security",
+        "team",
+        "account",
+        "accounts",
+        "billing",
+        "customer",
+        "care",
+        "alert",
+        "alerts",
+        "notification",
+        "notifications",
+        "online",
+        "help",
+        "center",
+        "centre",
+        "desk",
+        "noreply",
+        "no",
+        "reply",
+        "info",
+        "inc",
+        "ltd",
+        "llc",
+        "official",
+        "secure",
+        "verification",
+        "department",
+        "dept",
+        "com",
+        "net",
+        "mail",
+        "message",
+        "messages",
+        "update",
+        "updates",
+        "payments",
+        "payment",
+        "id",
+        "store",
+        "prime",
+    ]
+)
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _only_brand(pattern: re.Pattern[str], name: str) -> bool:
+    """The display name is the brand plus service words only: "PayPal Service" yes,
+    "Lockergnome's Apple Tips" (a newsletter about the brand) no."""
+    rest = pattern.sub(" ", name.lower())
+    return all(word in _SERVICE_WORDS for word in _WORD.findall(rest))
 
 
 def _parse_date(value: str) -> datetime | None:
