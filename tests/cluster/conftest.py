@@ -8,7 +8,8 @@ free loopback ports, removed afterwards. Missing binaries skip locally and fail
 under ``CI=true`` (``gateway.testing.require``).
 
 - ``redis_server``: a running :class:`ThrowawayRedis` (``.url``, ``.stop()``, ``.start()``).
-- ``pg_server``: a running :class:`ThrowawayPostgres` (``.dsn``, ``.stop()``, ``.start()``).
+- ``pg_server``: a running :class:`ThrowawayPostgres` (``.dsn``, ``.stop()``, ``.start()``);
+  ``pg_server_with_password``: the same with password authentication.
 - ``dns_server``: an authoritative DNSServer, so no test asks the system resolver.
 - ``sink``: the recording downstream.
 - ``node_overrides``: config overrides for a node: relay -> sink, DNS -> dns_server,
@@ -17,6 +18,7 @@ under ``CI=true`` (``gateway.testing.require``).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -106,13 +108,13 @@ def _pg_bin(name: str) -> str | None:
 
 
 class ThrowawayPostgres:
-    """A private PostgreSQL cluster (initdb) in a temp dir, trust auth on loopback only.
+    """A private PostgreSQL cluster (initdb) in a temp dir on loopback: trust or password auth.
 
     As root the server must run as another user: the ``postgres`` account,
     through ``runuser``; the directory is owned by it.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
         assert initdb and pg_ctl
         self.pg_ctl = pg_ctl
@@ -124,7 +126,14 @@ class ThrowawayPostgres:
             user = pwd.getpwnam("postgres")
             os.chown(workdir, user.pw_uid, user.pw_gid)
             self.prefix = ["runuser", "-u", "postgres", "--"]
-        self._run(initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        auth = ["-A", "trust"]
+        if password is not None:  # password authentication, as a production server has
+            pwfile = workdir / "pwfile"
+            pwfile.write_text(password + "\n")
+            if self.prefix:
+                os.chown(pwfile, user.pw_uid, user.pw_gid)
+            auth = ["-A", "scram-sha-256", f"--pwfile={pwfile}"]
+        self._run(initdb, "-D", str(self.data), *auth, "-U", "postgres", "--no-sync")
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *args: str) -> None:
@@ -166,8 +175,7 @@ def redis_server() -> Iterator[ThrowawayRedis]:
             server.stop()
 
 
-@pytest.fixture
-def pg_server() -> Iterator[ThrowawayPostgres]:
+def _require_pg_binaries() -> None:
     require(
         _pg_bin("initdb") and _pg_bin("pg_ctl"),
         "PostgreSQL server binaries not installed (apt install postgresql)",
@@ -177,13 +185,35 @@ def pg_server() -> Iterator[ThrowawayPostgres]:
             pwd.getpwnam("postgres")
         except KeyError:
             require(False, "running as root but there is no postgres user to run the server")
+
+
+@contextlib.contextmanager
+def throwaway_postgres(password: str | None = None) -> Iterator[ThrowawayPostgres]:
+    """A started private PostgreSQL, stopped and removed on exit."""
+    _require_pg_binaries()
     with tempfile.TemporaryDirectory(prefix="gw-pg-") as tmp:
-        server = ThrowawayPostgres(Path(tmp))
+        server = ThrowawayPostgres(Path(tmp), password)
         server.start()
         try:
             yield server
         finally:
             server.close()
+
+
+@pytest.fixture
+def pg_server() -> Iterator[ThrowawayPostgres]:
+    with throwaway_postgres() as server:
+        yield server
+
+
+PG_PASSWORD = "s3cret-for-tests"
+
+
+@pytest.fixture
+def pg_server_with_password() -> Iterator[ThrowawayPostgres]:
+    """Password authentication (scram-sha-256) for user postgres, password ``PG_PASSWORD``."""
+    with throwaway_postgres(PG_PASSWORD) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,15 @@ tests/integration/test_quarantine_cluster.py covers list, show and release on B
 of mail quarantined through A against the machine's server; this adds delete
 across nodes, identical listings and filters on both nodes, a release on A of
 mail quarantined through B, and two nodes releasing one message at once
-(delivered exactly once). The PostgreSQL server is a throwaway one (conftest).
+(delivered exactly once); a DSN without password plus libpq's PGPASSWORD (as
+the compose stack runs it), and no password in any error. The PostgreSQL
+servers are throwaway ones (conftest).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import smtplib
 import subprocess
 import sys
@@ -17,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from gateway.testing.harness import GatewayProcess
+from gateway.testing.harness import GatewayProcess, write_config
 from gateway.testing.sink import SinkServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,3 +118,77 @@ def test_every_quarantine_command_sees_the_same_store_from_either_node(
         assert sorted(r.returncode for r in results) == [0, 1], results
         assert [m.mail_from for m in sink.messages] == ["three@sender.test", "two@sender.test"]
         assert [i["mail_from"] for i in listing(b)] == ["four@sender.test"]
+
+
+def test_a_dsn_without_password_works_with_pgpassword_and_failures_never_show_it(
+    tmp_path: Path, sink: SinkServer, pg_server_with_password: Any, node_overrides: Any
+) -> None:
+    """The compose stack keeps the password out of the config (libpq reads PGPASSWORD);
+    Kubernetes puts it in the DSN from a Secret. Either way an error never prints it."""
+    password = "s3cret-for-tests"  # conftest.PG_PASSWORD
+    rules = tmp_path / "quarantine.toml"
+    rules.write_text(
+        '[[rule]]\nname = "TEST_QUARANTINE_ME"\ntype = "body"\npattern = "QUARANTINE-ME"\n'
+        'score = 12.0\ndescription = "test marker: scores into the quarantine band"\n'
+    )
+    policies = {"rules": {"builtin": False, "files": [str(rules)]}}
+    dsn = pg_server_with_password.dsn  # postgresql://postgres@127.0.0.1:PORT/postgres
+    overrides = node_overrides(
+        policies, {"quarantine.backend": "postgresql", "quarantine.dsn": dsn}
+    )
+    with GatewayProcess(overrides, workdir=tmp_path / "a", env={"PGPASSWORD": password}) as node:
+        quarantine_through(node.smtp_port, "one@sender.test")
+        env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+        listed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "quarantine",
+                "list",
+                "--json",
+                "--config",
+                str(node.config_path),
+            ],
+            capture_output=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**env, "PGPASSWORD": password},
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert [i["mail_from"] for i in json.loads(listed.stdout)] == ["one@sender.test"]
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "quarantine",
+                "list",
+                "--config",
+                str(node.config_path),
+            ],
+            capture_output=True,
+            timeout=60,
+            cwd=ROOT,
+            env=env,
+            check=False,
+        )
+        assert refused.returncode == 1 and b"127.0.0.1" in refused.stderr, refused.stderr
+
+    wrong = "wr0ng-" + password
+    inline = dsn.replace("postgres@", f"postgres:{wrong}@")
+    config = write_config(
+        node_overrides(policies, {"quarantine.backend": "postgresql", "quarantine.dsn": inline}),
+        tmp_path / "b",
+    )
+    failed = subprocess.run(
+        [sys.executable, "-m", "gateway", "quarantine", "list", "--config", str(config)],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert failed.returncode == 1
+    assert b"127.0.0.1" in failed.stderr and wrong.encode() not in failed.stderr + failed.stdout
