@@ -39,7 +39,7 @@ from email.utils import format_datetime
 from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from gateway import metrics, replies, smuggling
 from gateway.api import TLSInfo
@@ -68,6 +68,7 @@ IDENT = "ESMTP gateway"
 _READ_CHUNK = 256 * 1024  # bytes per DATA read; memory per session is bounded by max_message_size
 _LONG_LINE = 1 << 20  # bytes of one unfinished line held before it is moved on in pieces
 _PROXY_TIMEOUT = 10.0  # seconds a trusted proxy has to send its PROXY header
+_TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds for the STARTTLS handshake
 
 
 # --- queue ids and the Received field ---------------------------------------
@@ -593,7 +594,25 @@ class GatewaySMTP(SMTP):
         if self._tls_protocol is not None:
             await self.push("503 5.5.1 TLS already active")
             return
-        await super().smtp_STARTTLS(arg)
+        if self.tls_context is not None and not arg and self._reader._buffer:  # type: ignore[attr-defined]
+            # Bytes sent after STARTTLS before our 220 (RFC 2920 §3.1: STARTTLS ends a
+            # pipeline group) would be read as commands of the TLS session: the
+            # STARTTLS injection of CVE-2011-0411. Refuse and close.
+            log.warning("starttls_pipelining_refused", extra={"client_ip": self.client_ip})
+            await self.push("554 5.5.1 Error: command pipelined after STARTTLS; closing")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        try:
+            async with asyncio.timeout(_TLS_HANDSHAKE_TIMEOUT):
+                await super().smtp_STARTTLS(arg)
+        except TimeoutError:
+            raise TLSSetupException("TLS handshake timed out") from None
+        original: Any = self._original_transport
+        if self._tls_protocol is not None and (original is None or original.is_closing()):
+            # The peer went away mid-handshake: the SSL layer wakes us as if it had
+            # succeeded, and never reports the loss. Fail it so the session ends.
+            raise TLSSetupException("connection lost during the TLS handshake")
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push("502 5.5.1 AUTH not supported on this service")
