@@ -109,7 +109,7 @@ _LIST_HEADERS = ("list-id", "list-post", "list-unsubscribe", "mailing-list")
 
 @dataclass(frozen=True, slots=True)
 class HeuristicsOptions:
-    date_future_hours: float = 12.0  # Date after the first Received by more than this
+    date_future_hours: float = 3.0  # Date after the first Received by more than this
     date_past_hours: float = 96.0  # Date before the first Received by more than this
     max_visible_recipients: int = 25  # To + Cc addresses before HDR_MANY_RECIPIENTS
     caps_min_letters: int = 10  # subjects shorter than this are never "all caps"
