@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
 
+from gateway import elide
 from gateway.api import Action, Context, Result, Services, Symbol, SymbolDef, TLSInfo
 from gateway.config import Config
 from gateway.pipeline import Pipeline, PipelineRun, PolicyRun
@@ -141,11 +142,29 @@ def _parse_steps(raw: bytes, max_containers: int | None) -> Generator[None, None
             msg.set_payload("")
             return msg, Symbol("MIME_TOO_COMPLEX", detail=f"{containers} multipart containers")
     try:
-        msg = yield from _feed(raw)
+        msg = yield from _feed_elided(raw)
     except (RecursionError, Exception) as exc:  # the stdlib parser is lenient; a backstop
         log.warning("message_parse_failed", extra={"error": type(exc).__name__})
         return EmailMessage(), Symbol("MIME_UNPARSEABLE", detail=type(exc).__name__)
     return msg, None
+
+
+def _feed_elided(raw: bytes) -> Generator[None, None, EmailMessage]:
+    """:func:`_feed` without handing the parser every line of big base64 attachments.
+
+    Same result (``gateway/elide.py``): the runs are put back after parsing, or
+    the original is parsed when they cannot be. A fifth of the CPU and half
+    the memory of parsing a message with a 20 MB attachment.
+    """
+    elided = (yield from elide.elide_steps(raw)) if len(raw) >= _ELIDE_FROM else None
+    if elided is not None:
+        msg = yield from _feed(elided.data)
+        if elide.restore(msg, elided):
+            return msg
+    return (yield from _feed(raw))
+
+
+_ELIDE_FROM = 32 * 1024  # bytes; smaller messages have no run worth eliding
 
 
 def _feed(raw: bytes, *, headersonly: bool = False) -> Generator[None, None, EmailMessage]:
