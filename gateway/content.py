@@ -265,6 +265,10 @@ def _charset(name: str) -> str:
     return "utf-8" if codec == "ascii" else codec
 
 
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_NOT_BASE64 = bytes(b for b in range(256) if b not in _BASE64_ALPHABET)
+
+
 def _decoded_bytes(part: Message, cte: str, limit: int) -> tuple[bytes, bool]:
     """The part's body decoded from its transfer encoding, at most ``limit`` bytes."""
     payload = getattr(part, "_payload", None)
@@ -274,11 +278,13 @@ def _decoded_bytes(part: Message, cte: str, limit: int) -> tuple[bytes, bool]:
     if cut:  # decode only a prefix of an oversized part
         payload = payload[:MAX_ENCODED_PART]
     if cte == "base64":
-        compact = "".join(payload.split())
+        # Characters outside the base64 alphabet are ignored (RFC 2045 §6.8), stray
+        # 8-bit bytes included: one junk byte must not hide the whole body from rules.
+        compact = payload.encode("ascii", "ignore").translate(None, _NOT_BASE64)
         compact = compact[: len(compact) - len(compact) % 4]
         try:
             data = binascii.a2b_base64(compact)
-        except (binascii.Error, ValueError):  # ValueError: 8-bit bytes in a base64 body
+        except (binascii.Error, ValueError):  # padding in the middle and similar damage
             data = b""
     else:
         # The parser keeps undecodable 8-bit bytes as surrogate escapes.

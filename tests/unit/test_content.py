@@ -179,3 +179,14 @@ def test_repeated_bare_urls_cost_little() -> None:
     started = time.process_time()
     assert [u.host for u in urls(ctx)] == ["same.example.com"]
     assert time.process_time() - started < 0.5
+
+
+def test_stray_8bit_bytes_in_base64_do_not_hide_the_body() -> None:
+    body = base64.encodebytes(b"hidden spam words here").decode()
+    raw = (
+        b"From: a@example.net\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + body[:8].encode()
+        + b"\xff\xfe"
+        + body[8:].encode()
+    )
+    assert body_text(make_context(raw)) == "hidden spam words here"
