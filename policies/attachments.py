@@ -476,6 +476,10 @@ class AttachmentsPolicy(Policy):
         opts = self.options
         if ftype.is_executable or ftype.is_disk_image:
             honest = _HONEST_EXT.get(ftype.kind, frozenset())
+            if ftype.kind is Kind.SCRIPT and not any(i.extension for i in infos):
+                # A "#!" script without an extension (a Unix admin's "rotate") runs nowhere
+                # by a double-click; it is a disguise only when its name claims another type.
+                return
             if not ext_flagged and not any(i.extension in honest for i in infos):
                 claimed = next((f".{i.extension}" for i in infos if i.extension), "no extension")
                 st.add(

