@@ -191,10 +191,13 @@ def start_sink(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def gateway_config(tmp: Path, port: int, sink_port: int, dns: str, workers: int) -> Path:
+def gateway_config(
+    tmp: Path, port: int, sink_port: int, dns: str, workers: int, **extra: object
+) -> Path:
     """config.example.toml (the shipped default pipeline) pointed at the bench's peers."""
     return write_config(
         {
+            **extra,
             "server.listen": f"127.0.0.1:{port}",
             "server.workers": workers,
             "server.max_sessions_per_ip": 1000,
@@ -246,7 +249,9 @@ def memory_checks(
     finally:
         stop(gw)
     port = free_port()
-    gw = start_gateway(gateway_config(tmp / "m2", port, sink_port, dns, 1))
+    # Attachments over 10 MB are refused by default: allow this one, so it is relayed.
+    big_ok = {"policies.attachments.max_attachment_size": 30_000_000}
+    gw = start_gateway(gateway_config(tmp / "m2", port, sink_port, dns, 1, **big_ok))
     try:
         wait_port(port, gw)
         run_round("warmup", gw.pid, port, messages[:40], 5, 5)
@@ -273,7 +278,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="per round")
     ap.add_argument("--rounds", type=int, default=2, help="alternating (a, b) pairs per level")
     ap.add_argument("--workers", type=int, default=1, help="gateway server.workers")
-    ap.add_argument("--messages", type=int, default=6000, help="size of the seeded mix")
+    ap.add_argument("--messages", type=int, default=3000, help="size of the seeded mix")
     ap.add_argument(
         "--memory",
         action=argparse.BooleanOptionalAction,
