@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from gateway.testing.require import require
+from gateway.testing.require import require, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy/kubernetes/cluster"
@@ -70,11 +68,8 @@ def test_manifests_validate_against_the_kubernetes_schemas_and_build_with_kustom
 
 
 def test_kustomize_builds_the_cluster_directory() -> None:
-    """An extra where kubectl is installed; it is no Debian package, so never required
-    (test_every_file_in_the_directory_is_in_the_kustomization checks the same list)."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed")
+    """kubectl ships with this machine image (the cloud SDK's package); required in CI."""
+    kubectl = require_tool("kubectl", "install the kubectl package")
     built = subprocess.run(
         [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False
     )

@@ -7,7 +7,6 @@ client sent; the DATA reply reflects the downstream's answer.
 from __future__ import annotations
 
 import re
-import shutil
 import smtplib
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from gateway.testing.harness import GatewayProcess
+from gateway.testing.require import require_tool
 from gateway.testing.sink import SinkServer
 
 GatewayFactory = Callable[..., GatewayProcess]
@@ -333,10 +333,10 @@ def test_overlong_command_line_is_refused(module_gateway: GatewayProcess, connec
         assert client.noop()[0] == 250
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
 def test_swaks_delivers_through_the_gateway(
     module_gateway: GatewayProcess, fresh_sink: SinkServer
 ) -> None:
+    require_tool("swaks", "apt-get install swaks")
     out = subprocess.run(
         [
             "swaks",
