@@ -13,7 +13,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.api import Action, Context, Policy, Result, Services, Symbol
+from gateway.api import Action, Context, OptionError, Policy, Result, Services, Symbol
+from gateway.config import ConfigError
 from gateway.registry import Plan
 
 __all__ = ["Pipeline", "PipelineRun", "PolicyRun"]
@@ -61,8 +62,15 @@ class Pipeline:
         }
 
     async def start(self, services: Services) -> None:
-        for policy in self.policies.values():
-            await policy.start(services)
+        """Start every policy; a policy's OptionError (a missing rule file, say) is a
+        ConfigError naming ``policies.<name>.<key>``, so ``run`` and SIGHUP report it
+        like any other config problem."""
+        for name, policy in self.policies.items():
+            try:
+                await policy.start(services)
+            except OptionError as exc:
+                await self.close()
+                raise ConfigError([f"policies.{name}.{exc.key}: {exc.message}"]) from None
 
     async def close(self) -> None:
         for name, policy in self.policies.items():
