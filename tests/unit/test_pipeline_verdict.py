@@ -229,3 +229,24 @@ def test_action_order_puts_tempfail_between_quarantine_and_reject() -> None:
     assert Action.QUARANTINE.at_least(Action.TEMPFAIL) is Action.TEMPFAIL
     assert Action.REJECT.at_least(Action.TEMPFAIL) is Action.REJECT
     assert Action.RELAY.at_least(None) is Action.RELAY
+
+
+async def test_an_option_error_at_start_up_is_a_config_problem_naming_the_key() -> None:
+    from pathlib import Path
+
+    from gateway.api import Services
+    from gateway.config import ConfigError
+    from gateway.testing import NoDNS
+
+    class NeedsFile(Policy):
+        name = "needsfile"
+
+        async def start(self, services: Services) -> None:
+            raise OptionError("files", "rules.toml: no such file")
+
+    problems = Problems()
+    p = plan_policies({"needsfile": {}}, problems, available={"needsfile": NeedsFile})
+    services = Services(NoDNS(), None, "mx", Path())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as info:
+        await Pipeline(p, default_timeout=1.0).start(services)
+    assert info.value.problems == ["policies.needsfile.files: rules.toml: no such file"]
