@@ -62,6 +62,7 @@ __all__ = [
 log = logging.getLogger("gateway.server")
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$", re.S)
+_YIELD_AFTER = 1 << 20  # bytes; past this, whole-message copies yield to the loop between
 _RELOAD_GRACE = 5.0  # seconds between retiring a generation's relay and closing it
 _GAUGE_REFRESH = 30.0  # seconds between recounts of the quarantine for its gauge
 _RDNS_TIMEOUT = 2.0  # seconds for the client's PTR + forward lookups (at most dns.timeout)
@@ -265,7 +266,9 @@ class Gateway:
             extra={
                 "queue_id": env.queue_id,
                 "client_ip": env.client_ip,
+                "client_name": env.client_name,
                 "helo": env.helo,
+                "via": tx.via,  # the MTA that passed the client on with XFORWARD, if any
                 "mail_from": env.mail_from,
                 "rcpt_tos": list(env.rcpt_to),
                 "size": len(tx.raw),
@@ -303,6 +306,8 @@ class Gateway:
             return evaluation.reply(), action.value, evaluation, {}
         hostname = gen.config.server.hostname
         clean = headers.remove_fields(tx.raw, headers.untrusted_field(hostname))
+        if len(clean) > _YIELD_AFTER:
+            await asyncio.sleep(0)  # each whole-message copy of a big message is its own step
         if action is Action.QUARANTINE:
             return await self._quarantine(evaluation, tx, clean), action.value, evaluation, {}
         data = headers.prepend(clean, [tx.received, *evaluation.headers])
