@@ -38,6 +38,14 @@ COMPOSE: dict[str, Any] = {
     "server.accepted_domains": ["example.org"],
     # Every proxied session comes from the Postfix container: at least its maxproc (20).
     "server.max_sessions_per_ip": 25,
+    # The Postfix container forwards the real client with XFORWARD; the gateway is
+    # reachable only on the compose network (same ranges as Postfix's mynetworks there).
+    "server.xforward_trusted_networks": [
+        "127.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "10.0.0.0/8",
+    ],
     "relay.host": "postfix",
     "relay.port": 10026,
     "metrics.listen": "0.0.0.0:9325",

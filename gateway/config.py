@@ -116,6 +116,8 @@ class ServerConfig:
     max_message_size: int = 26_214_400
     proxy_protocol: bool = False
     proxy_trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Peers allowed to send Postfix's XFORWARD (the MTA in front, on this host).
+    xforward_trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_sessions: int = 500
     max_sessions_per_ip: int = 20
     max_recipients: int = 100
@@ -153,6 +155,7 @@ class ServerConfig:
                 "max_message_size", f"must be at least 1024, got {self.max_message_size}"
             )
         _check_networks("proxy_trusted_networks", self.proxy_trusted_networks)
+        _check_networks("xforward_trusted_networks", self.xforward_trusted_networks)
         for key in ("max_sessions", "max_sessions_per_ip", "max_recipients", "workers"):
             if getattr(self, key) < 1:
                 raise OptionError(key, f"must be at least 1, got {getattr(self, key)}")

@@ -16,6 +16,9 @@ what a gateway on port 25 must control itself:
   server's :class:`Backend`; the reply comes only after the hand-off.
 - Session limits (total and per client IP, 421 4.7.0), timeouts (421 4.4.2),
   HAProxy PROXY v1/v2 accepted only from trusted networks.
+- Postfix's XFORWARD (``XFORWARD_README``) offered to and accepted only from
+  ``server.xforward_trusted_networks``: behind ``smtpd_proxy_filter`` or
+  ``content_filter`` the policies judge the real client, not Postfix.
 - No exception text ever reaches the peer; every reply carries an RFC 3463
   enhanced status code on an ESMTP session (RFC 2034).
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import enum
 import ipaddress
 import logging
@@ -51,13 +55,16 @@ __all__ = [
     "Backend",
     "DataBudget",
     "DataOutcome",
+    "Forwarded",
     "GatewaySMTP",
     "ListenerSettings",
     "RecipientError",
     "SessionLimits",
     "Transaction",
+    "XForwardError",
     "check_recipient",
     "new_queue_id",
+    "parse_xforward",
     "received_field",
     "tls_context",
 ]
@@ -99,16 +106,24 @@ def received_field(
     tls: TLSInfo | None,
     recipient: str | None,
     when: datetime,
+    via: tuple[str, str | None] | None = None,
 ) -> str:
     """Our trace field (RFC 5321 §4.4), folded, without the trailing CRLF.
 
     ``protocol`` is an RFC 3848 / RFC 6531 "with" keyword (ESMTP, ESMTPS,
     UTF8SMTPS, ...). The recipient is named only for single-recipient mail
     (RFC 5321 §7.6: naming one of several would leak the others).
+    ``via`` is the (HELO, address) of the MTA that passed the client on with
+    XFORWARD: the from clause names the original client, and a comment (CFWS
+    before "by", RFC 5321 §4.4) names the hop it came through.
     """
     ip = client_ip or "unknown"
     literal = f"IPv6:{ip}" if ":" in ip else ip
     lines = [f"Received: from {_token(helo)} ({_token(client_name or 'unknown')} [{literal}])"]
+    if via is not None:
+        hop_ip = via[1] or "unknown"
+        hop = f"IPv6:{hop_ip}" if ":" in hop_ip else hop_ip
+        lines.append(f"\t(via XFORWARD from {_token(via[0])} [{hop}])")
     lines.append(f"\tby {_token(hostname)} (gateway) with {protocol}")
     if tls is not None:
         lines.append(f"\t(using {_token(tls.version, 40)} with cipher {_token(tls.cipher, 80)})")
@@ -121,6 +136,106 @@ def received_field(
 
 
 _ADDR_SAFE = re.compile(r"[\x21-\x7e\u0080-\U0010ffff]{1,320}")
+
+
+# --- XFORWARD (Postfix XFORWARD_README) ---------------------------------------
+
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+_UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")  # compared upper-cased (README note 3)
+_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+_XFORWARD_VALUE_MAX = 255  # README note 1
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,62})(?:\.[A-Za-z0-9_\-]{1,63})*\.?")
+_PROTO = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-_]{0,63}")
+
+
+class XForwardError(ValueError):
+    """An XFORWARD command the gateway refuses with 501; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """The up-stream client an MTA passed on with XFORWARD; None = [UNAVAILABLE].
+
+    Per the README an initial XFORWARD starts from all-unavailable, later ones
+    in the same transaction overwrite only the attributes they name.
+    """
+
+    name: str | None = None
+    addr: str | None = None  # a bare IP address (any "IPv6:" prefix removed)
+    port: int | None = None
+    proto: str | None = None
+    helo: str | None = None
+    ident: str | None = None  # the up-stream queue id
+    source: str | None = None  # "LOCAL" or "REMOTE"
+
+
+def _xtext_decode(value: str) -> str:
+    """RFC 3461 §4 xtext: ``+XX`` is the byte 0xXX; a lone ``+`` is a syntax error."""
+    if "+" not in value:
+        return value
+    if "+" in _XTEXT_HEX.sub("", value):
+        raise XForwardError("bad xtext: '+' must be followed by two hex digits (RFC 3461)")
+    decoded = _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+    return decoded
+
+
+def _xforward_value(attr: str, value: str) -> str | int | None:
+    """One decoded, checked attribute value (README note 1); None for [UNAVAILABLE]."""
+    if len(value) > _XFORWARD_VALUE_MAX:
+        raise XForwardError(f"{attr} value longer than {_XFORWARD_VALUE_MAX} characters")
+    text = _xtext_decode(value)
+    if text.upper() in _UNAVAILABLE:
+        return None
+    if not text or any(not ("!" <= c <= "~") for c in text):
+        raise XForwardError(f"{attr} value empty or not printable ASCII without spaces")
+    if attr == "NAME":
+        if text.lower() == "unknown":  # Postfix's name for a client without verified rDNS
+            return None
+        if not _HOSTNAME.fullmatch(text):
+            raise XForwardError(f"NAME must be a host name, got {text[:64]!r}")
+    elif attr == "ADDR":
+        bare = text[5:] if text[:5].upper() == "IPV6:" else text
+        try:
+            addr = ipaddress.ip_address(bare)
+        except ValueError:
+            raise XForwardError(f"ADDR must be an IP address, got {text[:64]!r}") from None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(addr)
+    elif attr == "PORT":
+        if not text.isdigit() or int(text) > 65535:
+            raise XForwardError(f"PORT must be a TCP port number, got {text[:16]!r}")
+        return int(text)
+    elif attr == "PROTO":
+        if not _PROTO.fullmatch(text):
+            raise XForwardError(f"PROTO must be a protocol name, got {text[:64]!r}")
+    elif attr == "SOURCE":
+        if text.upper() not in ("LOCAL", "REMOTE"):
+            raise XForwardError(f"SOURCE must be LOCAL or REMOTE, got {text[:16]!r}")
+        return text.upper()
+    return text
+
+
+def parse_xforward(arg: str, current: Forwarded | None) -> Forwarded:
+    """Apply one ``XFORWARD attr=value ...`` to ``current`` (None before the first).
+
+    Attribute names are case-insensitive; values are xtext (RFC 3461 §4).
+    Raises :class:`XForwardError` for anything malformed, changing nothing.
+    """
+    items = arg.split()
+    if not items:
+        raise XForwardError("Syntax: XFORWARD attribute=value ...")
+    updates: dict[str, str | int | None] = {}
+    for item in items:
+        attr, eq, value = item.partition("=")
+        attr = attr.upper()
+        if not eq:
+            raise XForwardError(f"expected attribute=value, got {item[:64]!r}")
+        if attr not in XFORWARD_ATTRIBUTES:
+            raise XForwardError(f"unknown XFORWARD attribute {attr[:32]!r}")
+        updates[attr.lower()] = _xforward_value(attr, value)
+    base = current if current is not None else Forwarded()
+    return dataclasses.replace(base, **updates)  # type: ignore[arg-type]
 
 
 # --- recipients: never an open relay ----------------------------------------
@@ -208,6 +323,7 @@ class Transaction:
     envelope: Envelope
     raw: bytes  # exactly as received, dot-unstuffed
     received: str  # our Received: field (folded, no trailing CRLF)
+    via: str | None = None  # the MTA that forwarded the client with XFORWARD (its address)
 
 
 class Backend(Protocol):
@@ -244,20 +360,34 @@ class ListenerSettings:
     tls: ssl.SSLContext | None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     verify_recipients: bool
+    xforward_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
     def from_config(cls, server: ServerConfig, *, verify_recipients: bool) -> ListenerSettings:
         nets = tuple(ipaddress.ip_network(n, strict=False) for n in server.proxy_trusted_networks)
-        return cls(server, tls_context(server), nets, verify_recipients)
+        xfwd = tuple(
+            ipaddress.ip_network(n, strict=False) for n in server.xforward_trusted_networks
+        )
+        return cls(server, tls_context(server), nets, verify_recipients, xfwd)
 
     def is_trusted_proxy(self, ip: str | None) -> bool:
-        if ip is None:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.trusted_proxies)
+        return _in_networks(ip, self.trusted_proxies)
+
+    def is_xforward_host(self, ip: str | None) -> bool:
+        """May ``ip`` (the SMTP peer) override the client with XFORWARD?"""
+        return _in_networks(ip, self.xforward_hosts)
+
+
+def _in_networks(
+    ip: str | None, nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    if ip is None:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in nets)
 
 
 def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
@@ -421,6 +551,8 @@ class GatewaySMTP(SMTP):
         self.client_ip: str | None = None
         self.peer_ip: str | None = None
         self.helo = ""
+        # XFORWARD attributes for the next transaction; None = the real peer (README).
+        self.forwarded: Forwarded | None = None
         self._rdns: asyncio.Future[str] | None = None
         self._counted = False
         self._stage = "connect"
@@ -563,6 +695,7 @@ class GatewaySMTP(SMTP):
     # -- commands --------------------------------------------------------------
 
     async def smtp_HELO(self, hostname: str) -> None:
+        self.forwarded = None
         await super().smtp_HELO(hostname)
         if self.session is not None and self.session.host_name:
             self.helo = self.session.host_name
@@ -576,6 +709,7 @@ class GatewaySMTP(SMTP):
         self.session.extended_smtp = True
         self.session.host_name = hostname
         self.helo = hostname
+        self.forwarded = None
         lines = [
             self.hostname,
             f"SIZE {self.settings.server.max_message_size}",
@@ -586,6 +720,8 @@ class GatewaySMTP(SMTP):
         ]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
+        if self.settings.is_xforward_host(self.client_ip):
+            lines.append("XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
         text = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
         self._count_reply(250)
         await SMTP.push(self, text)
@@ -624,6 +760,29 @@ class GatewaySMTP(SMTP):
         await self.push("554 5.7.0 PROXY not accepted from your address")
         if self.transport is not None:
             self.transport.close()
+
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        """Postfix XFORWARD_README: the client of the MTA in front, for the next transaction."""
+        if not self.settings.is_xforward_host(self.client_ip):
+            # It rewrites the audit trail (README "Security"): never from anyone else.
+            log.warning("xforward_refused", extra={"client_ip": self.client_ip})
+            await self.push("550 5.7.0 XFORWARD not accepted from your address")
+            return
+        if await self.check_helo_needed():
+            return
+        if self.envelope is not None and self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        try:
+            self.forwarded = parse_xforward(arg or "", self.forwarded)
+        except XForwardError as exc:
+            await self.push(f"501 5.5.4 {exc}")
+            return
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self.forwarded = None  # the end of a transaction (README "Server operation")
+        await super().smtp_RSET(arg)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         await super().smtp_MAIL(arg)
@@ -725,6 +884,7 @@ class GatewaySMTP(SMTP):
             reply = await asyncio.shield(delivery)
             await self.push(str(reply))
         finally:
+            self.forwarded = None  # reset after DOT (README "Server operation")
             self.budget.give(self._taken)
             self._taken = 0
             self.busy = False
@@ -751,11 +911,24 @@ class GatewaySMTP(SMTP):
         protocol = ("UTF8SMTP" if utf8 else "ESMTP" if extended else "SMTP") + (
             "S" if tls is not None else ""
         )
+        client_ip, helo = self.client_ip, self.helo
+        via: tuple[str, str | None] | None = None
+        fwd = self.forwarded
+        if fwd is not None:
+            # README note 4: never mix this session's facts into the forwarded client's.
+            # ADDR=[UNAVAILABLE] is a local submission up-stream: no client at all.
+            via = (self.helo, self.client_ip)
+            client_ip = fwd.addr
+            local = fwd.addr is None
+            helo = "" if local else fwd.helo or ""
+            client_name = "" if local else fwd.name or ""
+            tls = None  # what the up-stream client used is not ours to know
+            protocol = fwd.proto or protocol
         queue_id = new_queue_id()
         rcpts = tuple(self.envelope.rcpt_tos)
         envelope = Envelope(
-            client_ip=self.client_ip,
-            helo=self.helo,
+            client_ip=client_ip,
+            helo=helo,
             mail_from=_mail_from(self.envelope.mail_from),
             rcpt_to=rcpts,
             queue_id=queue_id,
@@ -764,8 +937,8 @@ class GatewaySMTP(SMTP):
             received_at=received_at,
         )
         received = received_field(
-            helo=self.helo,
-            client_ip=self.client_ip,
+            helo=helo,
+            client_ip=client_ip,
             client_name=client_name,
             hostname=self.settings.server.hostname,
             protocol=protocol,
@@ -773,8 +946,9 @@ class GatewaySMTP(SMTP):
             tls=tls,
             recipient=rcpts[0] if len(rcpts) == 1 else None,
             when=received_at.astimezone(),
+            via=via,
         )
-        return Transaction(envelope, raw, received)
+        return Transaction(envelope, raw, received, via[1] if via else None)
 
     def _tls_info(self) -> TLSInfo | None:
         if self._tls_protocol is None or self.transport is None:
