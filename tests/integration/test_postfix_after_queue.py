@@ -86,6 +86,31 @@ def test_queued_mail_is_filtered_and_reinjected(stack: Stack) -> None:
     assert stored.endswith(b"\n\nHi Bob.\n")
 
 
+def test_gateway_judges_the_client_that_postfix_queued_the_mail_from(
+    stack: Stack, dns_server: DNSServer
+) -> None:
+    """smtp_send_xforward_command=yes on the filter transport: SPF, HELO and the log see
+    the queued mail's client (127.0.0.2, its HELO), not Postfix's smtp client."""
+    dns_server.set("aq-xforward.other.test", ("TXT", "v=spf1 ip4:127.0.0.2 -all"))
+    before = len(stack.postfix.mailbox())
+    with _gateway(stack) as gw:
+        with smtplib.SMTP(
+            "127.0.0.1", stack.public_port, timeout=30, source_address=("127.0.0.2", 0)
+        ) as client:
+            client.ehlo("client.sender.test")
+            client.sendmail(
+                "alice@aq-xforward.other.test", ["bob@example.org"], message("xfwd", b"Hi.\r\n")
+            )
+        stored = stack.postfix.wait_for_mail(before + 1)[-1]
+        event = gw.wait_for_event("message_processed")
+    msg = email.message_from_bytes(stored, policy=email.policy.compat32)
+    results = " ".join(msg["Authentication-Results"].split())
+    assert "spf=pass smtp.mailfrom=aq-xforward.other.test" in results, results
+    assert "smtp.helo=client.sender.test" in results, results
+    assert event is not None
+    assert (event["client_ip"], event["helo"]) == ("127.0.0.2", "client.sender.test")
+
+
 def test_gateway_rejection_becomes_a_bounce_with_the_reason(stack: Stack) -> None:
     with _gateway(stack):
         send(stack, "gtube", GTUBE + b"\r\n")

@@ -87,20 +87,36 @@ def test_policy_rejection_reaches_the_sending_client_through_postfix(stack: Stac
     assert len(stack.postfix.mailbox()) == before, "a rejected message must not be delivered"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the gateway does not read Postfix's XFORWARD yet: behind smtpd_proxy_filter its "
-    "SPF/HELO checks see Postfix (127.0.0.1, HELO postfix.test), not the sending client",
-)
-def test_gateway_judges_the_real_client_that_postfix_forwards(stack: Stack) -> None:
-    """With XFORWARD (Postfix XFORWARD_README) the HELO checked is the client's, not Postfix's."""
+def test_gateway_judges_the_real_client_that_postfix_forwards(
+    stack: Stack, dns_server: DNSServer
+) -> None:
+    """Postfix passes the client on with XFORWARD (XFORWARD_README): SPF, HELO and the
+    log see 127.0.0.2 and its HELO, not Postfix's own 127.0.0.1 and postfix.test."""
+    dns_server.set("bq-xforward.other.test", ("TXT", "v=spf1 ip4:127.0.0.2 -all"))
     before = len(stack.postfix.mailbox())
-    with smtplib.SMTP("127.0.0.1", stack.public_port, timeout=30) as client:
+    seen = len(stack.gateway.events("message_processed"))
+    with smtplib.SMTP(
+        "127.0.0.1", stack.public_port, timeout=30, source_address=("127.0.0.2", 0)
+    ) as client:
         client.ehlo("client.sender.test")
-        client.sendmail("alice@sender.test", ["bob@example.org"], message("xforward", b"Hi.\r\n"))
+        client.sendmail(
+            "alice@bq-xforward.other.test", ["bob@example.org"], message("xforward", b"Hi.\r\n")
+        )
     stored = stack.postfix.wait_for_mail(before + 1)[-1]
     msg = email.message_from_bytes(stored, policy=email.policy.compat32)
-    assert "smtp.helo=client.sender.test" in " ".join(msg["Authentication-Results"].split())
+    results = " ".join(msg["Authentication-Results"].split())
+    assert "spf=pass smtp.mailfrom=bq-xforward.other.test" in results, results
+    assert "smtp.helo=client.sender.test" in results, results
+    ours = next(" ".join(r.split()) for r in msg.get_all("Received") if "(gateway)" in r)
+    assert ours.startswith("from client.sender.test ("), ours
+    assert "[127.0.0.2]) (via XFORWARD from postfix.test [127.0.0.1]) by " in ours, ours
+    event = stack.gateway.wait_for_event("message_processed", after=seen)
+    assert event is not None
+    assert (event["client_ip"], event["helo"], event["via"]) == (
+        "127.0.0.2",
+        "client.sender.test",
+        "127.0.0.1",
+    )
 
 
 def test_gateway_down_means_a_temporary_failure_never_a_loss(stack: Stack) -> None:
