@@ -269,6 +269,7 @@ class Gateway:
                 "client_name": env.client_name,
                 "helo": env.helo,
                 "via": tx.via,  # the MTA that passed the client on with XFORWARD, if any
+                "upstream_queue_id": tx.upstream_queue_id,  # its queue id (XFORWARD IDENT)
                 "mail_from": env.mail_from,
                 "rcpt_tos": list(env.rcpt_to),
                 "size": len(tx.raw),

@@ -324,6 +324,7 @@ class Transaction:
     raw: bytes  # exactly as received, dot-unstuffed
     received: str  # our Received: field (folded, no trailing CRLF)
     via: str | None = None  # the MTA that forwarded the client with XFORWARD (its address)
+    upstream_queue_id: str | None = None  # that MTA's queue id (XFORWARD IDENT), for its logs
 
 
 class Backend(Protocol):
@@ -948,7 +949,13 @@ class GatewaySMTP(SMTP):
             when=received_at.astimezone(),
             via=via,
         )
-        return Transaction(envelope, raw, received, via[1] if via else None)
+        return Transaction(
+            envelope,
+            raw,
+            received,
+            via[1] if via else None,
+            fwd.ident if fwd is not None else None,
+        )
 
     def _tls_info(self) -> TLSInfo | None:
         if self._tls_protocol is None or self.transport is None:

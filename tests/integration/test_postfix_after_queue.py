@@ -109,6 +109,9 @@ def test_gateway_judges_the_client_that_postfix_queued_the_mail_from(
     assert "smtp.helo=client.sender.test" in results, results
     assert event is not None
     assert (event["client_ip"], event["helo"]) == ("127.0.0.2", "client.sender.test")
+    # XFORWARD IDENT: Postfix's queue id, so the two logs can be joined.
+    assert event["upstream_queue_id"], event
+    assert f"{event['upstream_queue_id']}: " in stack.postfix.log()
 
 
 def test_gateway_rejection_becomes_a_bounce_with_the_reason(stack: Stack) -> None:

@@ -191,7 +191,9 @@ def test_forwarded_client_reaches_received_log_and_spf(
             "NAME=mail.client+2Eexample ADDR=192.0.2.7 PORT=4711 PROTO=ESMTP",
         )
         assert reply == (250, b"2.0.0 Ok")
-        assert smtp.docmd("XFORWARD", "HELO=helo.client.example SOURCE=REMOTE")[0] == 250
+        assert (
+            smtp.docmd("XFORWARD", "HELO=helo.client.example SOURCE=REMOTE IDENT=4F2A1")[0] == 250
+        )
         code, _ = send(smtp, f"alice@{SPF_DOMAIN}")
     assert code == 250
     (delivered,) = sink.messages
@@ -206,6 +208,7 @@ def test_forwarded_client_reaches_received_log_and_spf(
     assert event["client_name"] == "mail.client.example"
     assert event["helo"] == "helo.client.example"
     assert event["via"] == "127.0.0.1"
+    assert event["upstream_queue_id"] == "4F2A1"
 
 
 def test_without_xforward_spf_judges_the_real_peer(
