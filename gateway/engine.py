@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.feedparser
 import email.policy
+import email.utils
 import logging
 import re
 from collections.abc import Generator
@@ -94,6 +95,22 @@ class _FieldCachePolicy(email.policy.EmailPolicy):
 
 
 _POLICY = _FieldCachePolicy()
+
+_stdlib_has_surrogates = email.utils._has_surrogates  # type: ignore[attr-defined]
+
+
+def _has_surrogates(s: str) -> bool:
+    """``email.utils._has_surrogates`` without UTF-8 encoding an ASCII string.
+
+    The stdlib answers by encoding the whole string, so every ``get_payload()``
+    of a 20 MB attachment made a 20 MB copy. An ASCII string has no surrogates
+    (``isascii()`` is a flag lookup): same answer, no copy.
+    """
+    return not s.isascii() and bool(_stdlib_has_surrogates(s))
+
+
+# email.message looks it up on the module at each call.
+email.utils._has_surrogates = _has_surrogates  # type: ignore[attr-defined]
 
 
 def parse_message(raw: bytes) -> EmailMessage:

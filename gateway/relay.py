@@ -321,6 +321,10 @@ class _Connection:
             for i, piece in enumerate(_slices(data)):
                 if i:
                     await asyncio.sleep(0)
+                    # Flow control: while the downstream lags, wait for the transport
+                    # buffer to drain instead of queueing the whole message in memory.
+                    async with asyncio.timeout(self.timeout):
+                        await protocol._drain_helper()
                 protocol.write(_stuff(piece))
                 # From the first byte on, never retry this transaction: once
                 # the terminator is out the downstream may have the message,
@@ -411,6 +415,9 @@ class Relay:
                 f'relay.helo: must be a host name in ASCII (A-labels), got "{self.helo}"'
             )
         self._idle: deque[_Connection] = deque()
+        # At most max_connections to the downstream at once: a burst of sessions
+        # queues here instead of opening hundreds of connections to the MTA.
+        self._slots = asyncio.Semaphore(config.max_connections)
         self._tls_ctx: ssl.SSLContext | None = None
         self._tls_fallback_until = 0.0
         self._closed = False
@@ -568,7 +575,23 @@ class Relay:
     # -- connections ------------------------------------------------------
 
     async def _with_connection(self, work: Callable[[_Connection], Awaitable[_T]]) -> _T:
-        """Run ``work`` on a pooled or fresh connection, retrying once on a dead pooled one."""
+        """Run ``work`` on a pooled or fresh connection, within the connection limit."""
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise RelayError(
+                None,
+                "4.4.1 All downstream connections busy",
+                reason=FailureReason.TIMEOUT,
+            ) from None
+        try:
+            return await self._with_slot(work)
+        finally:
+            self._slots.release()
+
+    async def _with_slot(self, work: Callable[[_Connection], Awaitable[_T]]) -> _T:
+        """Run ``work``, retrying once on a dead pooled connection."""
         for attempt in (1, 2):
             conn, reused = await self._acquire()
             try:
