@@ -183,6 +183,7 @@ class RelayConfig:
     tls_verify: bool = True
     helo: str = ""
     pool_size: int = 8
+    max_connections: int = 50
     verify_recipients: bool = True  # ask the downstream at RCPT time (MAIL, RCPT, RSET)
 
     def __post_init__(self) -> None:
@@ -191,6 +192,11 @@ class RelayConfig:
         _positive("timeout", self.timeout)
         if self.pool_size < 1:
             raise OptionError("pool_size", f"must be at least 1, got {self.pool_size}")
+        if self.max_connections < self.pool_size:
+            raise OptionError(
+                "max_connections",
+                f"must be at least pool_size ({self.pool_size}), got {self.max_connections}",
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -686,6 +686,35 @@ async def test_concurrent_messages_open_parallel_connections_and_keep_pool_size(
     assert len(down.handler.messages) == 7
 
 
+async def test_a_burst_waits_for_max_connections_instead_of_opening_more(
+    down: Downstream, closing: list[Relay]
+) -> None:
+    """300 sessions verifying recipients at once must not open 300 connections."""
+    down.handler.data_delay = 0.05
+    relay = relay_for(down.port, pool_size=3, max_connections=3)
+    closing.append(relay)
+    await asyncio.gather(
+        *(relay.send("a@example.com", ["b@example.org"], MESSAGE) for _ in range(12)),
+        *(relay.verify_recipient("a@example.com", "b@example.org") for _ in range(12)),
+    )
+    assert down.connections <= 3
+    assert len(down.handler.messages) == 12
+
+
+async def test_no_free_connection_within_the_timeout_is_a_temporary_failure(
+    down: Downstream, closing: list[Relay]
+) -> None:
+    relay = relay_for(down.port, pool_size=1, max_connections=1, timeout=0.3)
+    closing.append(relay)
+    await relay._slots.acquire()  # the one connection is busy with a long transaction
+    with pytest.raises(RelayError) as info:
+        await relay.verify_recipient("a@example.com", "b@example.org")
+    assert info.value.code is None and not info.value.permanent
+    assert "busy" in info.value.text
+    relay._slots.release()
+    assert (await relay.verify_recipient("a@example.com", "b@example.org"))[0] == 250
+
+
 async def test_close_quits_idle_connections(down: Downstream) -> None:
     relay = relay_for(down.port)
     await relay.send("a@example.com", ["b@example.org"], MESSAGE)
