@@ -322,13 +322,25 @@ class GatewayProcess:
         return out
 
     def wait_for_event(
-        self, name: str, *, timeout: float = 10.0, after: int = 0
+        self,
+        name: str,
+        *,
+        timeout: float = 10.0,
+        after: int = 0,
+        match: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Block until the ``after``-th+1 event ``name`` appears; None on timeout or exit."""
+        """Block until the ``after``-th+1 event ``name`` (with the fields in ``match``)
+        appears; None on timeout or exit. Prefer ``match`` (a queue id, a sender) to
+        counting: the log reader may not have read an earlier test's event yet."""
         end = time.monotonic() + timeout
+        want = dict(match or {})
         with self._new_line:
             while True:
-                found = [e for e in self._events_locked() if e.get("event") == name]
+                found = [
+                    e
+                    for e in self._events_locked()
+                    if e.get("event") == name and all(e.get(k) == v for k, v in want.items())
+                ]
                 if len(found) > after:
                     return found[after]
                 if (

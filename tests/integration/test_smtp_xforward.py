@@ -93,8 +93,10 @@ def head(data: bytes) -> str:
     return re.sub(r"\r\n[ \t]+", " ", data.split(b"\r\n\r\n", 1)[0].decode())
 
 
-def processed(gw: GatewayProcess, queue_hint: int) -> dict[str, Any]:
-    event = gw.wait_for_event("message_processed", after=queue_hint)
+def processed(gw: GatewayProcess, data_reply: bytes) -> dict[str, Any]:
+    """The log event of the message our DATA reply ("... queued as QID") names."""
+    queue_id = data_reply.split(b"queued as ", 1)[1].split()[0].decode()
+    event = gw.wait_for_event("message_processed", match={"queue_id": queue_id})
     assert event is not None, gw.log_lines()[-20:]
     return event
 
@@ -184,7 +186,6 @@ def test_forwarded_client_reaches_received_log_and_spf(
     gateway: GatewayProcess, sink: SinkServer
 ) -> None:
     """SPF authorizes only 192.0.2.7: pass proves the policy judged the forwarded address."""
-    before = len(gateway.events("message_processed"))
     with client(gateway.smtp_port) as smtp:
         reply = smtp.docmd(
             "XFORWARD",
@@ -194,7 +195,7 @@ def test_forwarded_client_reaches_received_log_and_spf(
         assert (
             smtp.docmd("XFORWARD", "HELO=helo.client.example SOURCE=REMOTE IDENT=4F2A1")[0] == 250
         )
-        code, _ = send(smtp, f"alice@{SPF_DOMAIN}")
+        code, data_reply = send(smtp, f"alice@{SPF_DOMAIN}")
     assert code == 250
     (delivered,) = sink.messages
     fields = head(delivered.data)
@@ -203,7 +204,7 @@ def test_forwarded_client_reaches_received_log_and_spf(
         "(via XFORWARD from postfix.test [127.0.0.1]) by mx.example.org (gateway) with ESMTP"
     ) in fields
     assert f"spf=pass smtp.mailfrom={SPF_DOMAIN}" in fields
-    event = processed(gateway, before)
+    event = processed(gateway, data_reply)
     assert event["client_ip"] == "192.0.2.7"
     assert event["client_name"] == "mail.client.example"
     assert event["helo"] == "helo.client.example"
@@ -259,12 +260,12 @@ def test_session_facts_are_not_mixed_into_the_forwarded_client(
 def test_addr_unavailable_is_a_local_submission_without_client(
     gateway: GatewayProcess, sink: SinkServer
 ) -> None:
-    before = len(gateway.events("message_processed"))
     with client(gateway.smtp_port) as smtp:
         smtp.docmd("XFORWARD", "ADDR=[UNAVAILABLE] NAME=x.example HELO=x.example SOURCE=LOCAL")
-        assert send(smtp)[0] == 250
+        code, data_reply = send(smtp)
+        assert code == 250
     assert head(sink.messages[0].data).startswith("Received: from unknown (unknown [unknown])")
-    event = processed(gateway, before)
+    event = processed(gateway, data_reply)
     assert event["client_ip"] is None and event["helo"] == ""
 
 
