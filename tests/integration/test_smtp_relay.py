@@ -6,10 +6,12 @@ client sent; the DATA reply reflects the downstream's answer.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -48,6 +50,34 @@ def raw_session(port: int, script: bytes, *, timeout: float = 5.0) -> bytes:
                 break
             out += chunk
         return out
+
+
+def flood_session(port: int, script: bytes) -> tuple[bytes, bool]:
+    """Send ``script`` while a thread reads; (everything read, whether a RST ended it)."""
+    got: list[bytes] = []
+    reset = threading.Event()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.recv(4096)
+
+        def reader() -> None:
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    reset.set()
+                    return
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                got.append(chunk)
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        with contextlib.suppress(OSError):
+            sock.sendall(script)
+        thread.join(15)
+    return b"".join(got), reset.is_set()
 
 
 BODIES = {
@@ -425,8 +455,14 @@ def test_thousands_of_recipients_and_a_pipelined_flood_get_bounded_answers(
     flood = b"EHLO flood.test\r\nMAIL FROM:<a@sender.test>\r\n" + b"".join(
         f"RCPT TO:<u{i}@example.org>\r\n".encode() for i in range(3000)
     )
-    out = raw_session(gw.smtp_port, flood, timeout=10)
-    lines = [line for line in out.split(b"\r\n") if line[:3].isdigit() and line[3:4] == b" "]
+    # The gateway closes with part of the flood unread, so the kernel may answer with
+    # a RST that discards replies still queued for us: read while sending, and try
+    # again when a reset ate the tail (a TCP effect, not a gateway answer).
+    for _attempt in range(3):
+        out, reset = flood_session(gw.smtp_port, flood)
+        lines = [line for line in out.split(b"\r\n") if line[:3].isdigit() and line[3:4] == b" "]
+        if not reset or (lines and lines[-1].startswith(b"421")):
+            break
     codes = [line[:3] for line in lines]
     assert codes[:2] == [b"250", b"250"]
     assert codes[2:7] == [b"250"] * 5
