@@ -173,21 +173,15 @@ def cli_has_learn() -> bool:
 
 async def learn_inprocess(config_path: Path, label: str, files: list[Path]) -> float:
     """Train by calling ``BayesPolicy.learn`` directly: the method the CLI calls."""
-    from gateway.api import Services
     from gateway.config import load_config
-    from gateway.dns import CachingResolver
-    from gateway.engine import Engine
+    from gateway.engine import Engine, services_for
     from gateway.state import open_state
 
     config = load_config(config_path)
     state = open_state(config.state, config.base_dir)
     plan = Engine.make_plan(config)
     started = time.perf_counter()
-    engine = Engine(
-        config,
-        plan,
-        Services(CachingResolver(config.dns), state, config.server.hostname, config.base_dir),
-    )
+    engine = Engine(config, plan, services_for(config, state))
     await engine.start()
     try:
         policy: Any = engine.pipeline.policies["bayes"]
@@ -201,21 +195,13 @@ async def learn_inprocess(config_path: Path, label: str, files: list[Path]) -> f
 async def evaluate(
     config_path: Path, split: dict[str, tuple[list[Path], list[Path]]]
 ) -> tuple[dict[str, ClassResult], float]:
-    from gateway.api import Services
     from gateway.config import load_config
-    from gateway.dns import CachingResolver
-    from gateway.engine import Engine, Envelope
+    from gateway.engine import Engine, Envelope, services_for
     from gateway.state import open_state
 
     config = load_config(config_path)
     state = open_state(config.state, config.base_dir)
-    services = Services(
-        resolver=CachingResolver(config.dns),
-        state=state,
-        hostname=config.server.hostname,
-        config_dir=config.base_dir,
-    )
-    engine = Engine(config, Engine.make_plan(config), services)
+    engine = Engine(config, Engine.make_plan(config), services_for(config, state))
     await engine.start()
     results: dict[str, ClassResult] = {}
     started = time.perf_counter()

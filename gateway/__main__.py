@@ -75,17 +75,11 @@ class _Runtime:
 
 
 def _services(config: Config) -> tuple[Services, ClosableStateStore]:
-    from gateway.dns import CachingResolver
+    from gateway.engine import services_for
     from gateway.state import open_state
 
     state = open_state(config.state, config.base_dir)
-    services = Services(
-        resolver=CachingResolver(config.dns),
-        state=state,
-        hostname=config.server.hostname,
-        config_dir=config.base_dir,
-    )
-    return services, state
+    return services_for(config, state), state
 
 
 async def _build(config: Config, *, start: bool = True) -> tuple[_Runtime, list[str]]:

@@ -20,15 +20,16 @@ from email.message import EmailMessage
 from typing import Any
 
 from gateway import elide
-from gateway.api import Action, Context, Result, Services, Symbol, SymbolDef, TLSInfo
+from gateway.api import Action, Context, Result, Services, StateStore, Symbol, SymbolDef, TLSInfo
 from gateway.config import Config
+from gateway.dns import CachingResolver
 from gateway.pipeline import Pipeline, PipelineRun, PolicyRun
 from gateway.registry import Plan, plan_policies
 from gateway.replies import Reply, queued, verdict_reply
 from gateway.schema import Problems
 from gateway.verdict import Verdict, decide, verdict_headers
 
-__all__ = ["Engine", "Envelope", "Evaluation", "parse_message"]
+__all__ = ["Engine", "Envelope", "Evaluation", "parse_message", "services_for"]
 
 log = logging.getLogger("gateway.engine")
 
@@ -198,6 +199,16 @@ def _feed(raw: bytes, *, headersonly: bool = False) -> Generator[None, None, Ema
     msg = parser.close()
     assert isinstance(msg, EmailMessage)  # policy=default builds EmailMessage
     return msg
+
+
+def services_for(config: Config, state: StateStore) -> Services:
+    """The services policies get: the one resolver, the state store, our name."""
+    return Services(
+        resolver=CachingResolver(config.dns),
+        state=state,
+        hostname=config.server.hostname,
+        config_dir=config.base_dir,
+    )
 
 
 class Engine:

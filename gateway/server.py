@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway import headers, metrics, replies, workers
-from gateway.api import Action, DNSError, Services
+from gateway.api import Action, DNSError
 from gateway.config import Config, ConfigError, LogConfig, load_config, parse_hostport
-from gateway.dns import CachingResolver
-from gateway.engine import Engine, Evaluation
+from gateway.engine import Engine, Evaluation, services_for
 from gateway.quarantine import (
     QuarantineError,
     QuarantineStore,
@@ -445,13 +444,7 @@ async def build_generation(path: Path, state: ClosableStateStore | None) -> Gene
     plan = Engine.make_plan(config)
     if state is None:
         state = open_state(config.state, config.base_dir)
-    services = Services(
-        resolver=CachingResolver(config.dns),
-        state=state,
-        hostname=config.server.hostname,
-        config_dir=config.base_dir,
-    )
-    engine = Engine(config, plan, services)
+    engine = Engine(config, plan, services_for(config, state))
     await engine.start()
     unknown = engine.unknown_score_keys()
     if unknown:
