@@ -752,7 +752,8 @@ def _supervise(path: Path, config: Config) -> int:
         print(f"server.listen: cannot listen on {config.server.listen}: {exc}", file=sys.stderr)
         return 1
     sock.setblocking(False)
-    workers.prepare_share_dir()  # before forking: every worker writes its metrics there
+    # Before forking: every worker writes its metrics there.
+    workers.prepare_share_dir(config.server.user, config.server.group)
     supervisor = os.getpid()
     children: dict[int, int] = {}
     stopping = False

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -37,10 +39,20 @@ _MAX_GAUGES = frozenset({"gateway_quarantine_messages", "gateway_build_info"})
 _share_dir: Path | None = None
 
 
-def prepare_share_dir() -> Path:
-    """Create the snapshot directory (in the supervisor, before forking workers)."""
+def prepare_share_dir(user: str = "", group: str = "") -> Path:
+    """Create the snapshot directory (in the supervisor, before forking workers).
+
+    Workers drop privileges to ``server.user``/``server.group``: the directory
+    is theirs, so they can write to it (an unknown account is reported by the
+    worker's own privilege drop).
+    """
     global _share_dir
     _share_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    if user and os.geteuid() == 0:
+        with contextlib.suppress(KeyError, OSError):
+            account = pwd.getpwnam(user)
+            gid = grp.getgrnam(group).gr_gid if group else account.pw_gid
+            os.chown(_share_dir, account.pw_uid, gid)
     return _share_dir
 
 
@@ -113,7 +125,8 @@ class MetricsShare:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self.write()  # the final counts of a draining worker
+        with contextlib.suppress(OSError):
+            self.write()  # the final counts of a draining worker
 
     async def _run(self) -> None:
         while True:
