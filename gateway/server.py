@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import grp
 import ipaddress
-import json
 import logging
 import os
 import pwd
@@ -32,9 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gateway import headers, metrics, replies, workers
+from gateway import headers, logs, metrics, replies, workers
 from gateway.api import Action, DNSError
-from gateway.config import Config, ConfigError, LogConfig, load_config, parse_hostport
+from gateway.config import Config, ConfigError, load_config, parse_hostport
 from gateway.engine import Engine, Evaluation, services_for
 from gateway.quarantine import (
     QuarantineError,
@@ -51,7 +50,6 @@ __all__ = [
     "Gateway",
     "RunningGateway",
     "StartupError",
-    "configure_logging",
     "drop_privileges",
     "run",
     "serve",
@@ -65,57 +63,6 @@ _YIELD_AFTER = 1 << 20  # bytes; past this, whole-message copies yield to the lo
 _RELOAD_GRACE = 5.0  # seconds between retiring a generation's relay and closing it
 _GAUGE_REFRESH = 30.0  # seconds between recounts of the quarantine for its gauge
 _RDNS_TIMEOUT = 2.0  # seconds for the client's PTR + forward lookups (at most dns.timeout)
-
-
-# --- logging ------------------------------------------------------------------
-
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
-
-
-class JSONFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, event, and the record's extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
-        if record.exc_info and record.exc_info[0] is not None:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
-
-
-class TextFormatter(logging.Formatter):
-    """``event key=value ...`` for people reading a terminal."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(
-            f"{k}={json.dumps(v, default=str, ensure_ascii=False)}"
-            for k, v in record.__dict__.items()
-            if k not in _STANDARD and not k.startswith("_")
-        )
-        line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()} {extras}"
-        if record.exc_info and record.exc_info[0] is not None:
-            line += "\n" + self.formatException(record.exc_info)
-        return line.rstrip()
-
-
-def configure_logging(config: LogConfig) -> None:
-    """Route every ``gateway.*`` (and library) log record to stderr in the configured format."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if config.format == "json" else TextFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(config.level.upper())
-    # aiosmtpd logs every command at INFO; its own view adds nothing to ours.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 # --- one config generation ----------------------------------------------------
@@ -592,7 +539,7 @@ async def start(
     except ConfigError as exc:
         raise StartupError(list(exc.problems)) from None
     if setup_logging:
-        configure_logging(config.log)
+        logs.setup_logging(config.log)
     state = open_state(config.state, config.base_dir)
     try:
         gen = await build_generation(path, state)
@@ -743,7 +690,7 @@ def _supervise(path: Path, config: Config) -> int:
     worker 0 serves the metrics endpoint, with every worker's counts
     (``gateway/workers.py``).
     """
-    configure_logging(config.log)
+    logs.setup_logging(config.log)
     host, port = _listen_address(config.server.listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
