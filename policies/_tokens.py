@@ -8,12 +8,15 @@ carries over to the next message:
 - Body: lower-cased words of the decoded text parts (HTML rendered to text),
   3..12 characters kept whole; longer words become a "skip" token of their
   first character and length bucket; e-mail addresses in the text become
-  their domain. Optional: word bigrams, HTML tag names.
-- URLs: each host's registrable domain, "IP literal", scheme, and the
+  their domain. Shouted (all-caps) words of plain text also as ``caps:`` tokens,
+  and a bucketed image count of each HTML part. Optional: word bigrams, HTML
+  tag names.
+- URLs: each host's registrable domain and full host name, "IP literal", scheme, and the
   alphanumeric pieces of the path (``remove``, ``cgi``, ``unsubscribe``).
 - Headers, by an explicit list: Subject words, the From domain and display
   name words (and the shape of its local part), whether Reply-To is on
-  another domain, a bucketed recipient count, the mail client's product name,
+  another domain, a bucketed recipient count, the mail client's product name
+  and its whole X-Mailer/User-Agent string,
   Content-Type/charset/transfer-encoding of every part, and the *presence* of
   a few generic headers (List-Id, In-Reply-To, References, Precedence ...).
 - Left out on purpose: Received, Return-Path, Delivered-To, Message-ID
@@ -210,6 +213,9 @@ def _header_tokens(msg: Message) -> Iterator[str]:
     if mailer:
         products = _PRODUCT.findall(mailer)[:2]
         yield "mailer:" + " ".join(p.lower() for p in products)
+        # The whole string (versions, build numbers): bulk tools and forged
+        # Outlook strings have recognisable exact values.
+        yield "mailer:full:" + mailer.lower()[:40]
 
     yield from _mime_tokens(msg, fields)
 
@@ -261,6 +267,7 @@ def _url_tokens(ctx: Context) -> Iterator[str]:
             yield "url:ip"
             continue
         yield f"url:{u.domain}"
+        yield f"url:host:{u.host.lower()[:80]}"
         yield f"url:scheme:{u.scheme}"
         for piece in _URL_PIECE.findall(u.path.lower())[:20]:
             if MIN_WORD <= len(piece) <= MAX_WORD:
@@ -288,6 +295,13 @@ def _body_tokens(ctx: Context, options: TokenizerOptions) -> Iterator[str]:
         text = part.text[:budget]
         budget -= len(text)
         yield from _words(text.lower(), options.bigrams)
+    for part in parts:
+        if part.is_html:
+            # How many images the HTML shows: image-only spam versus text newsletters.
+            images = part.raw_html[:MAX_TEXT].lower().count("<img")
+            yield f"imgs:{_bucket(images, (0, 1, 3, 10))}"
+        else:
+            yield from _caps_words(part.text[:MAX_TEXT])
     if options.html_tags:
         for part in parts:
             if part.is_html:
@@ -304,6 +318,24 @@ def _html_tokens(html: str) -> Iterator[str]:
             break
         tag = m.group(1).lower()
         yield f"html:<{tag}"
+
+
+_CAPS_STRIP = ".,;:!?\"'()"
+MAX_CAPS_WORDS = 5_000  # words of one part looked at for shouting
+
+
+def _caps_words(text: str) -> Iterator[str]:
+    """Shouted words of plain text ("FREE", "ORDER"), kept apart from their lower-case selves.
+
+    The body words are lower-cased (SpamBayes), which loses the shouting that
+    separates "FREE BONUS OFFER" from a colleague's "free"; these tokens keep it.
+    """
+    for i, raw in enumerate(text.split()):
+        if i >= MAX_CAPS_WORDS:
+            break
+        word = raw.strip(_CAPS_STRIP)
+        if len(word) >= 4 and word.isalpha() and word.isupper():
+            yield "caps:" + word[:MAX_WORD]
 
 
 def _words(text: str, bigrams: bool) -> Iterator[str]:

@@ -199,9 +199,9 @@ class BayesPolicy(Policy):
         "BAYES_20": SymbolDef(-0.3, "classifier: spam probability 5% to 20%"),
         "BAYES_40": SymbolDef(0.0, "classifier: spam probability 20% to 40%"),
         "BAYES_50": SymbolDef(0.0, "classifier: unsure, spam probability 40% to 60%"),
-        "BAYES_60": SymbolDef(1.0, "classifier: spam probability 60% to 80%"),
-        "BAYES_80": SymbolDef(2.0, "classifier: spam probability 80% to 95%"),
-        "BAYES_95": SymbolDef(4.5, "classifier: spam probability 95% to 99%"),
+        "BAYES_60": SymbolDef(2.0, "classifier: spam probability 60% to 80%"),
+        "BAYES_80": SymbolDef(3.0, "classifier: spam probability 80% to 95%"),
+        "BAYES_95": SymbolDef(4.7, "classifier: spam probability 95% to 99%"),
         "BAYES_99": SymbolDef(5.0, "classifier: spam probability 99% or more"),
         "BAYES_999": SymbolDef(
             0.5, "classifier: spam probability 99.9% or more (in addition to BAYES_99)"
