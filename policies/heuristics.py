@@ -68,7 +68,7 @@ SYMBOLS: Mapping[str, SymbolDef] = {
     ),
     "HDR_DATE_INVALID": SymbolDef(2.0, "Date header field cannot be parsed (RFC 5322 §3.3)"),
     "HDR_DATE_FUTURE": SymbolDef(1.5, "Date is far after the first Received time"),
-    "HDR_DATE_PAST": SymbolDef(0.5, "Date is far before the first Received time"),
+    "HDR_DATE_PAST": SymbolDef(0.2, "Date is far before the first Received time"),
     "FROM_NAME_HAS_ADDRESS": SymbolDef(
         2.0, "From display name shows an address on another domain than the sender's"
     ),
