@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.mix import BenchMessage, build_mix, make_domain
+from gateway import metrics
 from gateway.api import Services
 from gateway.config import load_config
 from gateway.dns import CachingResolver
@@ -128,6 +129,11 @@ async def amain(args: argparse.Namespace) -> None:
             f"  {kind:8} {len(v):>5} {1000 * statistics.mean(v):>8.2f} "
             f"{1000 * s[len(s) // 2]:>7.2f} {1000 * s[min(len(s) - 1, int(0.99 * len(s)))]:>7.2f}"
         )
+    dns = {
+        r: int(metrics.REGISTRY.get_sample_value("gateway_dns_queries_total", {"result": r}) or 0)
+        for r in ("hit", "miss", "nxdomain", "temperror")
+    }
+    print(f"  DNS lookups (warm-up included): {dns}")
     print("  per policy (wall ms/msg, concurrent policies overlap):")
     for name, secs in sorted(per_policy.items(), key=lambda kv: -kv[1]):
         print(f"    {name:12} {1000 * secs / n:7.2f}")
