@@ -62,10 +62,11 @@ test: setup
 demo: venv
 	$(VPY) deploy/demo/run.py
 
-# Re-render deploy/compose/gateway.toml and the Kubernetes ConfigMap after an
-# edit of config.example.toml (tests/deploy fails while they are stale).
+# Re-render the compose and Kubernetes configs (single node and cluster) after
+# an edit of config.example.toml (tests/deploy and tests/cluster fail while stale).
 configs:
 	$(PYTHON) deploy/render_config.py
+	$(PYTHON) deploy/kubernetes/cluster/render.py
 
 clean:
 	rm -rf var/demo .pytest_cache
