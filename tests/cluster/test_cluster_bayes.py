@@ -17,44 +17,14 @@ from typing import Any
 
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.sink import SinkServer
+from gateway.testing.training import training_message
 
-SPAMMY = [
-    "viagra",
-    "casino",
-    "lottery",
-    "winner",
-    "cash",
-    "bonus",
-    "prize",
-    "guaranteed",
-    "refinance",
-    "discount",
-]
-HAMMY = [
-    "kernel",
-    "patch",
-    "review",
-    "branch",
-    "commit",
-    "changelog",
-    "compiler",
-    "debugger",
-    "agenda",
-    "minutes",
-]
 TRAINING = 12  # per class; the test config lowers min_spam/min_ham to 10
 
 
 def message(spam: bool, n: int, rng: random.Random) -> bytes:
-    words = SPAMMY if spam else HAMMY
-    body = " ".join(rng.choice(words) for _ in range(30))
     sender = "promo@sender.test" if spam else "dev@sender.test"
-    return (
-        f"From: {sender}\r\nTo: bob@example.org\r\n"
-        f"Subject: {' '.join(rng.choice(words) for _ in range(3))}\r\n"
-        "Date: Mon, 01 Jul 2024 10:00:00 +0000\r\n"
-        f"Message-ID: <{'s' if spam else 'h'}{n}@cluster.test>\r\n\r\n{body}\r\n"
-    ).encode()
+    return training_message(spam, n, rng, sender=sender, domain="cluster.test")
 
 
 def spam_status(data: bytes) -> str:

@@ -14,43 +14,11 @@ from pathlib import Path
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.sink import SinkServer
-
-SPAMMY = [
-    "viagra",
-    "casino",
-    "lottery",
-    "winner",
-    "cash",
-    "bonus",
-    "prize",
-    "guaranteed",
-    "refinance",
-    "discount",
-]
-HAMMY = [
-    "kernel",
-    "patch",
-    "review",
-    "branch",
-    "commit",
-    "changelog",
-    "compiler",
-    "debugger",
-    "agenda",
-    "minutes",
-]
+from gateway.testing.training import training_message
 
 
 def message(spam: bool, n: int, rng: random.Random) -> bytes:
-    words = SPAMMY if spam else HAMMY
-    body = " ".join(rng.choice(words) for _ in range(30))
-    sender = "promo@deals.example" if spam else "dev@project.example"
-    return (
-        f"From: {sender}\r\nTo: bob@example.org\r\n"
-        f"Subject: {' '.join(rng.choice(words) for _ in range(3))}\r\n"
-        "Date: Mon, 01 Jul 2024 10:00:00 +0000\r\n"
-        f"Message-ID: <{'s' if spam else 'h'}{n}@e2e.example>\r\n\r\n{body}\r\n"
-    ).encode()
+    return training_message(spam, n, rng, domain="e2e.example")
 
 
 def spam_status(data: bytes) -> str:

@@ -18,42 +18,12 @@ import pytest
 
 from gateway.config import StateConfig
 from gateway.state import open_state
+from gateway.testing.training import training_message
 from policies.bayes import TOTALS_KEY
-
-SPAMMY = [
-    "viagra",
-    "casino",
-    "lottery",
-    "winner",
-    "cash",
-    "bonus",
-    "prize",
-    "guaranteed",
-    "refinance",
-    "discount",
-]
-HAMMY = [
-    "kernel",
-    "patch",
-    "review",
-    "branch",
-    "commit",
-    "changelog",
-    "compiler",
-    "debugger",
-    "agenda",
-    "minutes",
-]
 
 
 def message(spam: bool, n: int, rng: random.Random) -> bytes:
-    words = SPAMMY if spam else HAMMY
-    body = " ".join(rng.choice(words) for _ in range(30))
-    return (
-        f"From: {'promo@deals.example' if spam else 'dev@project.example'}\r\n"
-        f"To: user@example.org\r\nSubject: {' '.join(rng.choice(words) for _ in range(3))}\r\n"
-        f"Message-ID: <{'s' if spam else 'h'}{n}@cli.example>\r\n\r\n{body}\r\n"
-    ).encode()
+    return training_message(spam, n, rng, rcpt="user@example.org", domain="cli.example")
 
 
 def mbox(messages: list[bytes]) -> bytes:
