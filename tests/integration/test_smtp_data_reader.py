@@ -9,41 +9,14 @@ data (the first strict CRLF.CRLF), undo the same transparency dots
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.smtp import DataBudget, DataOutcome, GatewaySMTP
+from gateway.testing.smtpdata import ReaderSession, reference_data
 
 END = b"\r\n.\r\n"
-
-
-def reference(wire: bytes) -> tuple[bytes, bytes] | None:
-    """aiosmtpd's semantics: lines end at CRLF only; ``.CRLF`` alone ends the data."""
-    pos = 0
-    lines: list[bytes] = []
-    while True:
-        nl = wire.find(b"\r\n", pos)
-        if nl < 0:
-            return None
-        line = wire[pos : nl + 2]
-        pos = nl + 2
-        if line == b".\r\n":
-            return b"".join(lines), wire[pos:]
-        lines.append(line[1:] if line.startswith(b".") else line)
-
-
-class _Session:
-    """Just what ``_read_data`` touches."""
-
-    _take = GatewaySMTP._take
-
-    def __init__(self, reader: asyncio.StreamReader, budget: DataBudget) -> None:
-        self._reader = reader
-        self.transport: Any = object()
-        self.budget = budget
-        self._taken = 0
 
 
 async def chunked(
@@ -58,7 +31,7 @@ async def chunked(
         reader.feed_eof()
 
     feeder = asyncio.create_task(feed())
-    session = _Session(reader, DataBudget(budget))
+    session = ReaderSession(reader, DataBudget(budget))
     raw, outcome = await GatewaySMTP._read_data(session, limit)  # type: ignore[arg-type]
     await feeder
     rest = await reader.read()
@@ -84,7 +57,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 )
 def test_chunked_reader_matches_the_line_reader(body: bytes, cuts: list[int]) -> None:
     wire = body + END + b"NOOP\r\n"
-    expected = reference(wire)
+    expected = reference_data(wire)
     assert expected is not None
     raw, outcome, rest = asyncio.run(chunked(split(wire, cuts), 10_000))
     assert outcome is DataOutcome.OK

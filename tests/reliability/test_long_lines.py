@@ -8,45 +8,19 @@ exactly what a line-at-a-time RFC 5321 reader gives, and the exact size limit.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import smtp
-from gateway.smtp import DataBudget, DataOutcome, GatewaySMTP
-
-
-def reference(wire: bytes) -> tuple[bytes, bytes] | None:
-    """Lines end at CRLF only; ``.CRLF`` alone ends the data; a leading dot is removed."""
-    pos = 0
-    lines: list[bytes] = []
-    while True:
-        nl = wire.find(b"\r\n", pos)
-        if nl < 0:
-            return None
-        line = wire[pos : nl + 2]
-        pos = nl + 2
-        if line == b".\r\n":
-            return b"".join(lines), wire[pos:]
-        lines.append(line[1:] if line.startswith(b".") else line)
-
-
-class _Session:
-    _take = GatewaySMTP._take
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        self._reader = reader
-        self.transport: Any = object()
-        self.budget = DataBudget(10**9)
-        self._taken = 0
+from gateway.smtp import DataOutcome, GatewaySMTP
+from gateway.testing.smtpdata import ReaderSession, reference_data
 
 
 async def _read(pieces: list[bytes], limit: int) -> tuple[bytes, DataOutcome, bytes]:
-    session = _Session(_PieceReader(pieces))  # type: ignore[arg-type]
+    session = ReaderSession(_PieceReader(pieces))  # type: ignore[arg-type]
     raw, outcome = await GatewaySMTP._read_data(session, limit)  # type: ignore[arg-type]
     rest = b"".join(session._reader.rest())  # type: ignore[attr-defined]
     return raw, outcome, rest
@@ -88,7 +62,7 @@ async def test_long_line_pieces_match_the_line_reader(body: list[bytes], cuts: l
         pieces.append(wire[pos : pos + step])
         pos += step
         i += 1
-    expected = reference(wire)
+    expected = reference_data(wire)
     assert expected is not None
     raw, outcome, rest = await _read(pieces, 10**6)
     assert outcome is DataOutcome.OK
