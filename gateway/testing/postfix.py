@@ -18,11 +18,12 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from gateway.testing.services import free_port
 
 __all__ = ["DEPLOY_POSTFIX", "PostfixError", "PostfixInstance", "free_port", "snippet"]
 
@@ -101,14 +102,6 @@ def _daemon_directory(postfix: str) -> str:
 
 class PostfixError(RuntimeError):
     """Postfix refused the generated config or did not start; the message has its output."""
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (for Postfix, which cannot bind port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def snippet(mode: str, name: str, *, public: int = 25, gateway: int, back: int) -> str:

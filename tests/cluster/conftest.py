@@ -23,10 +23,8 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,68 +33,8 @@ import pytest
 
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.require import require
+from gateway.testing.services import ThrowawayRedis, free_port, wait_for_port
 from gateway.testing.sink import SinkServer
-
-START_TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} while starting")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {START_TIMEOUT}s")
-
-
-class ThrowawayRedis:
-    """``redis-server`` on a free port; an append-only file makes a restart keep the data."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        # Another process may have taken the port while we were down: bind is retried.
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        _wait_for_port(self.port, self.proc, "redis-server")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 def _pg_bin(name: str) -> str | None:
@@ -152,7 +90,7 @@ class ThrowawayPostgres:
             self.pg_ctl, "-D", str(self.data), "-l", str(self.workdir / "log"), "-o", options,
             "-w", "-t", "30", "start",
         )  # fmt: skip
-        _wait_for_port(self.port, None, "postgres")
+        wait_for_port(self.port, None, "postgres")
 
     def stop(self) -> None:
         """Fast shutdown: open sessions are cut, committed data stays (a real outage)."""

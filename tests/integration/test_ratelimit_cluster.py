@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import shutil
 import smtplib
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,56 +16,10 @@ import pytest
 
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.require import require
+from gateway.testing.services import ThrowawayRedis
 from gateway.testing.sink import SinkServer
 
 MSG = b"From: a@sender.test\r\nTo: u@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ThrowawayRedis:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 @pytest.fixture
@@ -75,7 +27,7 @@ def throwaway_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
     require(
         shutil.which("redis-server"), "redis-server binary not installed (apt install redis-server)"
     )
-    server = ThrowawayRedis(tmp_path)
+    server = ThrowawayRedis(tmp_path, persist=False)  # a restart comes back empty
     server.start()
     yield server
     server.stop()
