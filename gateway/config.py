@@ -13,7 +13,7 @@ import pwd
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -419,8 +419,3 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
             node = node.setdefault(part, {})
         node[last] = value
     return config_from_mapping(data, p)
-
-
-def with_overrides(config: Config, **sections: Any) -> Config:
-    """A copy of ``config`` with whole sections replaced (tests, CLI flags)."""
-    return replace(config, **sections)

@@ -22,10 +22,6 @@ class Reply:
     def __str__(self) -> str:
         return f"{self.code} {self.status} {self.text}"
 
-    @property
-    def is_success(self) -> bool:
-        return 200 <= self.code < 300
-
 
 def _clean(text: str, limit: int = 300) -> str:
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:limit]
@@ -42,11 +38,6 @@ TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections; try again later")
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address; try again later")
 TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for input; closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down; try again later")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
-TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
-TLS_REQUIRED_DOWNSTREAM = Reply(
-    451, "4.7.5", "Downstream TLS could not be established; try again later"
-)
 
 # After DATA
 RELAY_UNAVAILABLE = Reply(451, "4.4.1", "Downstream mail server unavailable; try again later")
