@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -39,6 +40,7 @@ __all__ = [
     "URL",
     "Action",
     "AuthResult",
+    "AutoLearn",
     "Context",
     "DNSAnswer",
     "DNSError",
@@ -50,6 +52,7 @@ __all__ = [
     "Policy",
     "Resolver",
     "Result",
+    "ScoredSymbolView",
     "Services",
     "StateStore",
     "StateUnavailableError",
@@ -58,6 +61,7 @@ __all__ = [
     "TLSInfo",
     "TextPart",
     "URLSource",
+    "VerdictView",
     "body_text",
     "html_links",
     "mime_structure",
@@ -324,6 +328,54 @@ class Context:
         return domain.lower().rstrip(".") if "@" in self.mail_from else ""
 
 
+class ScoredSymbolView(Protocol):
+    """One symbol of a final verdict, as scored (``[scores]`` overrides applied)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def score(self) -> Decimal: ...
+    @property
+    def policy(self) -> str: ...
+
+
+class VerdictView(Protocol):
+    """The final verdict as :meth:`Policy.after_verdict` sees it.
+
+    ``forced_by`` names the floor that decided the action (a policy, or
+    ``scores.<SYMBOL>``), None when the score did.
+    """
+
+    @property
+    def action(self) -> Action: ...
+    @property
+    def score(self) -> Decimal: ...
+    @property
+    def symbols(self) -> Sequence[ScoredSymbolView]: ...
+    @property
+    def forced_by(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AutoLearn:
+    """A policy's decision to learn from a verdict (SpamAssassin's ``autolearn=``).
+
+    ``label`` is the word the message log shows: ``spam`` or ``ham`` when
+    ``learn`` is set, else why not (``no``, ``unavailable``); ``detail`` says
+    why. The engine runs ``learn`` in the background once the message is
+    handed on, never before the reply: under ``timeout``, at most
+    ``max_pending`` at once per policy (beyond that it is skipped and
+    counted), and drained on close. ``learn`` returns whether the counts
+    changed (False: the message was learned before).
+    """
+
+    label: str
+    detail: str = ""
+    learn: Callable[[], Awaitable[bool]] | None = None
+    timeout: float = 2.0
+    max_pending: int = 100
+
+
 class Policy:
     """Subclass this. One instance per configuration, shared by all messages.
 
@@ -353,6 +405,13 @@ class Policy:
 
     async def check(self, ctx: Context) -> Result:
         raise NotImplementedError
+
+    def after_verdict(self, ctx: Context, verdict: VerdictView) -> AutoLearn | None:
+        """Called once per message with the final verdict; ``ctx.results`` holds every
+        policy's result. Runs before the reply: decide quickly, without I/O, and put
+        the slow part in the returned :class:`AutoLearn`. The default does nothing.
+        """
+        return None
 
     def rule_symbols(self) -> Mapping[str, SymbolDef]:
         """Symbols known only at run time (rule files); defaults to none."""

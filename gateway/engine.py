@@ -19,8 +19,19 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
 
-from gateway import elide
-from gateway.api import Action, Context, Result, Services, StateStore, Symbol, SymbolDef, TLSInfo
+from gateway import elide, metrics
+from gateway.api import (
+    Action,
+    AutoLearn,
+    Context,
+    Policy,
+    Result,
+    Services,
+    StateStore,
+    Symbol,
+    SymbolDef,
+    TLSInfo,
+)
 from gateway.config import Config
 from gateway.dns import CachingResolver
 from gateway.pipeline import Pipeline, PipelineRun, PolicyRun
@@ -54,6 +65,7 @@ class Evaluation:
     verdict: Verdict
     run: PipelineRun
     headers: tuple[str, ...]  # to prepend when relaying (folded, no trailing CRLF)
+    autolearn: tuple[tuple[str, AutoLearn], ...] = ()  # (policy, decision) from after_verdict
 
     @property
     def action(self) -> Action:
@@ -183,6 +195,7 @@ def _feed_elided(raw: bytes) -> Generator[None, None, EmailMessage]:
 
 
 _ELIDE_FROM = 32 * 1024  # bytes; smaller messages have no run worth eliding
+_DRAIN_LIMIT = 10.0  # seconds close() waits for background learning before cancelling it
 
 
 def _feed(raw: bytes, *, headersonly: bool = False) -> Generator[None, None, EmailMessage]:
@@ -221,6 +234,9 @@ class Engine:
             plan, default_timeout=config.pipeline.policy_timeout, on_error=on_error
         )
         self._declared: dict[str, tuple[str, SymbolDef]] = {}
+        self._learning: set[asyncio.Task[None]] = set()
+        self._pending: dict[str, int] = {}
+        self._closing = False
 
     @staticmethod
     def make_plan(config: Config) -> Plan:
@@ -238,6 +254,13 @@ class Engine:
         self._declared = self.declared_symbols()
 
     async def close(self) -> None:
+        """Let background learning finish (bounded), then close the policies."""
+        self._closing = True
+        if self._learning:
+            _done, late = await asyncio.wait(set(self._learning), timeout=_DRAIN_LIMIT)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         await self.pipeline.close()
 
     def declared_symbols(self) -> dict[str, tuple[str, SymbolDef]]:
@@ -288,7 +311,86 @@ class Engine:
             thresholds=self.config.actions,
         )
         headers = tuple(verdict_headers(verdict, self.config.server.hostname))
-        return Evaluation(envelope, verdict, run, headers)
+        autolearn = self._after_verdict(ctx.with_results(run.results), verdict)
+        return Evaluation(envelope, verdict, run, headers, autolearn)
+
+    def _after_verdict(self, ctx: Context, verdict: Verdict) -> tuple[tuple[str, AutoLearn], ...]:
+        """Each policy's :meth:`Policy.after_verdict`; one that raises is logged and skipped."""
+        out: list[tuple[str, AutoLearn]] = []
+        for name, policy in self.pipeline.policies.items():
+            if type(policy).after_verdict is Policy.after_verdict:
+                continue
+            try:
+                decision = policy.after_verdict(ctx, verdict)
+            except Exception as exc:
+                log.exception(
+                    "after_verdict_failed",
+                    extra={"policy": name, "queue_id": ctx.queue_id, "error": type(exc).__name__},
+                )
+                continue
+            if decision is not None:
+                out.append((name, decision))
+        return tuple(out)
+
+    def learn_from(self, evaluation: Evaluation) -> dict[str, str]:
+        """Start the background learning the policies decided on; the message log's fields.
+
+        Called by the server once the hand-off is decided, so learning never
+        delays a reply (``scan`` does not call it: it learns nothing). The log
+        reads ``autolearn=spam|ham|no|unavailable`` as in SpamAssassin, plus
+        ``autolearn_detail``; a second policy's fields carry its name.
+        """
+        fields: dict[str, str] = {}
+        for name, decision in evaluation.autolearn:
+            label, detail = decision.label, decision.detail
+            if decision.learn is not None:
+                pending = self._pending.get(name, 0)
+                if self._closing or pending >= decision.max_pending:
+                    metrics.AUTOLEARN.labels(name, decision.label, "skipped").inc()
+                    why = "shutting down" if self._closing else f"{pending} learns pending"
+                    label, detail = "unavailable", f"{why}; not learned as {decision.label}"
+                else:
+                    self._start_learning(name, decision, evaluation.envelope.queue_id)
+            key = "autolearn" if "autolearn" not in fields else f"autolearn_{name}"
+            fields[key] = label
+            if detail:
+                fields[f"{key}_detail"] = detail
+        return fields
+
+    def _start_learning(self, name: str, decision: AutoLearn, queue_id: str) -> None:
+        self._pending[name] = self._pending.get(name, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._learn(name, decision, queue_id))
+        self._learning.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._learning.discard(task)
+            self._pending[name] -= 1
+
+        task.add_done_callback(done)
+
+    async def _learn(self, name: str, decision: AutoLearn, queue_id: str) -> None:
+        """One background learn: bounded by its timeout; errors are logged and counted."""
+        assert decision.learn is not None
+        extra: dict[str, object] = {"policy": name, "queue_id": queue_id, "class": decision.label}
+        try:
+            async with asyncio.timeout(decision.timeout):
+                changed = await decision.learn()
+        except TimeoutError:
+            result, extra["error"] = "failed", f"no answer within {decision.timeout}s"
+        except asyncio.CancelledError:
+            metrics.AUTOLEARN.labels(name, decision.label, "failed").inc()
+            log.warning("message_autolearn_cancelled", extra=extra)
+            raise
+        except Exception as exc:
+            result, extra["error"] = "failed", f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            result = "learned" if changed else "known"
+        metrics.AUTOLEARN.labels(name, decision.label, result).inc()
+        extra["result"] = result
+        if result == "failed":
+            log.warning("message_autolearn_failed", extra=extra)
+        else:
+            log.info("message_autolearned", extra=extra)
 
     def preview_reply(self, evaluation: Evaluation) -> Reply:
         """What the client would be told if the hand-off succeeds (for ``scan``)."""

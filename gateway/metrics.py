@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTH_RESULTS",
+    "AUTOLEARN",
     "BUILD_INFO",
     "CONFIG_RELOADS",
     "DNS_QUERIES",
@@ -133,6 +134,13 @@ CONFIG_RELOADS = Counter(
     "gateway_config_reloads",
     "Config reloads (SIGHUP) by result (ok, invalid)",
     ["result"],
+    registry=REGISTRY,
+)
+AUTOLEARN = Counter(
+    "gateway_autolearn",
+    "Messages a policy chose to learn from its verdict (bayes autolearn), by class (spam, ham)"
+    " and result (learned, known: learned before, failed, skipped: too many pending)",
+    ["policy", "class", "result"],
     registry=REGISTRY,
 )
 BUILD_INFO = Gauge(

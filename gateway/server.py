@@ -204,6 +204,8 @@ class Gateway:
                 self._no_deliveries.set()
             if gen.retired and gen.inflight == 0:
                 gen.closed.set()
+        # After the hand-off: learning never delays the reply (the engine drains it on close).
+        learned = gen.engine.learn_from(evaluation) if evaluation is not None else {}
         metrics.MESSAGE_SIZE.observe(len(tx.raw))
         metrics.record_action(action)
         env = tx.envelope
@@ -233,6 +235,7 @@ class Gateway:
                 else [],
                 "reply": str(reply),
                 "seconds": round(time.monotonic() - started, 4),
+                **learned,
                 **fields,
             },
         )

@@ -24,6 +24,17 @@ the gateway's state store (``services.state``: local SQLite, or Redis shared
 by every node), as (spam, ham) message counts per hashed token in table
 ``bayes`` plus a totals row; learned message ids in ``bayes_seen`` make
 re-learning a message a no-op and learning it as the other class a move.
+
+Auto-learn (off by default, SpamAssassin's ``bayes_auto_learn``): after the
+verdict, a message that scored at least ``autolearn_spam_score`` is learned
+as spam and one below ``autolearn_ham_score`` as ham, in the background
+(:meth:`BayesPolicy.after_verdict`, :func:`autolearn_decision`). As in
+SpamAssassin the score leaves out the classifier's own symbols, spam also
+needs ``autolearn_min_header_points`` and ``autolearn_min_body_points``,
+and the classifier must not strongly disagree. A verdict that an action
+floor (GTUBE, a blocked attachment, DMARC, a temporary failure) or an
+allow/block list decided teaches nothing about content and is not learned;
+nor is a message already learned (a manual ``learn`` is never overridden).
 """
 
 from __future__ import annotations
@@ -34,11 +45,13 @@ import email.policy
 import hashlib
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from email.message import EmailMessage
 
 from gateway.api import (
+    AutoLearn,
     Context,
     OptionError,
     Policy,
@@ -48,10 +61,18 @@ from gateway.api import (
     StateUnavailableError,
     Symbol,
     SymbolDef,
+    VerdictView,
 )
 from policies._tokens import TokenizerOptions, hash_token, message_tokens
 
-__all__ = ["BayesOptions", "BayesPolicy", "buckets", "chi2q", "spam_probability"]
+__all__ = [
+    "BayesOptions",
+    "BayesPolicy",
+    "autolearn_decision",
+    "buckets",
+    "chi2q",
+    "spam_probability",
+]
 
 log = logging.getLogger("policies.bayes")
 
@@ -74,6 +95,21 @@ _BUCKETS: tuple[tuple[float, str], ...] = (
 )
 ALMOST_CERTAIN = 0.999  # BAYES_999 comes on top of BAYES_99 from here, as in SpamAssassin
 
+# SpamAssassin's AutoLearnThreshold: no learning as spam when the classifier's own
+# points say ham (below -1.0), nor as ham when they say spam (above 1.0).
+LEARNER_SAID_HAM = Decimal("-1.0")
+LEARNER_SAID_SPAM = Decimal("1.0")
+# Symbol families that count as body points for auto-learn (SpamAssassin's body,
+# rawbody, uri and full rules); META_ counts for neither; every other family,
+# from SPF to DNSBL, counts as header points.
+BODY_FAMILIES = ("BODY_", "RAW_", "URI_", "HTML_", "MIME_", "ATTACH_")
+NEITHER_FAMILIES = ("META_",)
+_STEPPED_ASIDE = frozenset({"BAYES_UNAVAILABLE", "POLICY_ERROR", "POLICY_TIMEOUT"})
+_INCOMPLETE = frozenset({"POLICY_ERROR", "POLICY_TIMEOUT", "MIME_TOO_COMPLEX", "MIME_UNPARSEABLE"})
+# A check that could not answer (DNSBL_TEMPFAIL, RATELIMIT_UNAVAILABLE, SPF_TEMPERROR):
+# the score is missing its evidence, so it says little either way.
+_MISSED_SUFFIXES = ("_TEMPFAIL", "_TEMPERROR", "_UNAVAILABLE")
+
 
 @dataclass(frozen=True, slots=True)
 class BayesOptions:
@@ -87,6 +123,13 @@ class BayesOptions:
     html_tags: bool = False  # also HTML tag names (more spam caught, more newsletters too)
     max_tokens: int = 3_000  # distinct tokens per message, a bound for hostile input
     state_timeout: float = 2.0  # seconds for one state-store call before stepping aside
+    autolearn: bool = False  # learn from the gateway's own confident verdicts
+    autolearn_spam_score: float = 12.0  # score without BAYES_* at or above which: spam
+    autolearn_ham_score: float = 0.1  # score without BAYES_* below which: ham
+    autolearn_min_header_points: float = 3.0  # spam needs this much from header symbols
+    autolearn_min_body_points: float = 3.0  # ... and this much from body symbols
+    autolearn_skip_policies: tuple[str, ...] = ("lists",)  # a symbol of these: never learned
+    autolearn_max_pending: int = 100  # background learns at once; more are skipped (counted)
 
     def __post_init__(self) -> None:
         if not self.table or not self.table.replace("_", "").isalnum():
@@ -106,6 +149,16 @@ class BayesOptions:
             raise OptionError("max_tokens", f"must be 10..100000, got {self.max_tokens}")
         if self.state_timeout <= 0:
             raise OptionError("state_timeout", f"must be > 0 seconds, got {self.state_timeout}")
+        if self.autolearn_ham_score >= self.autolearn_spam_score:
+            raise OptionError(
+                "autolearn_ham_score",
+                f"must be below autolearn_spam_score ({self.autolearn_spam_score}), "
+                f"got {self.autolearn_ham_score}",
+            )
+        if not 1 <= self.autolearn_max_pending <= 100_000:
+            raise OptionError(
+                "autolearn_max_pending", f"must be 1..100000, got {self.autolearn_max_pending}"
+            )
 
 
 # -- the mathematics (pure functions) ------------------------------------------
@@ -176,6 +229,67 @@ def buckets(probability: float) -> tuple[str, ...]:
     return (name, "BAYES_999") if probability >= ALMOST_CERTAIN else (name,)
 
 
+# -- auto-learn (a pure decision) -------------------------------------------------
+
+
+def autolearn_decision(
+    verdict: VerdictView,
+    results: Mapping[str, Result],
+    *,
+    policy: str,
+    options: BayesOptions,
+) -> tuple[str, str]:
+    """(label, why): ``spam`` or ``ham`` to learn, else ``no`` or ``unavailable``.
+
+    ``results`` are every policy's results; ``policy`` is the classifier's own
+    name, whose symbols are left out of the score as in SpamAssassin.
+    """
+    own = results.get(policy)
+    if own is None or any(s.name in _STEPPED_ASIDE for s in own.symbols):
+        return "unavailable", "the classifier did not run on this message"
+    floors = sorted(name for name, r in results.items() if r.force is not None)
+    if verdict.forced_by is not None and verdict.forced_by not in floors:
+        floors.append(verdict.forced_by)
+    if floors:
+        return "no", "action floor from " + ", ".join(floors)
+    skip = set(options.autolearn_skip_policies)
+    listed = sorted(s.name for s in verdict.symbols if s.policy in skip)
+    if listed:
+        return "no", "allow/block list hit: " + ", ".join(listed)
+    incomplete = sorted(
+        s.name
+        for s in verdict.symbols
+        if s.policy != policy and (s.name in _INCOMPLETE or s.name.endswith(_MISSED_SUFFIXES))
+    )
+    if incomplete:
+        return "no", "evidence incomplete: " + ", ".join(incomplete)
+    zero = Decimal("0.00")
+    learner = sum((s.score for s in verdict.symbols if s.policy == policy), zero)
+    others = [s for s in verdict.symbols if s.policy != policy]
+    score = sum((s.score for s in others), zero)
+    body = sum((s.score for s in others if s.name.startswith(BODY_FAMILIES)), zero)
+    header = sum(
+        (s.score for s in others if not s.name.startswith(BODY_FAMILIES + NEITHER_FAMILIES)),
+        zero,
+    )
+    spam_at = Decimal(repr(options.autolearn_spam_score))
+    ham_below = Decimal(repr(options.autolearn_ham_score))
+    facts = f"score {score} without {policy} (header {header}, body {body}, {policy} {learner})"
+    if score >= spam_at:
+        if header < Decimal(repr(options.autolearn_min_header_points)):
+            return "no", f"{facts}: too few header points for spam"
+        if body < Decimal(repr(options.autolearn_min_body_points)):
+            return "no", f"{facts}: too few body points for spam"
+        if learner < LEARNER_SAID_HAM:
+            return "no", f"{facts}: the classifier says ham"
+        return "spam", f"{facts} >= {spam_at}"
+    if score < ham_below:
+        if learner > LEARNER_SAID_SPAM:
+            return "no", f"{facts}: the classifier says spam"
+        return "ham", f"{facts} < {ham_below}"
+    return "no", f"{facts} between {ham_below} and {spam_at}"
+
+
 # -- the policy -----------------------------------------------------------------
 
 
@@ -222,6 +336,7 @@ class BayesPolicy(Policy):
             bigrams=options.bigrams, html_tags=options.html_tags, max_tokens=options.max_tokens
         )
         self._services: Services | None = None
+        self._autolearning: set[str] = set()  # message keys being auto-learned right now
 
     async def start(self, services: Services) -> None:
         self._services = services
@@ -236,7 +351,7 @@ class BayesPolicy(Policy):
 
     async def check(self, ctx: Context) -> Result:
         opts = self.options
-        tokens = [hash_token(t) for t in message_tokens(ctx, self._tokenizer)]
+        tokens = ctx.memo(self._hashed_tokens)
         try:
             async with asyncio.timeout(opts.state_timeout):
                 counts = await self._state.get_many(opts.table, [TOTALS_KEY, *tokens])
@@ -261,6 +376,42 @@ class BayesPolicy(Policy):
         )
         detail = f"{probability:.4f} ({clues} clues)"
         return Result(symbols=tuple(Symbol(name, detail=detail) for name in buckets(probability)))
+
+    def _hashed_tokens(self, ctx: Context) -> list[str]:
+        """The message's hashed tokens, memoized per message for :meth:`after_verdict`."""
+        return [hash_token(t) for t in message_tokens(ctx, self._tokenizer)]
+
+    # -- auto-learn ---------------------------------------------------------
+
+    def after_verdict(self, ctx: Context, verdict: VerdictView) -> AutoLearn | None:
+        """Decide on auto-learning (see :func:`autolearn_decision`); learning runs later."""
+        opts = self.options
+        if not opts.autolearn:
+            return None
+        label, why = autolearn_decision(verdict, ctx.results, policy=self.name, options=opts)
+        if label not in ("spam", "ham"):
+            return AutoLearn(label, why)
+        # Only the key and the (memoized) tokens are kept, not the message.
+        message = _Learnable(
+            _message_key(ctx.message, ctx.raw), tuple(ctx.memo(self._hashed_tokens))
+        )
+
+        async def learn() -> bool:
+            return await self._autolearn(message, spam=label == "spam")
+
+        return AutoLearn(
+            label, why, learn, timeout=opts.state_timeout, max_pending=opts.autolearn_max_pending
+        )
+
+    async def _autolearn(self, message: _Learnable, spam: bool) -> bool:
+        """Learn one message unless it was learned before, as either class."""
+        if message.key in self._autolearning:
+            return False  # the same message is being learned right now (a retry, a copy)
+        self._autolearning.add(message.key)
+        try:
+            return await self._learn_batch([message], spam, move=False) > 0
+        finally:
+            self._autolearning.discard(message.key)
 
     # -- learning -----------------------------------------------------------
 
@@ -300,7 +451,9 @@ class BayesPolicy(Policy):
         tokens = tuple(hash_token(t) for t in message_tokens(ctx, self._tokenizer))
         return _Learnable(_message_key(message, raw), tokens)
 
-    async def _learn_batch(self, batch: Sequence[_Learnable], spam: bool) -> int:
+    async def _learn_batch(
+        self, batch: Sequence[_Learnable], spam: bool, *, move: bool = True
+    ) -> int:
         table, seen_table = self.options.table, f"{self.options.table}_seen"
         seen = await self._state.get_many(seen_table, list({m.key for m in batch}))
         deltas: dict[str, list[int]] = {}
@@ -318,6 +471,8 @@ class BayesPolicy(Policy):
             if before[mine] > 0:
                 continue  # already learned as this class
             if before[1 - mine] > 0:  # learned as the other class: move it
+                if not move:
+                    continue
                 add((*m.tokens, TOTALS_KEY), 1 - mine, -1)
             add((*m.tokens, TOTALS_KEY), mine, 1)
             now = (1, 0) if spam else (0, 1)
