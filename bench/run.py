@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -30,10 +32,9 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import aiosmtplib
 
 from bench.mix import BenchMessage, big_message, build_mix, make_domain
 from gateway.testing.dnsserver import DNSServer
@@ -156,6 +157,9 @@ class RoundResult:
     seconds: float = 0.0
     cpu: float = 0.0
     rss_mb: float = 0.0
+    load_cpu: float = 0.0  # the load generator's own CPU seconds (and the DNS server's)
+    loadavg: float = 0.0  # 1-minute load average at the end of the round
+    cycle: bool = True  # cycle through the mix until the time is up
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     @property
@@ -166,16 +170,102 @@ class RoundResult:
     def cpu_ms(self) -> float:
         return 1000 * self.cpu / self.sent if self.sent else 0.0
 
+    @property
+    def load_cpu_ms(self) -> float:
+        return 1000 * self.load_cpu / self.sent if self.sent else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """One message as the load generator sends it: commands and DATA ready on the wire.
+
+    Dot-stuffing and line-ending normalization are done once here, not per send:
+    aiosmtplib redoes both with regexes on every ``sendmail`` (most of the load
+    generator's CPU, which competes with the servers for the same cores).
+    """
+
+    kind: str
+    mail: bytes
+    rcpt: bytes
+    data: bytes  # dot-stuffed, ending in CRLF "." CRLF
+
+    @classmethod
+    def of(cls, msg: BenchMessage) -> Wire:
+        body = msg.data if msg.data.endswith(b"\r\n") else msg.data + b"\r\n"
+        stuffed = (b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]
+        return cls(
+            msg.kind,
+            f"MAIL FROM:<{msg.mail_from}>\r\n".encode(),
+            f"RCPT TO:<{msg.rcpt_to}>\r\n".encode(),
+            stuffed + b".\r\n",
+        )
+
+
+class SMTPFailed(Exception):
+    pass
+
+
+async def _reply(reader: asyncio.StreamReader) -> int:
+    """The code of one (possibly multi-line) SMTP reply."""
+    while True:
+        line = await reader.readline()
+        if len(line) < 4:
+            raise SMTPFailed(f"connection closed or short reply {line!r}")
+        if line[3:4] != b"-":
+            return int(line[:3])
+
+
+class Client:
+    """A minimal SMTP client for the load: one connection, one transaction at a time
+    (no PIPELINING: the relay baseline does not offer it), nothing computed per send."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        if await _reply(self.reader) != 220:
+            raise SMTPFailed("no greeting")
+        self.writer.write(b"EHLO loadgen.example\r\n")
+        if await _reply(self.reader) != 250:
+            raise SMTPFailed("EHLO refused")
+
+    async def send(self, msg: Wire) -> None:
+        reader, writer = self.reader, self.writer
+        assert reader is not None and writer is not None
+        for command, expected in ((msg.mail, 250), (msg.rcpt, 250), (b"DATA\r\n", 354)):
+            writer.write(command)
+            if await _reply(reader) != expected:
+                writer.write(b"RSET\r\n")
+                await _reply(reader)
+                raise SMTPFailed(command[:4].decode())
+        writer.write(msg.data)
+        if await _reply(reader) != 250:
+            raise SMTPFailed("DATA refused")
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(OSError, SMTPFailed):
+                self.writer.write(b"QUIT\r\n")
+                await self.writer.drain()
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+            self.writer = self.reader = None
+
 
 async def load(
-    port: int, messages: list[BenchMessage], concurrency: int, seconds: float, result: RoundResult
+    port: int, messages: list[Wire], concurrency: int, seconds: float, result: RoundResult
 ) -> None:
-    """``concurrency`` sessions sending from the mix until time or messages run out."""
-    it = iter(messages)
+    """``concurrency`` sessions sending from the mix, cycling through it, until the time is up
+    (or, with ``cycle=False``, the messages run out)."""
+    it = iter(messages) if not result.cycle else itertools.cycle(messages)
     deadline = time.monotonic() + seconds
 
     async def session() -> None:
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60, start_tls=False)
+        client = Client(port)
         await client.connect()
         try:
             for msg in it:
@@ -183,30 +273,51 @@ async def load(
                     break
                 t0 = time.perf_counter()
                 try:
-                    await client.sendmail(msg.mail_from, [msg.rcpt_to], msg.data)
+                    async with asyncio.timeout(60):
+                        await client.send(msg)
                     result.sent += 1
                     result.latencies[msg.kind].append(time.perf_counter() - t0)
-                except aiosmtplib.SMTPException:
+                except (SMTPFailed, OSError, TimeoutError):
                     result.failed += 1
-                    if not client.is_connected:
-                        await client.connect()
+                    await client.close()
+                    await client.connect()
         finally:
-            if client.is_connected:
-                await client.quit()
+            await client.close()
 
     await asyncio.gather(*(session() for _ in range(concurrency)))
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop when installed (as the gateway and the relay baseline use it): a cheaper
+    load generator leaves more of the shared cores to the servers it measures."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
 def run_round(
-    target: str, pid: int, port: int, messages: list[BenchMessage], concurrency: int, secs: float
+    target: str,
+    pid: int,
+    port: int,
+    messages: list[Wire],
+    concurrency: int,
+    secs: float,
+    *,
+    cycle: bool = True,
 ) -> RoundResult:
-    res = RoundResult(target, concurrency)
+    res = RoundResult(target, concurrency, cycle=cycle)
     cpu0 = cpu_seconds(pid)
+    own0 = time.process_time()
     t0 = time.perf_counter()
-    asyncio.run(load(port, messages, concurrency, secs, res))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(load(port, messages, concurrency, secs, res))
     res.seconds = time.perf_counter() - t0
     res.cpu = cpu_seconds(pid) - cpu0
+    res.load_cpu = time.process_time() - own0
     res.rss_mb = peak_rss_mb(pid)
+    res.loadavg = os.getloadavg()[0]
     return res
 
 
@@ -276,10 +387,11 @@ def memory_checks(
     gw = start_gateway(gateway_config(tmp / "m1", port, sink_port, dns, workers))
     try:
         wait_port(port, gw)
-        run_round("warmup", gw.pid, port, messages[:40], 5, 5)
+        wires = [Wire.of(m) for m in messages]
+        run_round("warmup", gw.pid, port, wires[:40], 5, 5, cycle=False)
         idle = rss_mb(gw.pid)
         with PeakPSS(gw.pid) as pss:
-            res = run_round("gateway", gw.pid, port, messages, 200, 15)
+            res = run_round("gateway", gw.pid, port, wires, 200, 15, cycle=False)
         print(
             f"memory: 200 concurrent sessions: {res.sent} msgs ({res.failed} failed), "
             f"peak RSS {res.rss_mb:.1f} MB (idle {idle:.1f} MB; sum of each process's peak), "
@@ -293,10 +405,10 @@ def memory_checks(
     gw = start_gateway(gateway_config(tmp / "m2", port, sink_port, dns, 1, **big_ok))
     try:
         wait_port(port, gw)
-        run_round("warmup", gw.pid, port, messages[:40], 5, 5)
+        run_round("warmup", gw.pid, port, wires[:40], 5, 5, cycle=False)
         before = rss_mb(gw.pid)
         big = big_message(20_000_000, messages[0].mail_from, messages[0].rcpt_to)
-        res = run_round("gateway", gw.pid, port, [big], 1, 60)
+        res = run_round("gateway", gw.pid, port, [Wire.of(big)], 1, 60, cycle=False)
         cost = res.rss_mb - before
         size = len(big.data) / 2**20
         print(
@@ -317,6 +429,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="per round")
     ap.add_argument("--rounds", type=int, default=2, help="alternating (a, b) pairs per level")
     ap.add_argument("--workers", type=int, default=1, help="gateway server.workers")
+    ap.add_argument(
+        "--relay-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the relay baseline's event loop (default: uvloop, as the gateway runs)",
+    )
     ap.add_argument("--messages", type=int, default=3000, help="size of the seeded mix")
     ap.add_argument(
         "--memory",
@@ -356,6 +474,8 @@ def main() -> int:
                     str(base_port),
                     "--relay-port",
                     str(sink_port),
+                    "--loop",
+                    args.relay_loop,
                 ],
                 cwd=ROOT,
             )
@@ -366,13 +486,14 @@ def main() -> int:
             procs.append(gw)
             wait_port(gw_port, gw)
             # Warm-up: imports, DNS cache, pools.
-            run_round("warmup", gw.pid, gw_port, messages[: warm[0]], 5, warm[1])
-            run_round("warmup", base.pid, base_port, messages[: warm[0]], 5, warm[1])
+            wires = [Wire.of(m) for m in messages]
+            run_round("warmup", gw.pid, gw_port, wires[: warm[0]], 5, warm[1], cycle=False)
+            run_round("warmup", base.pid, base_port, wires[: warm[0]], 5, warm[1], cycle=False)
             results: list[tuple[RoundResult, RoundResult]] = []
             for conc in args.concurrency:
                 for r in range(args.rounds):
-                    offset = (r * 997) % max(1, len(messages) - 1)
-                    pool = messages[offset:] + messages[:offset]
+                    offset = (r * 997) % max(1, len(wires) - 1)
+                    pool = wires[offset:] + wires[:offset]
                     a = run_round("relay", base.pid, base_port, pool, conc, args.seconds)
                     b = run_round("gateway", gw.pid, gw_port, pool, conc, args.seconds)
                     results.append((a, b))
@@ -398,7 +519,7 @@ def report(results: list[tuple[RoundResult, RoundResult]]) -> None:
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(
         f"{'target':8} {'conc':>4} {'msgs':>6} {'fail':>4} {'msg/s':>8} "
-        f"{'cpu ms/msg':>10} {'rss MB':>7}"
+        f"{'cpu ms/msg':>10} {'rss MB':>7} {'loadgen ms/msg':>14} {'load1':>5}"
     )
     by_conc: dict[int, list[tuple[RoundResult, RoundResult]]] = defaultdict(list)
     for a, b in results:
@@ -406,7 +527,7 @@ def report(results: list[tuple[RoundResult, RoundResult]]) -> None:
         for r in (a, b):
             print(
                 f"{r.target:8} {r.concurrency:>4} {r.sent:>6} {r.failed:>4} {r.rate:>8.1f} "
-                f"{r.cpu_ms:>10.2f} {r.rss_mb:>7.1f}"
+                f"{r.cpu_ms:>10.2f} {r.rss_mb:>7.1f} {r.load_cpu_ms:>14.2f} {r.loadavg:>5.2f}"
             )
     for conc, pairs in sorted(by_conc.items()):
         print(f"\nlatency ms (p50/p99) by kind, concurrency {conc}, all rounds")
@@ -419,19 +540,30 @@ def report(results: list[tuple[RoundResult, RoundResult]]) -> None:
                 lat_b[kind].extend(v)
         for kind in sorted(set(lat_a) | set(lat_b)):
             la, lb = lat_a[kind], lat_b[kind]
+            # Each round's gateway p99 minus the p99 of the relay round just before it:
+            # the median of these is robust to one disturbed round.
+            added = [
+                pct(b.latencies[kind], 0.99) - pct(a.latencies[kind], 0.99)
+                for a, b in pairs
+                if a.latencies.get(kind) and b.latencies.get(kind)
+            ]
+            per_round = " ".join(f"{x:+.0f}" for x in added)
             print(
                 f"  {kind:8} relay {pct(la, 0.5):7.1f}/{pct(la, 0.99):7.1f}"
                 f"   gateway {pct(lb, 0.5):7.1f}/{pct(lb, 0.99):7.1f}"
                 f"   added p99 {pct(lb, 0.99) - pct(la, 0.99):+7.1f}"
+                f"   by round {per_round} (median {statistics.median(added or [0.0]):+.1f})"
             )
-    print("\nratios gateway/relay (mean over rounds)")
+    print("\nratios gateway/relay (mean over rounds; median in brackets)")
     for conc, pairs in sorted(by_conc.items()):
-        thr = statistics.mean(b.rate / a.rate for a, b in pairs if a.rate)
-        cpu = statistics.mean(b.cpu_ms / a.cpu_ms for a, b in pairs if a.cpu_ms)
-        extra = statistics.mean(b.cpu_ms - a.cpu_ms for a, b in pairs)
+        thr = [b.rate / a.rate for a, b in pairs if a.rate]
+        cpu = [b.cpu_ms / a.cpu_ms for a, b in pairs if a.cpu_ms]
+        extra = [b.cpu_ms - a.cpu_ms for a, b in pairs]
         print(
-            f"  concurrency {conc:>3}: throughput {thr:.2f}x, cpu/msg {cpu:.2f}x, "
-            f"pipeline cost {extra:+.2f} ms/msg"
+            f"  concurrency {conc:>3}: throughput {statistics.mean(thr):.2f}x "
+            f"({statistics.median(thr):.2f}x), cpu/msg {statistics.mean(cpu):.2f}x "
+            f"({statistics.median(cpu):.2f}x), pipeline cost {statistics.mean(extra):+.2f} ms/msg "
+            f"({statistics.median(extra):+.2f})"
         )
 
 
