@@ -32,6 +32,39 @@ class Rule(enum.Enum):
 
 
 def _window(data: bytes, rule: Rule) -> bool:
+    if len(data) >= _DOT_WALK_FROM:
+        verdict = _dot_walk(data, rule)
+        if verdict is not None:
+            return verdict
+    return _scan(data, rule)
+
+
+_DOT_WALK_FROM = 16 * 1024  # bytes; below this the two-byte searches are as fast
+_MAX_DOTS = 512  # dots looked at one by one before falling back to the searches
+
+
+def _dot_walk(data: bytes, rule: Rule) -> bool | None:
+    """:func:`_scan` by visiting each "." (a one-byte search: memchr, ~10x faster on big
+    attachments, whose base64 has no dot, than two-byte searches that stop at every CR).
+
+    None when the window has more than :data:`_MAX_DOTS` dots (text): the caller scans.
+    """
+    cr, lf = 0x0D, 0x0A
+    i = data.find(b".", 1)  # a dot at 0 has no line end before it in this window
+    for _ in range(_MAX_DOTS):
+        if i < 0:
+            return False
+        prev = data[i - 1]
+        if prev == cr or (prev == lf and (i < 2 or data[i - 2] != cr)):  # bare CR or LF
+            if rule is Rule.ANY_DOT:
+                return True
+            if i + 1 < len(data) and data[i + 1] in (cr, lf):
+                return True
+        i = data.find(b".", i + 1)
+    return None if i >= 0 else False
+
+
+def _scan(data: bytes, rule: Rule) -> bool:
     if b"\r." not in data and b"\n." not in data:
         return False  # the common case, and two-byte searches stay fast on any input
     if rule is Rule.ANY_DOT:

@@ -109,3 +109,29 @@ def test_every_named_smuggling_variant_is_refused_or_stays_inside() -> None:
         stream = wire_data(raw)
         for ends in DOWNSTREAMS.values():
             assert _lenient_end(stream, ends) == len(stream) - 3, name
+
+
+_walk_atoms = st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"..", b"a", b"QUJD", b"\r\n.\r\n"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_walk_atoms, max_size=60), st.sampled_from(list(smuggling.Rule)))
+def test_the_dot_walk_agrees_with_the_byte_searches(
+    atoms: list[bytes], rule: smuggling.Rule
+) -> None:
+    """The fast path for big windows (visit each dot) answers as the two-byte searches do,
+    or hands over (None) when there are too many dots."""
+    data = b"".join(atoms)
+    walked = smuggling._dot_walk(data, rule)
+    if walked is not None:
+        assert walked == smuggling._scan(data, rule), data
+    padded = b"QUJD" * 5000 + data  # a big window: the path found_sync takes
+    assert smuggling.found_sync(padded, rule) == smuggling._scan(padded, rule)
+
+
+def test_a_window_with_many_dots_falls_back_to_the_searches() -> None:
+    text = b"Dr. Smith. " * 2000  # more dots than the walk looks at
+    for tail, found in ((b"", False), (b"\r\n\n.\r\n", True)):
+        data = text + tail
+        assert smuggling._dot_walk(data, smuggling.Rule.ANY_DOT) is None
+        assert smuggling.found_sync(data, smuggling.Rule.ANY_DOT) is found
