@@ -76,11 +76,36 @@ def _whole_lines(raw: bytes, start: int, end: int) -> tuple[int, int] | None:
     end = raw.rfind(b"\r\n", start, end) + 2  # whole lines only
     if end - start < MIN_RUN:
         return None
-    run = raw[start:end]
-    crlf = run.count(b"\r\n")
-    if b"\r\n\r\n" in run or run.count(b"\r") != crlf or run.count(b"\n") != crlf:
-        return None  # a bare CR or LF ends a line for the parser too: keep it simple
+    # A bare CR or LF ends a line for the parser too: keep it simple. (Searched in
+    # place, no copy; one-byte counts, and the CRLFs read off the lines' stride.)
+    # No empty line inside: _runs cut the match at its first CRLF CRLF.
+    crs = raw.count(b"\r", start, end)
+    if raw.count(b"\n", start, end) != crs or _crlf_count(raw, start, end, crs) != crs:
+        return None
     return start, end
+
+
+def _crlf_count(raw: bytes, start: int, end: int, crs: int) -> int:
+    """``raw.count(b"\r\n", start, end)``, given ``crs`` CRs there, for a span ending in CRLF.
+
+    When every line has the first one's width (base64 bodies) and that accounts for
+    all ``crs`` CRs, the answer is read off the line ends by stride: no two-byte
+    search, which stops at every CR (3x slower on a 2 MB attachment).
+    """
+    width = raw.find(b"\r\n", start, end) - start + 2
+    if width >= 2:
+        full, rest = divmod(end - start, width)
+        lines = full + (rest > 0)
+        if lines == crs:
+            ends_cr = raw[start + width - 2 : end : width]
+            ends_lf = raw[start + width - 1 : end : width]
+            if (
+                ends_cr.count(b"\r") == full == len(ends_cr)
+                and ends_lf.count(b"\n") == full == len(ends_lf)
+                and (rest == 0 or raw.startswith(b"\r\n", end - 2))
+            ):
+                return crs  # a CRLF at every line end, and no CR elsewhere
+    return raw.count(b"\r\n", start, end)
 
 
 def elide_steps(raw: bytes) -> Generator[None, None, Elided | None]:

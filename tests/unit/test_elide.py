@@ -96,3 +96,13 @@ def test_any_structure_parses_identically_or_falls_back(raw: bytes, window: int)
         msg = _via_elision(raw)
     if msg is not None:
         assert _shape(msg) == _shape(_stdlib(raw))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"QUJD", b"AA", b"\r\n", b"\r", b"\n", b"="]), max_size=40))
+def test_the_crlf_count_by_stride_is_the_count(pieces: list[bytes]) -> None:
+    """The stride shortcut returns exactly ``bytes.count(b"\\r\\n")`` on any span ending in CRLF."""
+    raw = b"x" + b"".join(pieces) + b"\r\n"
+    start, end = 1, len(raw)
+    crs = raw.count(b"\r", start, end)
+    assert elide._crlf_count(raw, start, end, crs) == raw.count(b"\r\n", start, end)
