@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import elide
-from gateway.engine import parse_message
+from gateway.engine import _MULTIPART, _containers_in_step, parse_message
 
 
 def _stdlib(raw: bytes) -> Message:
@@ -106,3 +106,33 @@ def test_the_crlf_count_by_stride_is_the_count(pieces: list[bytes]) -> None:
     start, end = 1, len(raw)
     crs = raw.count(b"\r", start, end)
     assert elide._crlf_count(raw, start, end, crs) == raw.count(b"\r\n", start, end)
+
+
+_ct_atoms = st.sampled_from(
+    [
+        *(b"Content-Type:", b"content-TYPE: ", b"multipart/", b"MultiPart/", b" ", b"\t"),
+        *(b"\r\n", b"\n", b"\r\n ", b":", b"x", b"QUJD" * 40),
+    ]
+)
+
+
+def _containers_by_scan(raw: bytes, step: int) -> int:
+    """The reference: each step lower-cased with 256 bytes of overlap and scanned."""
+    return sum(
+        sum(1 for m in _MULTIPART.finditer(raw[s : s + step + 256].lower()) if m.start() < step)
+        for s in range(0, len(raw), step)
+    )
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.lists(_ct_atoms, max_size=50), st.sampled_from([16, 64, 4096]), st.sampled_from([2, 1000])
+)
+def test_multipart_fields_counted_at_their_colons_as_by_the_scan(
+    atoms: list[bytes], step: int, max_colons: int
+) -> None:
+    """The container count (MIME_TOO_COMPLEX) is the same whether each step's colons are
+    visited or the step is lower-cased and scanned."""
+    raw = b"".join(atoms)
+    walked = sum(_containers_in_step(raw, s, step, max_colons) for s in range(0, len(raw), step))
+    assert walked == _containers_by_scan(raw, step)
