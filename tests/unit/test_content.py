@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import re
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import content
 from gateway.api import (
@@ -190,3 +193,11 @@ def test_stray_8bit_bytes_in_base64_do_not_hide_the_body() -> None:
         + body[8:].encode()
     )
     assert body_text(make_context(raw)) == "hidden spam words here"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=" \t\r\n\f\v\xa0ab.", max_size=80))
+def test_squeeze_collapses_white_space_as_the_plain_pattern_does(text: str) -> None:
+    """Every run of spaces, tabs, CR, FF, VT and NBSP becomes one space; blank lines one."""
+    plain = re.sub(r"[ \t\r\f\v\xa0]+", " ", text.replace("\r\n", "\n"))
+    assert content._squeeze(text) == re.sub(r"\n\s*\n+", "\n\n", plain).strip()
