@@ -24,6 +24,7 @@ from gateway.api import (
     OptionError,
     Policy,
     Result,
+    Services,
     Symbol,
     SymbolDef,
     html_links,
@@ -31,6 +32,7 @@ from gateway.api import (
     registrable_domain,
     text_parts,
 )
+from policies import _language
 from policies._mail import Address, addresses, from_address, header, raw_headers
 
 __all__ = ["HeuristicsOptions", "HeuristicsPolicy"]
@@ -88,6 +90,10 @@ SYMBOLS: Mapping[str, SymbolDef] = {
     "MIME_EMPTY_BODY_ATTACHMENT": SymbolDef(1.0, "no text to read, only an attachment"),
     "MIME_HTML_ONLY": SymbolDef(0.1, "HTML without a text/plain alternative"),
     "MIME_HTML_LITTLE_TEXT": SymbolDef(2.5, "HTML-only mail with very little text"),
+    # SpamAssassin's UNWANTED_LANGUAGE_BODY (TextCat plugin, ok_languages) scores 2.8.
+    "BODY_UNWANTED_LANGUAGE": SymbolDef(
+        2.8, "text is in a language not listed in policies.heuristics.ok_languages"
+    ),
 }
 
 # Defects that mean the MIME structure itself is broken (email.errors).
@@ -105,6 +111,7 @@ _STRUCTURAL = frozenset(
 _EMBEDDED_ADDRESS = re.compile(r"[A-Za-z0-9._%+-]+@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
 # A mailing list (RFC 2369, RFC 2919, and the older Mailing-List of ezmlm/Yahoo Groups).
 _LIST_HEADERS = ("list-id", "list-post", "list-unsubscribe", "mailing-list")
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +122,21 @@ class HeuristicsOptions:
     caps_min_letters: int = 10  # subjects shorter than this are never "all caps"
     html_min_text: int = 100  # characters of rendered text below which HTML-only is "little"
     brands: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: DEFAULT_BRANDS)
+    # Languages your users get mail in (ISO 639 codes, e.g. ["en", "de"]); text
+    # in another language scores BODY_UNWANTED_LANGUAGE. Empty: every language is fine.
+    ok_languages: tuple[str, ...] = ()
+    language_min_confidence: float = 0.5  # the language model's certainty needed to judge
 
     def __post_init__(self) -> None:
+        for code in self.ok_languages:
+            if not _LANGUAGE_CODE.fullmatch(code):
+                raise OptionError(
+                    "ok_languages", f'"{code}" is not an ISO 639 code like "en" or "de"'
+                )
+        if not 0.0 < self.language_min_confidence <= 1.0:
+            raise OptionError(
+                "language_min_confidence", f"must be 0 < x <= 1, got {self.language_min_confidence}"
+            )
         for key in ("date_future_hours", "date_past_hours"):
             if getattr(self, key) <= 0:
                 raise OptionError(key, f"must be a number of hours > 0, got {getattr(self, key)}")
@@ -143,6 +163,14 @@ class HeuristicsPolicy(Policy):
             )
             for b, ds in options.brands.items()
         ]
+        self._ok_languages = frozenset(options.ok_languages)
+
+    async def start(self, services: Services) -> None:
+        if self._ok_languages:
+            try:
+                _language.load()
+            except _language.LanguageModelError as exc:
+                raise OptionError("ok_languages", str(exc)) from None
 
     async def check(self, ctx: Context) -> Result:
         found: list[Symbol] = []
@@ -155,7 +183,22 @@ class HeuristicsPolicy(Policy):
         found += self._recipients(ctx)
         found += self._subject(ctx)
         found += _mime(ctx, self.options.html_min_text)
+        if self._ok_languages:
+            found += self._language(ctx)
         return Result(symbols=tuple(found))
+
+    def _language(self, ctx: Context) -> list[Symbol]:
+        text = " ".join(p.text for p in text_parts(ctx) if not p.alternative)
+        guess = _language.detect(text)
+        if (
+            guess is None
+            or guess.language in self._ok_languages
+            or guess.confidence < self.options.language_min_confidence
+        ):
+            return []
+        return [
+            Symbol("BODY_UNWANTED_LANGUAGE", detail=f"{guess.language} ({guess.confidence:.2f})")
+        ]
 
     # -- dates ----------------------------------------------------------------
 
