@@ -118,7 +118,7 @@ class BayesOptions:
     min_ham: int = 200
     max_clues: int = 150  # strongest tokens combined (SpamBayes max_discriminators)
     min_strength: float = 0.1  # |f(w) - 0.5| below this is no evidence
-    unknown_word_strength: float = 0.45  # Robinson's s: weight of the 0.5 prior
+    unknown_word_strength: float = 0.6  # Robinson's s: weight of the 0.5 prior
     bigrams: bool = False  # also word pairs (more tokens, no gain on our benchmark)
     html_tags: bool = False  # also HTML tag names (more spam caught, more newsletters too)
     max_tokens: int = 3_000  # distinct tokens per message, a bound for hostile input
@@ -199,7 +199,7 @@ def spam_probability(
     nspam: int,
     nham: int,
     *,
-    strength: float = 0.45,
+    strength: float = 0.6,
     min_strength: float = 0.1,
     max_clues: int = 150,
 ) -> tuple[float, int]:
@@ -312,10 +312,10 @@ class BayesPolicy(Policy):
         "BAYES_05": SymbolDef(-1.0, "classifier: spam probability 1% to 5%"),
         "BAYES_20": SymbolDef(-0.3, "classifier: spam probability 5% to 20%"),
         "BAYES_40": SymbolDef(0.0, "classifier: spam probability 20% to 40%"),
-        "BAYES_50": SymbolDef(0.0, "classifier: unsure, spam probability 40% to 60%"),
-        "BAYES_60": SymbolDef(2.0, "classifier: spam probability 60% to 80%"),
-        "BAYES_80": SymbolDef(3.0, "classifier: spam probability 80% to 95%"),
-        "BAYES_95": SymbolDef(4.7, "classifier: spam probability 95% to 99%"),
+        "BAYES_50": SymbolDef(0.5, "classifier: unsure, spam probability 40% to 60%"),
+        "BAYES_60": SymbolDef(2.5, "classifier: spam probability 60% to 80%"),
+        "BAYES_80": SymbolDef(4.0, "classifier: spam probability 80% to 95%"),
+        "BAYES_95": SymbolDef(4.9, "classifier: spam probability 95% to 99%"),
         "BAYES_99": SymbolDef(5.0, "classifier: spam probability 99% or more"),
         "BAYES_999": SymbolDef(
             0.5, "classifier: spam probability 99.9% or more (in addition to BAYES_99)"
