@@ -264,6 +264,71 @@ def start_dns() -> Iterator[Any]:
         server.stop()
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """``"21-30"`` or ``"1,4,7"`` (or both: ``"1-3,9"``) -> the seeds, in order."""
+    seeds: list[int] = []
+    for piece in spec.split(","):
+        first, _, last = piece.strip().partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
+
+
+def run_seed(
+    args: argparse.Namespace, corpus: Path, seed: int, work: Path, via: str
+) -> tuple[dict[str, ClassResult], dict[str, float], float]:
+    """Split, train and evaluate one seed in its own state directory."""
+    split = split_corpus(corpus, seed, args.train_fraction)
+    with start_dns() as dns:
+        config = write_config(
+            args.config, work / "gateway.toml", dns.address, work, bayes=not args.no_bayes
+        )
+        learn_seconds: dict[str, float] = {}
+        if not args.no_bayes:
+            for label, files in (
+                ("spam", split["spam"][0]),
+                ("ham", split["ham"][0] + split["hard-ham"][0]),
+            ):
+                if via == "cli":
+                    learn_seconds[label] = learn_cli(config, label, files, work)
+                else:
+                    learn_seconds[label] = asyncio.run(learn_inprocess(config, label, files))
+        results, eval_seconds = asyncio.run(evaluate(config, split))
+    return results, learn_seconds, eval_seconds
+
+
+def print_seeds(
+    runs: list[tuple[int, dict[str, ClassResult], dict[str, float], float]], as_json: bool
+) -> int:
+    """Several seeds: one line each, then the rates over all of them together."""
+    totals = {c: [0, 0] for c in CLASSES}
+    rows = []
+    for seed, results, _, _ in runs:
+        row = {"seed": seed}
+        for c in CLASSES:
+            r = results[c]
+            totals[c][0] += r.flagged
+            totals[c][1] += r.tested
+            row[c] = round(100 * r.rate, 2)
+        rows.append(row)
+    together = {c: round(100 * f / max(n, 1), 2) for c, (f, n) in totals.items()}
+    if as_json:
+        print(json.dumps({"seeds": rows, "together": together, "counts": totals}, indent=2))
+        return 0
+    print(f"{'seed':>5} {'spam':>8} {'ham':>8} {'hard-ham':>9}   (% flagged)")
+    for row in rows:
+        print(f"{row['seed']:>5} {row['spam']:7.2f}% {row['ham']:7.2f}% {row['hard-ham']:8.2f}%")
+    print(
+        f"together ({len(runs)} seeds): spam {together['spam']:.2f}% "
+        f"({totals['spam'][0]}/{totals['spam'][1]}, target >= 95%), "
+        f"easy ham {together['ham']:.2f}% ({totals['ham'][0]}/{totals['ham'][1]}, <= 0.15%), "
+        f"hard ham {together['hard-ham']:.2f}% "
+        f"({totals['hard-ham'][0]}/{totals['hard-ham'][1]}, <= 3%)"
+    )
+    low = min(rows, key=lambda r: r["spam"])
+    print(f"lowest seed: {low['seed']} ({low['spam']:.2f}% spam)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.quality", description=__doc__.split("\n")[0]
@@ -271,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="sa-dev.tar.xz")
     parser.add_argument("--config", type=Path, default=ROOT / "config.example.toml")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--seeds", help='several splits, e.g. "21-30": one line each and the rates together'
+    )
     parser.add_argument("--train-fraction", type=float, default=0.5)
     parser.add_argument("--no-bayes", action="store_true", help="disable the classifier")
     parser.add_argument(
@@ -286,31 +354,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", "-v", action="store_true", help="list every flagged ham")
     args = parser.parse_args(argv)
 
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
         with tarfile.open(args.corpus) as tar:
             tar.extractall(work / "corpus", filter="data")
         unpack = time.perf_counter() - t0
-        split = split_corpus(work / "corpus", args.seed, args.train_fraction)
-        with start_dns() as dns:
-            config = write_config(
-                args.config, work / "gateway.toml", dns.address, work, bayes=not args.no_bayes
-            )
-            learn_seconds: dict[str, float] = {}
-            via = args.learn_via
-            if via == "auto":
-                via = "cli" if cli_has_learn() else "inprocess"
-            if not args.no_bayes:
-                for label, files in (
-                    ("spam", split["spam"][0]),
-                    ("ham", split["ham"][0] + split["hard-ham"][0]),
-                ):
-                    if via == "cli":
-                        learn_seconds[label] = learn_cli(config, label, files, work)
-                    else:
-                        learn_seconds[label] = asyncio.run(learn_inprocess(config, label, files))
-            results, eval_seconds = asyncio.run(evaluate(config, split))
+        via = args.learn_via
+        if via == "auto":
+            via = "cli" if cli_has_learn() else "inprocess"
+        runs = []
+        for seed in seeds:
+            seed_work = work / f"seed-{seed}"
+            seed_work.mkdir()
+            runs.append((seed, *run_seed(args, work / "corpus", seed, seed_work, via)))
+    if len(runs) > 1:
+        return print_seeds(runs, args.json)
+    _, results, learn_seconds, eval_seconds = runs[0]
     tested = sum(r.tested for r in results.values())
     if args.dump:
         with args.dump.open("w", encoding="utf-8") as fh:
