@@ -342,8 +342,9 @@ class Engine:
             overrides=self.config.scores,
             thresholds=self.config.actions,
         )
-        headers = tuple(verdict_headers(verdict, self.config.server.hostname))
         autolearn = self._after_verdict(ctx.with_results(run.results), verdict)
+        label = autolearn[0][1].label if autolearn else ""
+        headers = tuple(verdict_headers(verdict, self.config.server.hostname, label))
         return Evaluation(envelope, verdict, run, headers, autolearn)
 
     def _after_verdict(self, ctx: Context, verdict: Verdict) -> tuple[tuple[str, AutoLearn], ...]:

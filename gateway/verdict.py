@@ -148,11 +148,17 @@ def authentication_results(hostname: str, auth: tuple[AuthResult, ...]) -> str:
     return str(header).partition(": ")[2]
 
 
-def verdict_headers(verdict: Verdict, hostname: str) -> list[str]:
-    """Header fields to prepend on relayed mail, already folded, without CRLF at the end."""
+def verdict_headers(verdict: Verdict, hostname: str, autolearn: str = "") -> list[str]:
+    """Header fields to prepend on relayed mail, already folded, without CRLF at the end.
+
+    ``autolearn`` (spam, ham, no, unavailable) ends ``X-Spam-Status`` as
+    SpamAssassin's ``autolearn=`` does; empty when auto-learn is off.
+    """
     flag = "Yes" if verdict.is_spam else "No"
     tests = ",".join(verdict.symbol_names()) or "none"
     status = f"{flag}, score={verdict.score} required={verdict.required} tests={tests}"
+    if autolearn:
+        status += f" autolearn={autolearn}"
     out = [
         fold_header("Authentication-Results", authentication_results(hostname, verdict.auth)),
         fold_header("X-Spam-Status", status),

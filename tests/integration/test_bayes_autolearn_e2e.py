@@ -109,6 +109,11 @@ async def test_high_scoring_mail_is_learned_as_spam_low_scoring_as_ham_the_middl
         async with running_gateway(overrides(tmp_path, sink, dns_server), workdir=tmp_path) as gw:
             await send(gw.smtp_port, SPAM, MIDDLE, HAM)  # each accepted (or it raises)
     assert len(sink.messages) == 2  # the spam went to quarantine (13 >= 10), safely
+    # X-Spam-Status ends with the decision, as SpamAssassin's does
+    middle, ham = (
+        m.data.split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ") + b"\r\n" for m in sink.messages
+    )
+    assert b" autolearn=no\r\n" in middle and b" autolearn=ham\r\n" in ham
     records = [r for r in caplog.records if r.getMessage() == "message_processed"]
     assert [r.action for r in records] == ["quarantine", "add_header", "relay"]  # type: ignore[attr-defined]
     assert autolearn(records) == ["spam", "no", "ham"]
