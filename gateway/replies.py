@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from gateway.api import Action
 
-__all__ = ["Reply", "verdict_reply"]
+__all__ = ["Reply", "verdict_reply", "xforward_syntax"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,8 @@ class Reply:
     text: str
 
     def __str__(self) -> str:
+        if not self.status:
+            return f"{self.code} {self.text}"
         return f"{self.code} {self.status} {self.text}"
 
 
@@ -39,11 +41,34 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address; 
 TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for input; closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down; try again later")
 
+# Protocol replies (RFC 5321 §4.2-4.3, RFC 3463; 354 has no enhanced code)
+EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+PIPELINED_AFTER_STARTTLS = Reply(554, "5.5.1", "Error: command pipelined after STARTTLS; closing")
+AUTH_NOT_SUPPORTED = Reply(502, "5.5.1", "AUTH not supported on this service")
+PROXY_NOT_TRUSTED = Reply(554, "5.7.0", "PROXY not accepted from your address")
+XFORWARD_NOT_TRUSTED = Reply(550, "5.7.0", "XFORWARD not accepted from your address")
+MAIL_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+OK = Reply(250, "2.0.0", "Ok")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+RCPT_PARAMETERS = Reply(555, "5.5.4", "RCPT TO parameters not recognized or not implemented")
+RECIPIENT_DUPLICATE = Reply(250, "2.1.5", "OK (duplicate recipient)")
+RECIPIENT_OK = Reply(250, "2.1.5", "OK")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
 # After DATA
 RELAY_UNAVAILABLE = Reply(451, "4.4.1", "Downstream mail server unavailable; try again later")
 RELAY_TEMPFAIL = Reply(451, "4.3.0", "Temporary downstream failure; try again later")
 QUARANTINE_FAILED = Reply(451, "4.3.0", "Message could not be stored; try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing; try again later")
+
+
+def xforward_syntax(problem: str) -> Reply:
+    """A malformed XFORWARD from a trusted proxy: what our parser found wrong."""
+    return Reply(501, "5.5.4", _clean(problem, 200))
 
 
 def queued(queue_id: str, downstream: str = "") -> Reply:

@@ -703,7 +703,7 @@ class GatewaySMTP(SMTP):
 
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
-            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            await self.push(str(replies.EHLO_SYNTAX))
             return
         self._set_rset_state()  # type: ignore[no-untyped-call]
         assert self.session is not None
@@ -729,14 +729,14 @@ class GatewaySMTP(SMTP):
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:
-            await self.push("503 5.5.1 TLS already active")
+            await self.push(str(replies.TLS_ACTIVE))
             return
         if self.tls_context is not None and not arg and self._reader._buffer:  # type: ignore[attr-defined]
             # Bytes sent after STARTTLS before our 220 (RFC 2920 §3.1: STARTTLS ends a
             # pipeline group) would be read as commands of the TLS session: the
             # STARTTLS injection of CVE-2011-0411. Refuse and close.
             log.warning("starttls_pipelining_refused", extra={"client_ip": self.client_ip})
-            await self.push("554 5.5.1 Error: command pipelined after STARTTLS; closing")
+            await self.push(str(replies.PIPELINED_AFTER_STARTTLS))
             if self.transport is not None:
                 self.transport.close()
             return
@@ -752,13 +752,13 @@ class GatewaySMTP(SMTP):
             raise TLSSetupException("connection lost during the TLS handshake")
 
     async def smtp_AUTH(self, arg: str) -> None:
-        await self.push("502 5.5.1 AUTH not supported on this service")
+        await self.push(str(replies.AUTH_NOT_SUPPORTED))
 
     async def smtp_PROXY(self, arg: str) -> None:
         # A PROXY header here is either from an untrusted source or out of place.
         log.warning("proxy_header_refused", extra={"client_ip": self.client_ip})
         metrics.SESSIONS_REFUSED.labels(reason="proxy_untrusted").inc()
-        await self.push("554 5.7.0 PROXY not accepted from your address")
+        await self.push(str(replies.PROXY_NOT_TRUSTED))
         if self.transport is not None:
             self.transport.close()
 
@@ -767,19 +767,19 @@ class GatewaySMTP(SMTP):
         if not self.settings.is_xforward_host(self.client_ip):
             # It rewrites the audit trail (README "Security"): never from anyone else.
             log.warning("xforward_refused", extra={"client_ip": self.client_ip})
-            await self.push("550 5.7.0 XFORWARD not accepted from your address")
+            await self.push(str(replies.XFORWARD_NOT_TRUSTED))
             return
         if await self.check_helo_needed():
             return
         if self.envelope is not None and self.envelope.mail_from:
-            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            await self.push(str(replies.MAIL_IN_PROGRESS))
             return
         try:
             self.forwarded = parse_xforward(arg or "", self.forwarded)
         except XForwardError as exc:
-            await self.push(f"501 5.5.4 {exc}")
+            await self.push(str(replies.xforward_syntax(str(exc))))
             return
-        await self.push("250 2.0.0 Ok")
+        await self.push(str(replies.OK))
 
     async def smtp_RSET(self, arg: str) -> None:
         self.forwarded = None  # the end of a transaction (README "Server operation")
@@ -793,16 +793,16 @@ class GatewaySMTP(SMTP):
             return
         assert self.envelope is not None and self.session is not None
         if not self.envelope.mail_from:
-            await self.push("503 5.5.1 Error: need MAIL command")
+            await self.push(str(replies.NEED_MAIL))
             return
         rest = self._strip_command_keyword("TO:", arg or "")
         parts = _split_path(rest) if rest is not None else None
         if parts is None:
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            await self.push(str(replies.RCPT_SYNTAX))
             return
         path, params = parts
         if params:
-            await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
+            await self.push(str(replies.RCPT_PARAMETERS))
             return
         problem = check_recipient(path, self.settings.server.accepted_domains)
         if problem is RecipientError.SYNTAX:
@@ -816,7 +816,7 @@ class GatewaySMTP(SMTP):
             await self.push(str(replies.RELAY_DENIED))
             return
         if path in self.envelope.rcpt_tos:
-            await self.push("250 2.1.5 OK (duplicate recipient)")
+            await self.push(str(replies.RECIPIENT_DUPLICATE))
             return
         if len(self.envelope.rcpt_tos) >= self.settings.server.max_recipients:
             await self.push(str(replies.TOO_MANY_RECIPIENTS))
@@ -828,22 +828,22 @@ class GatewaySMTP(SMTP):
                 await self.push(str(refusal))
                 return
         self.envelope.rcpt_tos.append(path)
-        await self.push("250 2.1.5 OK")
+        await self.push(str(replies.RECIPIENT_OK))
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
         assert self.envelope is not None and self.session is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(str(replies.NEED_RCPT))
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(str(replies.DATA_SYNTAX))
             return
         server = self.settings.server
         self.busy = True
         try:
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            await self.push(str(replies.START_DATA))
             received_at = datetime.now(UTC)
             self._reset_timeout(server.data_timeout)
             try:
