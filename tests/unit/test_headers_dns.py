@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from gateway import headers
 from gateway.api import DNSTemporaryError
 from gateway.config import DNSConfig
 from gateway.dns import CachingResolver
@@ -106,3 +109,23 @@ async def test_impossible_names_are_nxdomain_without_a_query(dns_server: DNSServ
     ans = await resolver(dns_server).query("a" * 64 + ".example.com", "A")
     assert ans.nxdomain
     assert len(dns_server.queries) == before
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"\r\n", b"\n", b"\r", b"a: b", b" c", b"\r\n\r\n", b"x"]), max_size=30
+    )
+)
+def test_header_block_end_is_the_first_empty_line_of_either_kind(pieces: list[bytes]) -> None:
+    """The separator is the first CRLF CRLF or bare LF LF, whichever comes first."""
+    raw = b"".join(pieces)
+    expected = len(raw)
+    if raw.startswith((b"\r\n", b"\n")):
+        expected = 0
+    else:
+        found = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+        if found:
+            first = min(found)
+            expected = first + (2 if raw[first : first + 2] == b"\r\n" else 1)
+    assert headers.header_block_end(raw) == expected
