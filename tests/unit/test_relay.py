@@ -6,7 +6,7 @@ import re
 import ssl
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import relay
@@ -169,3 +169,16 @@ async def test_slice_by_slice_equals_whole_message(parts: list[bytes], size: int
     assert b"".join(pieces) == prepared
     assert all(p.endswith(b"\r\n") for p in pieces)
     assert b"".join(relay._stuff(p) for p in pieces) + b".\r\n" == whole
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from([b"\r\n", b".", b"..", b"\r", b"\n", b"a", b"QUJD"]), max_size=40))
+def test_dot_stuffing_is_the_plain_replacement(pieces: list[bytes]) -> None:
+    """RFC 5321 §4.5.2 stuffing, whether the dots are visited or bytes.replace does it."""
+    piece = b"".join(pieces)
+    stuffed = piece.replace(b"\r\n.", b"\r\n..")
+    expected = b"." + stuffed if stuffed.startswith(b".") else stuffed
+    assert relay._stuff(piece) == expected
+    many = b"x." * 300 + piece  # more dots than are visited one by one
+    stuffed = many.replace(b"\r\n.", b"\r\n..")
+    assert relay._stuff(many) == stuffed
