@@ -997,7 +997,7 @@ class GatewaySMTP(SMTP):
                 outcome = DataOutcome.NO_MEMORY
                 out = bytearray()
             buf += chunk
-            end = buf.find(b"\r\n.\r\n", scan)
+            end = smuggling.data_end(buf, scan)  # buf.find(b"\r\n.\r\n", scan), faster
             if end >= 0:
                 leftover = bytes(buf[end + 5 :])
                 if leftover:
@@ -1005,7 +1005,7 @@ class GatewaySMTP(SMTP):
                     reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
                 if outcome is not DataOutcome.OK:
                     return b"", outcome
-                segment = bytes(buf[:end]).replace(b"\r\n.", b"\r\n")
+                segment = _unstuffed(bytes(buf[:end]))
                 out += segment[2:] if first else segment
                 if end > 0 or not first:
                     out += b"\r\n"
@@ -1025,7 +1025,7 @@ class GatewaySMTP(SMTP):
                 # small. buf holds no CRLF past its start, so the cut splits none.
                 last, midline = len(buf) - 4, True
             if last > 0:
-                segment = bytes(buf[:last]).replace(b"\r\n.", b"\r\n")
+                segment = _unstuffed(bytes(buf[:last]))
                 out += segment[2:] if first else segment
                 first = False
                 del buf[:last]
@@ -1046,6 +1046,13 @@ class GatewaySMTP(SMTP):
 
 class _NoHandler:
     """aiosmtpd wants a handler object; the subclass does all the work itself."""
+
+
+def _unstuffed(segment: bytes) -> bytes:
+    """RFC 5321 §4.5.2 transparency on whole lines: ``CRLF .`` -> ``CRLF``."""
+    if smuggling.no_line_starts_with_dot(segment):
+        return segment  # the common case: no three-byte search through it
+    return segment.replace(b"\r\n.", b"\r\n")
 
 
 def _ip_of(peer: Any) -> str | None:

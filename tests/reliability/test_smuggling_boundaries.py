@@ -135,3 +135,18 @@ def test_a_window_with_many_dots_falls_back_to_the_searches() -> None:
         data = text + tail
         assert smuggling._dot_walk(data, smuggling.Rule.ANY_DOT) is None
         assert smuggling.found_sync(data, smuggling.Rule.ANY_DOT) is found
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_walk_atoms, max_size=60), st.integers(0, 20_010), st.booleans())
+def test_data_end_and_unstuffing_checks_agree_with_the_byte_searches(
+    atoms: list[bytes], start: int, dotty: bool
+) -> None:
+    """The DATA reader's end search and its "nothing to unstuff" shortcut answer as
+    ``find(CRLF . CRLF)`` and ``replace(CRLF ., CRLF)`` do, with few dots or many."""
+    # Padded past the size below which the plain searches are used.
+    data = (b"x." * 600 if dotty else b"") + b"QUJD" * 5000 + b"".join(atoms)
+    assert smuggling.data_end(data, start) == data.find(b"\r\n.\r\n", start)
+    assert smuggling.data_end(bytearray(data), start) == data.find(b"\r\n.\r\n", start)
+    if smuggling.no_line_starts_with_dot(data):
+        assert data.replace(b"\r\n.", b"\r\n") == data
