@@ -10,7 +10,13 @@ the gateway with the full shipped default pipeline (config.example.toml), both
 relaying to the same fast sink in its own process, with DNS answered by a
 local authoritative server (SPF, DKIM, DMARC records, DNSBL zones). Prints
 messages/s, latency p50/p99 per message kind, server CPU ms per message, peak
-RSS, and the ratios b/a. Load is bounded by count and time; loopback only.
+RSS, and the ratios b/a. Load is bounded by time (the sessions cycle through
+the mix); loopback only. The load generator sends prepared bytes over plain
+asyncio streams, so it costs ~0.2 ms CPU per message on the cores the servers
+share (aiosmtplib's sendmail cost ~5 ms). Per round it also prints the load
+generator's CPU, the load average and ``others``: cores busy with work that is
+not the benchmark's (another job on the machine): a disturbed round shows there,
+and the added p99 is given per round with the median over rounds.
 The memory part (full mode, or ``--memory``) reports the gateway's peak RSS
 with 200 concurrent sessions and what one in-flight 20 MB message costs.
 """
@@ -87,6 +93,12 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICKS
+
+
 def peak_rss_mb(pid: int) -> float:
     total = 0
     for p in _pids(pid):
@@ -159,6 +171,7 @@ class RoundResult:
     rss_mb: float = 0.0
     load_cpu: float = 0.0  # the load generator's own CPU seconds (and the DNS server's)
     loadavg: float = 0.0  # 1-minute load average at the end of the round
+    others: float = 0.0  # cores busy with other work than the benchmark's during the round
     cycle: bool = True  # cycle through the mix until the time is up
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
@@ -310,12 +323,17 @@ def run_round(
     res = RoundResult(target, concurrency, cycle=cycle)
     cpu0 = cpu_seconds(pid)
     own0 = time.process_time()
+    ours0, busy0 = cpu_seconds(os.getpid()), machine_busy_seconds()
     t0 = time.perf_counter()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(load(port, messages, concurrency, secs, res))
     res.seconds = time.perf_counter() - t0
     res.cpu = cpu_seconds(pid) - cpu0
     res.load_cpu = time.process_time() - own0
+    # Busy CPU that is not the benchmark's (this process and its children): other
+    # work on the machine during the round, in cores. A disturbed round shows here.
+    ours = cpu_seconds(os.getpid()) - ours0
+    res.others = max(0.0, (machine_busy_seconds() - busy0 - ours) / res.seconds)
     res.rss_mb = peak_rss_mb(pid)
     res.loadavg = os.getloadavg()[0]
     return res
@@ -519,7 +537,7 @@ def report(results: list[tuple[RoundResult, RoundResult]]) -> None:
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(
         f"{'target':8} {'conc':>4} {'msgs':>6} {'fail':>4} {'msg/s':>8} "
-        f"{'cpu ms/msg':>10} {'rss MB':>7} {'loadgen ms/msg':>14} {'load1':>5}"
+        f"{'cpu ms/msg':>10} {'rss MB':>7} {'loadgen ms/msg':>14} {'load1':>5} {'others':>6}"
     )
     by_conc: dict[int, list[tuple[RoundResult, RoundResult]]] = defaultdict(list)
     for a, b in results:
@@ -528,6 +546,7 @@ def report(results: list[tuple[RoundResult, RoundResult]]) -> None:
             print(
                 f"{r.target:8} {r.concurrency:>4} {r.sent:>6} {r.failed:>4} {r.rate:>8.1f} "
                 f"{r.cpu_ms:>10.2f} {r.rss_mb:>7.1f} {r.load_cpu_ms:>14.2f} {r.loadavg:>5.2f}"
+                f" {r.others:>6.2f}"
             )
     for conc, pairs in sorted(by_conc.items()):
         print(f"\nlatency ms (p50/p99) by kind, concurrency {conc}, all rounds")
