@@ -155,7 +155,7 @@ SYMBOLS: dict[str, tuple[SymbolDef, Group]] = {
         Group.UNINSPECTABLE,
     ),
     "ATTACH_MALFORMED": (
-        SymbolDef(2.0, "broken MIME structure or transfer encoding, corrupt OLE document"),
+        SymbolDef(2.6, "broken MIME structure or transfer encoding, corrupt OLE document"),
         Group.SCORE,
     ),
     "ATTACH_BIDI_NAME": (

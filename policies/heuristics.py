@@ -69,7 +69,7 @@ SYMBOLS: Mapping[str, SymbolDef] = {
         0.5, "no Message-ID header field (RFC 5322 §3.6.4 says SHOULD)"
     ),
     "HDR_DATE_INVALID": SymbolDef(2.0, "Date header field cannot be parsed (RFC 5322 §3.3)"),
-    "HDR_DATE_FUTURE": SymbolDef(1.5, "Date is far after the first Received time"),
+    "HDR_DATE_FUTURE": SymbolDef(2.0, "Date is far after the first Received time"),
     "HDR_DATE_PAST": SymbolDef(0.2, "Date is far before the first Received time"),
     "FROM_NAME_HAS_ADDRESS": SymbolDef(
         2.0, "From display name shows an address on another domain than the sender's"
@@ -80,16 +80,16 @@ SYMBOLS: Mapping[str, SymbolDef] = {
     "HDR_REPLYTO_DIFF_DOMAIN": SymbolDef(
         0.3, "Reply-To is on another domain than From (not a mailing list)"
     ),
-    "HDR_MANY_RECIPIENTS": SymbolDef(1.0, "many recipients visible in To and Cc"),
-    "SUBJ_ALL_CAPS": SymbolDef(1.5, "Subject is written in capital letters only"),
-    "MIME_BROKEN": SymbolDef(1.5, "MIME structure is broken (boundaries, multipart layout)"),
+    "HDR_MANY_RECIPIENTS": SymbolDef(1.3, "many recipients visible in To and Cc"),
+    "SUBJ_ALL_CAPS": SymbolDef(2.0, "Subject is written in capital letters only"),
+    "MIME_BROKEN": SymbolDef(2.0, "MIME structure is broken (boundaries, multipart layout)"),
     "FROM_PUNYCODE": SymbolDef(1.0, "From domain is an internationalized (punycode) name"),
     "FROM_MIXED_SCRIPT": SymbolDef(
         3.0, "From domain mixes writing systems in one label (look-alike of a Latin name)"
     ),
     "MIME_EMPTY_BODY_ATTACHMENT": SymbolDef(1.0, "no text to read, only an attachment"),
     "MIME_HTML_ONLY": SymbolDef(0.1, "HTML without a text/plain alternative"),
-    "MIME_HTML_LITTLE_TEXT": SymbolDef(2.5, "HTML-only mail with very little text"),
+    "MIME_HTML_LITTLE_TEXT": SymbolDef(3.2, "HTML-only mail with very little text"),
     # SpamAssassin's UNWANTED_LANGUAGE_BODY (TextCat plugin, ok_languages) scores 2.8.
     "BODY_UNWANTED_LANGUAGE": SymbolDef(
         2.8, "text is in a language not listed in policies.heuristics.ok_languages"

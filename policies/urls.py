@@ -37,7 +37,7 @@ DEFAULT_SUSPICIOUS_TLDS = (
 )  # fmt: skip
 
 SYMBOLS = {
-    "URI_IP_HOST": SymbolDef(2.5, "a link points at a bare IP address instead of a name"),
+    "URI_IP_HOST": SymbolDef(3.2, "a link points at a bare IP address instead of a name"),
     "URI_IP_OBFUSCATED": SymbolDef(2.5, "a link hides an IP address in decimal, hex or octal form"),
     "URI_TEXT_MISMATCH": SymbolDef(
         0.1, "link text shows one domain while the link goes to another"
@@ -45,7 +45,7 @@ SYMBOLS = {
     "URI_SHORTENER": SymbolDef(0.5, "a link goes through a URL shortener that hides its target"),
     "URI_SUSPICIOUS_TLD": SymbolDef(1.0, "a link points into a top-level domain abused by spam"),
     "URI_USERINFO": SymbolDef(
-        3.0, "a link carries user@ before its host (http://bank.example@evil.example/)"
+        3.9, "a link carries user@ before its host (http://bank.example@evil.example/)"
     ),
     "URI_REDIRECTOR": SymbolDef(0.3, "a link goes through an open redirector"),
 }
