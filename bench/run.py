@@ -82,15 +82,20 @@ def _pids(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    total = 0.0
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of the process and each of its children."""
+    out: dict[int, float] = {}
     for p in _pids(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / TICKS
-    return total
+        out[p] = (int(fields[11]) + int(fields[12])) / TICKS
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_by_process(pid).values())
 
 
 def machine_busy_seconds() -> float:
@@ -172,6 +177,7 @@ class RoundResult:
     load_cpu: float = 0.0  # the load generator's own CPU seconds (and the DNS server's)
     loadavg: float = 0.0  # 1-minute load average at the end of the round
     others: float = 0.0  # cores busy with other work than the benchmark's during the round
+    split: tuple[float, ...] = ()  # share of the server's CPU by process (supervisor, workers)
     cycle: bool = True  # cycle through the mix until the time is up
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
@@ -321,14 +327,21 @@ def run_round(
     cycle: bool = True,
 ) -> RoundResult:
     res = RoundResult(target, concurrency, cycle=cycle)
-    cpu0 = cpu_seconds(pid)
+    by_process0 = cpu_by_process(pid)
+    cpu0 = sum(by_process0.values())
     own0 = time.process_time()
     ours0, busy0 = cpu_seconds(os.getpid()), machine_busy_seconds()
     t0 = time.perf_counter()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(load(port, messages, concurrency, secs, res))
     res.seconds = time.perf_counter() - t0
-    res.cpu = cpu_seconds(pid) - cpu0
+    by_process = cpu_by_process(pid)
+    res.cpu = sum(by_process.values()) - cpu0
+    # Each process's share of the server's CPU (pre-forked workers: is the load even?).
+    res.split = tuple(
+        (by_process[p] - by_process0.get(p, 0.0)) / res.cpu if res.cpu else 0.0
+        for p in sorted(by_process)
+    )
     res.load_cpu = time.process_time() - own0
     # Busy CPU that is not the benchmark's (this process and its children): other
     # work on the machine during the round, in cores. A disturbed round shows here.
@@ -547,6 +560,7 @@ def report(results: list[tuple[RoundResult, RoundResult]]) -> None:
                 f"{r.target:8} {r.concurrency:>4} {r.sent:>6} {r.failed:>4} {r.rate:>8.1f} "
                 f"{r.cpu_ms:>10.2f} {r.rss_mb:>7.1f} {r.load_cpu_ms:>14.2f} {r.loadavg:>5.2f}"
                 f" {r.others:>6.2f}"
+                + (f"  split {'/'.join(f'{x:.2f}' for x in r.split)}" if len(r.split) > 1 else "")
             )
     for conc, pairs in sorted(by_conc.items()):
         print(f"\nlatency ms (p50/p99) by kind, concurrency {conc}, all rounds")
