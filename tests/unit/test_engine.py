@@ -59,3 +59,25 @@ async def test_thousands_of_nested_multiparts_are_not_parsed_and_are_quarantined
 async def test_moderate_nesting_is_parsed_normally() -> None:
     ev = await engine(max_mime_containers=50).evaluate(ENVELOPE, nested(20))
     assert ev.action is Action.RELAY
+
+
+def test_mime_fields_parsed_once_across_messages_give_the_same_answers() -> None:
+    """A leaf Content-Type parsed for one message is reused by the next (same value,
+    same params); multipart Content-Types (unique boundaries) and From are not shared."""
+    from gateway import engine
+
+    def raw(boundary: str) -> bytes:
+        return (
+            f'From: A <a@example.com>\r\nContent-Type: multipart/mixed; boundary="{boundary}"'
+            f"\r\n\r\n--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nhi\r\n"
+            f"--{boundary}--\r\n"
+        ).encode()
+
+    first, second = engine.parse_message(raw("b1")), engine.parse_message(raw("b2"))
+    leaf1, leaf2 = first.get_payload()[0], second.get_payload()[0]
+    assert leaf1["content-type"] is leaf2["content-type"]
+    assert leaf2.get_content_type() == "text/plain"
+    assert leaf2["content-type"].params["charset"] == "utf-8"
+    assert first["content-type"] is not second["content-type"]
+    assert first["from"] is not second["from"]
+    assert second["content-type"].params["boundary"] == "b2"
