@@ -79,7 +79,10 @@ def detect(text: str) -> Guess | None:
         return None
     if _model is None:
         load()
+    # fastText takes UTF-8: lone surrogates (undecodable bytes kept by the
+    # email package) would make the binding raise, so they become "?".
+    flat = flat.encode("utf-8", "replace").decode("utf-8")
     labels, scores = _model.predict(flat, k=1)
     if not labels:
         return None
-    return Guess(str(labels[0]).removeprefix("__label__"), float(scores[0]))
+    return Guess(str(labels[0]).removeprefix("__label__"), min(float(scores[0]), 1.0))
