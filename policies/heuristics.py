@@ -188,8 +188,13 @@ class HeuristicsPolicy(Policy):
         return Result(symbols=tuple(found))
 
     def _language(self, ctx: Context) -> list[Symbol]:
-        text = " ".join(p.text for p in text_parts(ctx) if not p.alternative)
-        guess = _language.detect(text)
+        pieces: list[str] = []
+        budget = 2 * _language.MAX_CHARS  # detect() reads no more than this
+        for part in text_parts(ctx):
+            if not part.alternative and budget > 0:
+                pieces.append(part.text[:budget])
+                budget -= len(pieces[-1])
+        guess = _language.detect(" ".join(pieces))
         if (
             guess is None
             or guess.language in self._ok_languages
