@@ -109,13 +109,6 @@ def make_message(rng: random.Random, spam: bool, n: int) -> bytes:
     ).encode()
 
 
-@pytest.fixture
-async def state(tmp_path: Path) -> ClosableStateStore:
-    store = open_state(StateConfig(path=str(tmp_path / "state.sqlite")), tmp_path)
-    yield store  # type: ignore[misc]
-    await store.close()
-
-
 async def started(state: object, **options: object) -> BayesPolicy:
     policy = BayesPolicy(BayesOptions(**options))  # type: ignore[arg-type]
     await policy.start(Services(NoDNS(), state, "mx.example.org", Path(".")))  # type: ignore[arg-type]

@@ -18,9 +18,9 @@ import pytest
 
 from gateway import metrics
 from gateway.api import Action, OptionError, Result, Services, StateUnavailableError, Symbol
-from gateway.config import StateConfig, config_from_mapping
+from gateway.config import config_from_mapping
 from gateway.engine import Engine, Envelope
-from gateway.state import ClosableStateStore, open_state
+from gateway.state import ClosableStateStore
 from gateway.testing import NoDNS, make_context
 from gateway.testing.training import training_message
 from gateway.verdict import ScoredSymbol, Verdict
@@ -107,13 +107,6 @@ def test_invalid_autolearn_options_name_the_key(options: Mapping[str, object], k
 
 
 # -- the policy ------------------------------------------------------------------
-
-
-@pytest.fixture
-async def state(tmp_path: Path) -> ClosableStateStore:
-    store = open_state(StateConfig(path=str(tmp_path / "state.sqlite")), tmp_path)
-    yield store  # type: ignore[misc]
-    await store.close()
 
 
 async def started(store: object, **options: object) -> BayesPolicy:
