@@ -60,6 +60,7 @@ log = logging.getLogger("gateway.quarantine")
 _ID_RE = re.compile(r"^[0-9a-f]{12,40}$")
 _ORPHAN_GRACE = 120.0  # seconds: a file younger than this may be a put() in progress elsewhere
 _PG_TIMEOUT = 10.0  # seconds for any one PostgreSQL operation
+_PURGE_CLAIM = 600.0  # seconds a purge holds the messages it is deleting (local backend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +131,14 @@ class QuarantineStore(Protocol):
 
     async def count(self) -> int: ...
 
-    async def purge(self, older_than: datetime) -> int:
-        """Delete messages received before ``older_than`` (retention); returns how many."""
+    async def purge(self, older_than: datetime, *, limit: int | None = None) -> int:
+        """Delete messages received before ``older_than`` (retention); returns how many.
+
+        At most ``limit`` (oldest first), so a scheduled purge works in bounded
+        steps. A message claimed by a release is skipped: a failed release
+        gives it back (``unclaim``) and must find it still there. Safe to run
+        on several nodes at once: each message is deleted and counted once.
+        """
         ...
 
     async def close(self) -> None: ...
@@ -297,28 +304,40 @@ class LocalQuarantine:
         return db
 
     def _repair(self, db: sqlite3.Connection) -> None:
-        """Reconcile files and index after a crash (see the module docstring)."""
+        """Reconcile files and index after a crash (see the module docstring).
+
+        Other processes (the gateway, a CLI, the scheduled purge) may put and
+        delete meanwhile: the rows are read before the files are listed, so a
+        message put in between is a young file (left alone), never a row
+        without its file; a file deleted in between is skipped.
+        """
         now = time.time()
+        rows = {r[0] for r in db.execute("SELECT id FROM items")}
         files: dict[str, Path] = {}
         for entry in self.messages.iterdir():
             name = entry.name
-            age = now - entry.stat().st_mtime
+            try:
+                age = now - entry.stat().st_mtime
+            except FileNotFoundError:
+                continue  # renamed or deleted by another process just now
             if name.startswith(".tmp-"):
                 if age > _ORPHAN_GRACE:
                     entry.unlink(missing_ok=True)
                     log.warning("quarantine_tmp_removed", extra={"file": name})
             elif name.endswith(".eml") and valid_id(name[:-4]):
                 files[name[:-4]] = entry
-        rows = {r[0] for r in db.execute("SELECT id FROM items")}
         for id in sorted(rows - files.keys()):
             db.execute("DELETE FROM items WHERE id = ?", (id,))
             log.warning("quarantine_row_without_file_dropped", extra={"quarantine_id": id})
         for id in sorted(files.keys() - rows):
             entry = files[id]
-            if now - entry.stat().st_mtime <= _ORPHAN_GRACE:
-                continue  # possibly a put() of another process between rename and commit
-            self.orphans.mkdir(exist_ok=True)
-            entry.rename(self.orphans / entry.name)
+            try:
+                if now - entry.stat().st_mtime <= _ORPHAN_GRACE:
+                    continue  # possibly a put() of another process between rename and commit
+                self.orphans.mkdir(exist_ok=True)
+                entry.rename(self.orphans / entry.name)
+            except FileNotFoundError:
+                continue  # deleted by another process meanwhile
             log.warning("quarantine_file_without_row_moved", extra={"quarantine_id": id})
 
     def _file(self, id: str) -> Path:
@@ -465,13 +484,24 @@ class LocalQuarantine:
             (n,) = db.execute("SELECT count(*) FROM items").fetchone()
         return int(n)
 
-    def _purge_sync(self, before: float) -> int:
+    def _purge_sync(self, before: float, limit: int | None) -> int:
         db = self._existing()
         if db is None:
             return 0
+        now = time.time()
+        # Claimed in one statement, like a release claims: a release (another
+        # process) cannot claim these now, and claimed ones are left alone.
+        # Should the purge die midway, its claims lapse and a later purge retries.
         with self._lock:
             ids = [
-                r[0] for r in db.execute("SELECT id FROM items WHERE received_at < ?", (before,))
+                r[0]
+                for r in db.execute(
+                    "UPDATE items SET claimed_until = ? WHERE id IN ("
+                    "SELECT id FROM items WHERE received_at < ? "
+                    "AND (claimed_until IS NULL OR claimed_until < ?) "
+                    "ORDER BY received_at LIMIT ?) RETURNING id",
+                    (now + _PURGE_CLAIM, before, now, -1 if limit is None else limit),
+                ).fetchall()
             ]
         return sum(1 for id in ids if self._delete_sync(id))
 
@@ -525,8 +555,8 @@ class LocalQuarantine:
     async def count(self) -> int:
         return int(await self._call(self._count_sync))
 
-    async def purge(self, older_than: datetime) -> int:
-        return int(await self._call(self._purge_sync, _aware(older_than).timestamp()))
+    async def purge(self, older_than: datetime, *, limit: int | None = None) -> int:
+        return int(await self._call(self._purge_sync, _aware(older_than).timestamp(), limit))
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close_sync)
@@ -812,10 +842,18 @@ class PostgresQuarantine:
             await conn.rollback()
         return int(row[0]) if row else 0
 
-    async def purge(self, older_than: datetime) -> int:
+    async def purge(self, older_than: datetime, *, limit: int | None = None) -> int:
+        # FOR UPDATE SKIP LOCKED: nodes purging at once take disjoint rows and never
+        # wait on each other; a row a release is claiming right now is skipped, and
+        # one whose claim committed first fails the claimed_until test on re-check.
+        # LIMIT NULL is no limit.
         async with self._conn() as conn, conn.transaction():
             cur = await conn.execute(
-                "DELETE FROM quarantine WHERE received_at < %s", (_aware(older_than),)
+                "DELETE FROM quarantine WHERE id IN ("
+                "SELECT id FROM quarantine WHERE received_at < %s "
+                "AND (claimed_until IS NULL OR claimed_until < now()) "
+                "ORDER BY received_at LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (_aware(older_than), limit),
             )
             return cur.rowcount
 

@@ -146,6 +146,43 @@ async def test_purge_deletes_only_messages_older_than_the_cutoff(dsn: str) -> No
     await store.close()
 
 
+async def test_purges_on_several_nodes_at_once_delete_and_count_each_message_once(
+    dsn: str,
+) -> None:
+    nodes = [PostgresQuarantine(dsn) for _ in range(3)]
+    now = datetime.now(UTC)
+    old = [item(received_at=now - timedelta(days=40, minutes=i)) for i in range(30)]
+    for it in old:
+        await nodes[0].put(it, RAW)
+    fresh = item()
+    await nodes[0].put(fresh, RAW)
+    cutoff = now - timedelta(days=30)
+    counts = await asyncio.gather(*(n.purge(cutoff, limit=4) for n in nodes * 4))
+    counts.append(await nodes[1].purge(cutoff))  # whatever batches left over
+    assert sum(counts) == 30
+    assert [i.id for i in await nodes[2].list()] == [fresh.id]
+    for n in nodes:
+        await n.close()
+
+
+async def test_purge_skips_a_message_being_released_and_a_release_after_purge_finds_nothing(
+    dsn: str,
+) -> None:
+    store = PostgresQuarantine(dsn)
+    releasing, other = (item(received_at=datetime.now(UTC) - timedelta(days=40)) for _ in "ab")
+    await store.put(releasing, RAW)
+    await store.put(other, RAW)
+    assert await store.claim(releasing.id)
+    cutoff = datetime.now(UTC) - timedelta(days=30)
+    assert await store.purge(cutoff) == 1
+    assert await store.get(releasing.id) is not None  # the release can still give it back
+    assert await store.claim(other.id) is False  # purged: nothing left to release
+    await store.unclaim(releasing.id)
+    assert await store.purge(cutoff) == 1
+    assert await store.count() == 0
+    await store.close()
+
+
 async def test_listings_are_served_by_indexes_not_table_scans(dsn: str) -> None:
     """50k rows: every listing's plan uses an index, so it stays fast at a million rows.
 

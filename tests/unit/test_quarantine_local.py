@@ -122,6 +122,50 @@ async def test_purge_removes_only_messages_past_retention(tmp_path: Path) -> Non
     await store.close()
 
 
+async def test_purge_skips_a_message_claimed_by_a_release_and_takes_it_once_given_back(
+    tmp_path: Path,
+) -> None:
+    """A release that fails gives its claim back and must find the message still there."""
+    store = LocalQuarantine(tmp_path)
+    old = [item(received_at=datetime.now(UTC) - timedelta(days=40)) for _ in range(3)]
+    for it in old:
+        await store.put(it, RAW)
+    releasing = old[0]
+    assert await store.claim(releasing.id)
+    cutoff = retention_cutoff(QuarantineConfig(retention_days=30))
+    assert await store.purge(cutoff) == 2
+    assert await store.get(releasing.id) is not None
+    await store.unclaim(releasing.id)  # the release failed
+    assert await store.purge(cutoff) == 1
+    assert await store.count() == 0
+    await store.close()
+
+
+async def test_purge_works_in_batches_oldest_first_and_processes_purging_together_count_once(
+    tmp_path: Path,
+) -> None:
+    now = datetime.now(UTC)
+    a, b = LocalQuarantine(tmp_path), LocalQuarantine(tmp_path)  # two processes, one store
+    old = [item(received_at=now - timedelta(days=60 - i)) for i in range(20)]
+    for it in old:
+        await a.put(it, RAW)
+    cutoff = now - timedelta(days=30)
+    assert await a.purge(cutoff, limit=3) == 3
+    assert {i.id for i in await a.list(limit=100)} == {it.id for it in old[3:]}
+    counts = await asyncio.gather(*(s.purge(cutoff, limit=4) for s in (a, b, a, b, a, b)))
+    assert sum(counts) == 17 and await b.count() == 0
+    assert await b.purge(cutoff) == 0
+    await a.close()
+    await b.close()
+
+
+async def test_purge_of_a_quarantine_never_written_creates_nothing(tmp_path: Path) -> None:
+    store = LocalQuarantine(tmp_path / "q")
+    assert await store.purge(datetime.now(UTC)) == 0
+    assert not (tmp_path / "q").exists()
+    await store.close()
+
+
 async def test_open_repairs_orphan_file_dangling_row_and_stale_temp_file(tmp_path: Path) -> None:
     store = LocalQuarantine(tmp_path)
     kept, lost_file = item(), item()
