@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import math
 import pwd
 import socket
 import tomllib
@@ -252,6 +253,9 @@ class QuarantineConfig:
     path: str = "/var/lib/gateway/quarantine"
     dsn: str = ""
     retention_days: int = 30
+    # Seconds between the running gateway's purges of messages past retention_days
+    # (0 = never: purge with `gateway quarantine purge` from cron instead).
+    purge_interval: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.backend == "postgresql" and not self.dsn.startswith(
@@ -262,6 +266,11 @@ class QuarantineConfig:
             )
         if self.retention_days < 1:
             raise OptionError("retention_days", f"must be at least 1, got {self.retention_days}")
+        if not (math.isfinite(self.purge_interval) and self.purge_interval >= 0):
+            raise OptionError(
+                "purge_interval",
+                f"must be 0 (never) or a number of seconds, got {self.purge_interval}",
+            )
 
 
 @dataclass(frozen=True, slots=True)

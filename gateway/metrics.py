@@ -35,6 +35,7 @@ __all__ = [
     "POLICY_DURATION",
     "POLICY_RUNS",
     "QUARANTINE_MESSAGES",
+    "QUARANTINE_PURGED",
     "REGISTRY",
     "RELAY_DURATION",
     "RELAY_FAILURES",
@@ -122,6 +123,11 @@ MESSAGE_SIZE = Histogram(
 QUARANTINE_MESSAGES = Gauge(
     "gateway_quarantine_messages",
     "Messages currently held in quarantine",
+    registry=REGISTRY,
+)
+QUARANTINE_PURGED = Counter(
+    "gateway_quarantine_purged",
+    "Quarantined messages removed by the scheduled purge (past quarantine.retention_days)",
     registry=REGISTRY,
 )
 DNS_QUERIES = Counter(

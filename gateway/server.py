@@ -43,6 +43,7 @@ from gateway.quarantine import (
 )
 from gateway.relay import Relay, RelayError
 from gateway.replies import Reply
+from gateway.retention import RetentionPurger
 from gateway.smtp import DataBudget, GatewaySMTP, ListenerSettings, SessionLimits, Transaction
 from gateway.state import ClosableStateStore, open_state
 
@@ -493,10 +494,17 @@ class RunningGateway:
         self.metrics_port = endpoint.port if endpoint is not None else None
         self.share: workers.MetricsShare | None = None  # metrics across server.workers
         self._gauges: asyncio.Task[None] | None = None
+        self.purger: RetentionPurger | None = None
 
-    def start_housekeeping(self) -> None:
-        """Keep gauges other processes change (``quarantine release/delete``) current."""
+    def start_housekeeping(self, *, purge: bool = True) -> None:
+        """Keep gauges other processes change (``quarantine release/delete``) current;
+        with ``purge``, enforce ``quarantine.retention_days`` (one process per gateway)."""
         self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
+        if purge:
+            self.purger = RetentionPurger(
+                self.gateway.quarantine, lambda: self.gateway.gen.config.quarantine
+            )
+            self.purger.start()
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -509,14 +517,21 @@ class RunningGateway:
         return self.gateway.gen.config
 
     async def reload(self) -> bool:
-        return await self.gateway.reload(self.path)
+        reloaded = await self.gateway.reload(self.path)
+        if reloaded and self.purger is not None:
+            self.purger.reconfigured()
+        return reloaded
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, drain in-flight sessions, close every service."""
         self.listener.close()
         if self._gauges is not None:
             self._gauges.cancel()
-        await self.gateway.drain(self.config.server.drain_timeout if grace is None else grace)
+        grace = self.config.server.drain_timeout if grace is None else grace
+        if self.purger is not None:  # its batch in progress ends while sessions drain
+            await asyncio.gather(self.gateway.drain(grace), self.purger.stop())
+        else:
+            await self.gateway.drain(grace)
         if self.share is not None:
             await self.share.stop()
         if self.endpoint is not None:
@@ -592,7 +607,7 @@ async def start(
         await gateway.close()
         raise
     running = RunningGateway(gateway, listener, endpoint, path)
-    running.start_housekeeping()
+    running.start_housekeeping(purge=not worker)  # one purging process: the only one or worker 0
     if worker is not None:
         running.share = workers.MetricsShare.for_worker(metrics.REGISTRY, worker)
         if running.share is not None:

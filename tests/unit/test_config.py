@@ -89,3 +89,17 @@ def test_shipped_defaults_are_the_documented_embedded_ones() -> None:
     assert config.state.backend == "local"
     assert config.state.path.startswith("/var/lib/gateway")
     assert config.metrics.listen.startswith("127.0.0.1:")
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_quarantine_purge_interval_is_zero_or_a_finite_number_of_seconds(
+    tmp_path: Path, value: str
+) -> None:
+    path = tmp_path / "config.toml"
+    text = EXAMPLE.read_text().replace("purge_interval = 3600.0", f"purge_interval = {value}")
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError) as info:
+        load_config(path)
+    assert [p for p in info.value.problems if p.startswith("quarantine.purge_interval: ")]
+    path.write_text(text.replace(f"purge_interval = {value}", "purge_interval = 0"))
+    assert load_config(path).quarantine.purge_interval == 0.0
