@@ -436,6 +436,7 @@ async def _release(
     from gateway.headers import prepend
     from gateway.quarantine import QuarantineError
     from gateway.relay import Relay, RelayError
+    from gateway.smtp import Forwarded
 
     hold = max(_CLAIM_SECONDS, config.relay.timeout * 10)
     if not await store.claim(item.id, hold):
@@ -444,8 +445,14 @@ async def _release(
             f"crashed, try again in {hold / 60:.0f} minutes"
         )
     relay = Relay(config.relay, config.server.hostname)
+    # XFORWARD: what the stored envelope knows of the client (no name, port or protocol).
+    client = Forwarded(
+        addr=item.client_ip, helo=item.helo or None, ident=item.queue_id, source="REMOTE"
+    )
     try:
-        result = await relay.send(item.mail_from, item.rcpt_tos, prepend(raw, list(item.headers)))
+        result = await relay.send(
+            item.mail_from, item.rcpt_tos, prepend(raw, list(item.headers)), client=client
+        )
     except RelayError as exc:
         await store.unclaim(item.id)
         said = f"{exc.code} {exc.text}" if exc.code is not None else exc.text

@@ -186,6 +186,7 @@ class RelayConfig:
     pool_size: int = 8
     max_connections: int = 50
     verify_recipients: bool = True  # ask the downstream at RCPT time (MAIL, RCPT, RSET)
+    xforward: bool = True  # pass the client on with XFORWARD when the downstream offers it
 
     def __post_init__(self) -> None:
         if not self.host:

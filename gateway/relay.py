@@ -48,6 +48,13 @@ not, since rewriting it would break signatures; ``SMTPUTF8`` (RFC 6531) when
 the envelope or the header section is not ASCII and the downstream offers it.
 A non-ASCII envelope to a downstream without SMTPUTF8 is refused with a
 permanent 550 5.6.7 (RFC 6531 §3.2 forbids a silent downgrade).
+
+XFORWARD (Postfix ``XFORWARD_README``), ``relay.xforward``: when the
+downstream's EHLO offers it, every transaction starts with the client's
+identity (``send(client=...)``), only the attributes offered, so the
+downstream logs and judges the real client instead of the gateway. A refusal
+is logged and the connection goes on without it: XFORWARD never costs a
+delivery.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ from aiosmtplib import (
 
 from gateway import metrics, smuggling
 from gateway.config import RelayConfig
+from gateway.smtp import XFORWARD_ATTRIBUTES, Forwarded
 
 __all__ = [
     "FailureReason",
@@ -82,6 +90,7 @@ __all__ = [
     "RelayResult",
     "sanitize_reply_text",
     "wire_data",
+    "xforward_arguments",
 ]
 
 log = logging.getLogger("gateway.relay")
@@ -108,6 +117,10 @@ TLS_FALLBACK_MEMORY = 300.0
 # ending in CRLF), yielding to the event loop in between: bytes operations on
 # a whole 25 MB message would hold the loop for ~0.2 s.
 SLICE = 1 << 20
+# XFORWARD_README: a value is at most 255 characters; a command line at most
+# 512 octets with its CRLF (RFC 5321 §4.5.3.1.4), so several commands if needed.
+XFORWARD_VALUE_MAX = 255
+XFORWARD_LINE_MAX = 512
 
 
 class FailureReason(StrEnum):
@@ -253,6 +266,49 @@ def _check_address(address: str, what: str) -> bytes:
     return address.encode("utf-8")
 
 
+def _xtext(value: str) -> str:
+    """RFC 3461 §4 xtext: "+", "=" and anything outside "!".."~" as ``+XX``."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in value)
+
+
+def _xforward_value(value: str | int | None) -> str:
+    """One attribute value on the wire; "[UNAVAILABLE]" when unknown or unfit.
+
+    Only printable ASCII without spaces, at most 255 characters once encoded,
+    is passed on: the gateway's own listener refuses anything else with a 501
+    (Postfix mangles it), and a refused XFORWARD would lose every other
+    attribute too.
+    """
+    text = "" if value is None else str(value)
+    if not text or not all("!" <= c <= "~" for c in text):
+        return "[UNAVAILABLE]"
+    encoded = _xtext(text)
+    return encoded if len(encoded) <= XFORWARD_VALUE_MAX else "[UNAVAILABLE]"
+
+
+def xforward_arguments(client: Forwarded, offered: str) -> list[bytes]:
+    """The arguments of the XFORWARD commands for ``client``; one per command.
+
+    ``offered`` is the downstream's EHLO parameter list ("NAME ADDR ..."); only
+    those attributes are sent (XFORWARD_README: others get a 501). Each line
+    stays within XFORWARD_LINE_MAX.
+    """
+    names = {name.upper() for name in offered.split()}
+    commands: list[bytes] = []
+    line = b""
+    for attr in XFORWARD_ATTRIBUTES:
+        if attr not in names:
+            continue
+        item = f"{attr}={_xforward_value(getattr(client, attr.lower()))}".encode("ascii")
+        if line and len(b"XFORWARD " + line + b" " + item + b"\r\n") > XFORWARD_LINE_MAX:
+            commands.append(line)
+            line = b""
+        line = line + b" " + item if line else item
+    if line:
+        commands.append(line)
+    return commands
+
+
 def _tls_context(verify: bool) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -274,6 +330,7 @@ class _Connection:
         "smtp",
         "timeout",
         "transactions",
+        "xforward_refused",
     )
 
     def __init__(self, smtp: SMTP, timeout: float) -> None:
@@ -284,6 +341,7 @@ class _Connection:
         self.broken = False
         self.body_sent = False
         self.clean = True  # no transaction open on the server side (RFC 5321 §4.1.4)
+        self.xforward_refused = False  # the downstream refused XFORWARD once: not again
 
     @property
     def tls(self) -> bool:
@@ -423,11 +481,23 @@ class Relay:
         self._tls_ctx: ssl.SSLContext | None = None
         self._tls_fallback_until = 0.0
         self._closed = False
+        self._xforward_refusal_logged = False
 
     # -- public API -------------------------------------------------------
 
-    async def send(self, mail_from: str, rcpt_to: Sequence[str], data: bytes) -> RelayResult:
-        """Relay ``data`` unchanged for the envelope; RelayError when not delivered."""
+    async def send(
+        self,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        *,
+        client: Forwarded | None = None,
+    ) -> RelayResult:
+        """Relay ``data`` unchanged for the envelope; RelayError when not delivered.
+
+        ``client`` is who sent the message, passed on with XFORWARD when the
+        downstream offers it and ``relay.xforward`` is on.
+        """
         if not rcpt_to:
             raise ValueError("send() needs at least one recipient")
         started = time.monotonic()
@@ -437,7 +507,7 @@ class Relay:
             data = await _prepared(data)
 
             async def transaction(conn: _Connection) -> RelayResult:
-                return await self._transaction(conn, sender, rcpts, data)
+                return await self._transaction(conn, sender, rcpts, data, client)
 
             result = await self._with_connection(transaction)
         except RelayError as exc:
@@ -501,7 +571,10 @@ class Relay:
         sender: bytes,
         rcpts: Sequence[tuple[str, bytes]],
         data: bytes,
+        client: Forwarded | None = None,
     ) -> RelayResult:
+        if client is not None and self.config.xforward:
+            await self._xforward(conn, client)
         utf8 = not (sender.isascii() and all(raw.isascii() for _, raw in rcpts))
         code, text = await self._mail_from(conn, sender, utf8, data)
         if not 200 <= code < 300:
@@ -549,6 +622,33 @@ class Relay:
             return RelayResult(accepted=tuple(accepted), reply=(code, sanitize_reply_text(text)))
         conn.expect_failure(code, "the message")
         raise RelayError(code, text)
+
+    async def _xforward(self, conn: _Connection, client: Forwarded) -> None:
+        """XFORWARD before MAIL (XFORWARD_README), if offered; a refusal is not a failure.
+
+        The downstream forgets the attributes at the end of each transaction,
+        so a pooled connection gets them again every time.
+        """
+        offered = conn.smtp.esmtp_extensions.get("xforward")
+        if offered is None or conn.xforward_refused:
+            return
+        for args in xforward_arguments(client, offered):
+            code, text = await conn.command(b"XFORWARD", args)
+            if 200 <= code < 300:
+                continue
+            conn.expect_failure(code, "XFORWARD")
+            if code == 421:
+                raise RelayError(code, text)
+            conn.xforward_refused = True
+            # Once per relay: every new connection to the same downstream would say it again.
+            level = logging.DEBUG if self._xforward_refusal_logged else logging.WARNING
+            self._xforward_refusal_logged = True
+            log.log(
+                level,
+                "relay_xforward_refused",
+                extra={"code": code, "reply": sanitize_reply_text(text)},
+            )
+            return
 
     async def _mail_from(
         self, conn: _Connection, sender: bytes, needs_utf8: bool, data: bytes

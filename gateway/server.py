@@ -263,7 +263,7 @@ class Gateway:
             return await self._quarantine(evaluation, tx, clean), action.value, evaluation, {}
         data = headers.prepend(clean, [tx.received, *evaluation.headers])
         try:
-            result = await gen.relay.send(env.mail_from, env.rcpt_to, data)
+            result = await gen.relay.send(env.mail_from, env.rcpt_to, data, client=tx.client)
         except RelayError as exc:
             fields: dict[str, Any] = {"downstream": f"{exc.code or ''} {exc.text}".strip()}
             if exc.permanent and exc.code is not None:

@@ -325,6 +325,8 @@ class Transaction:
     received: str  # our Received: field (folded, no trailing CRLF)
     via: str | None = None  # the MTA that forwarded the client with XFORWARD (its address)
     upstream_queue_id: str | None = None  # that MTA's queue id (XFORWARD IDENT), for its logs
+    # The client as the downstream should see it (relay XFORWARD): IDENT is our queue id.
+    client: Forwarded | None = None
 
 
 class Backend(Protocol):
@@ -550,6 +552,7 @@ class GatewaySMTP(SMTP):
         self.command_size_limit = limit
         self.command_size_limits = collections.defaultdict(lambda: limit)
         self.client_ip: str | None = None
+        self.client_port: int | None = None  # passed downstream in XFORWARD PORT
         self.peer_ip: str | None = None
         self.helo = ""
         # XFORWARD attributes for the next transaction; None = the real peer (README).
@@ -571,6 +574,7 @@ class GatewaySMTP(SMTP):
             peer = transport.get_extra_info("peername")
             self.peer_ip = _ip_of(peer)
             self.client_ip = self.peer_ip
+            self.client_port = _port_of(peer)
             server = self.settings.server
             if server.proxy_protocol and self.settings.is_trusted_proxy(self.peer_ip):
                 self._proxy_timeout = _PROXY_TIMEOUT
@@ -624,6 +628,7 @@ class GatewaySMTP(SMTP):
                 return
             if proxy.src_addr is not None:
                 self.client_ip = _ip_of((str(proxy.src_addr), 0))
+                self.client_port = proxy.src_port
             self._proxy_timeout = None
             self._reset_timeout()
         if self.backend.draining:
@@ -912,7 +917,8 @@ class GatewaySMTP(SMTP):
         protocol = ("UTF8SMTP" if utf8 else "ESMTP" if extended else "SMTP") + (
             "S" if tls is not None else ""
         )
-        client_ip, helo = self.client_ip, self.helo
+        client_ip, helo, port = self.client_ip, self.helo, self.client_port
+        source = "REMOTE"
         via: tuple[str, str | None] | None = None
         fwd = self.forwarded
         if fwd is not None:
@@ -925,6 +931,7 @@ class GatewaySMTP(SMTP):
             client_name = "" if local else fwd.name or ""
             tls = None  # what the up-stream client used is not ours to know
             protocol = fwd.proto or protocol
+            port, source = fwd.port, fwd.source or source
         queue_id = new_queue_id()
         rcpts = tuple(self.envelope.rcpt_tos)
         envelope = Envelope(
@@ -955,6 +962,15 @@ class GatewaySMTP(SMTP):
             received,
             via[1] if via else None,
             fwd.ident if fwd is not None else None,
+            Forwarded(
+                name=client_name or None,
+                addr=client_ip,
+                port=port,
+                proto=protocol,
+                helo=helo or None,
+                ident=queue_id,
+                source=source,
+            ),
         )
 
     def _tls_info(self) -> TLSInfo | None:
@@ -1059,6 +1075,12 @@ def _ip_of(peer: Any) -> str | None:
     if isinstance(peer, tuple) and peer:
         host = str(peer[0])
         return host.removeprefix("::ffff:") if host.startswith("::ffff:") else host
+    return None
+
+
+def _port_of(peer: Any) -> int | None:
+    if isinstance(peer, tuple) and len(peer) > 1 and isinstance(peer[1], int):
+        return peer[1]
     return None
 
 

@@ -14,6 +14,10 @@ Knobs, settable at any time from the test thread:
 - ``stop()`` / ``start()``: take the listener down and bring it back on the
   same port (the downstream is "down" in between).
 - ``tls=True``: offer STARTTLS with a generated self-signed certificate.
+- ``xforward``: ``None`` offers no XFORWARD; a string such as ``"NAME ADDR
+  HELO"`` offers those attributes (Postfix XFORWARD_README) and records each
+  transaction's XFORWARD arguments in ``Delivered.xforward``;
+  ``xforward_reply`` (e.g. ``"550 5.7.0 no"``) refuses them instead.
 
 ``python -m gateway.testing.sink --listen 127.0.0.1:10026`` prints each
 delivery; the README's demo uses it as the local downstream.
@@ -47,6 +51,7 @@ class Delivered:
     mail_from: str
     rcpt_tos: tuple[str, ...]
     data: bytes
+    xforward: tuple[str, ...] = ()  # the XFORWARD arguments sent before this MAIL
 
 
 def make_self_signed(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
@@ -88,9 +93,28 @@ def make_self_signed(directory: Path, hostname: str = "localhost") -> tuple[Path
     return cert_path, key_path
 
 
+class _Envelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        self.xforward: list[str] = []
+
+
 class _Handler:
     def __init__(self, sink: SinkServer) -> None:
         self.sink = sink
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.sink.xforward is not None:
+            responses.insert(-1, "250-XFORWARD " + self.sink.xforward)
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -107,7 +131,12 @@ class _Handler:
             return reply
         raw = envelope.original_content or b""
         mail_from = envelope.mail_from or ""
-        item = Delivered("" if mail_from == "<>" else mail_from, tuple(envelope.rcpt_tos), raw)
+        item = Delivered(
+            "" if mail_from == "<>" else mail_from,
+            tuple(envelope.rcpt_tos),
+            raw,
+            tuple(envelope.xforward) if isinstance(envelope, _Envelope) else (),
+        )
         with self.sink._lock:
             self.sink.messages.append(item)
             self.sink._count += 1
@@ -148,6 +177,25 @@ class _TrackedSMTP(SMTP):
         self._tracked.discard(self._original_transport or self.transport)
         super().connection_lost(error)
 
+    def _create_envelope(self) -> Envelope:
+        return _Envelope()
+
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        """Record the arguments as Postfix would accept them (not between MAIL and DOT)."""
+        sink: SinkServer = self.event_handler.sink
+        if sink.xforward is None:
+            await self.push('500 Error: command "XFORWARD" not recognized')
+        elif sink.xforward_reply is not None:
+            await self.push(sink.xforward_reply)
+        elif not arg:
+            await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
+        elif self.envelope is None or self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+        else:
+            assert isinstance(self.envelope, _Envelope)
+            self.envelope.xforward.append(arg)
+            await self.push("250 2.0.0 Ok")
+
 
 class SinkServer:
     """A recording SMTP server on ``host``:``port`` (port 0 picks a free one)."""
@@ -170,6 +218,8 @@ class SinkServer:
         self.messages: list[Delivered] = []
         self.data_reply: str | None = None
         self.rcpt_replies: dict[str, str] = {}
+        self.xforward: str | None = None
+        self.xforward_reply: str | None = None
         self._lock = threading.Lock()
         self._count = 0
         self._arrived = threading.Event()
