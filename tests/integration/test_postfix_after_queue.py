@@ -114,6 +114,30 @@ def test_gateway_judges_the_client_that_postfix_queued_the_mail_from(
     assert f"{event['upstream_queue_id']}: " in stack.postfix.log()
 
 
+def test_reinjection_smtpd_logs_the_original_client_and_the_gateways_queue_id(
+    stack: Stack,
+) -> None:
+    """The gateway passes the client on with XFORWARD (smtpd_authorized_xforward_hosts on
+    the reinjection smtpd): Postfix's log names it, not the gateway's 127.0.0.1, and the
+    gateway's queue id joins the two logs; permit_mynetworks still sees the gateway."""
+    before = len(stack.postfix.mailbox())
+    with _gateway(stack) as gw:
+        with smtplib.SMTP(
+            "127.0.0.1", stack.public_port, timeout=30, source_address=("127.0.0.2", 0)
+        ) as client:
+            client.ehlo("client.sender.test")
+            client.sendmail(
+                "alice@sender.test", ["bob@example.org"], message("xfwd-out", b"Hi.\r\n")
+            )
+        stack.postfix.wait_for_mail(before + 1)
+        event = gw.wait_for_event("message_processed", match={"client_ip": "127.0.0.2"})
+    assert event is not None
+    stack.postfix.wait_for_log(
+        r"gateway-return/smtpd\[\d+\]: \w+: client=localhost\[127\.0\.0\.1\], "
+        rf"orig_queue_id={event['queue_id']}, orig_client=unknown\[127\.0\.0\.2\]"
+    )
+
+
 def test_gateway_rejection_becomes_a_bounce_with_the_reason(stack: Stack) -> None:
     with _gateway(stack):
         send(stack, "gtube", GTUBE + b"\r\n")
