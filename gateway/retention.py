@@ -40,9 +40,16 @@ _STOP_TIMEOUT = 30.0  # seconds stop() waits for the batch in progress before ca
 class RetentionPurger:
     """Purges ``store`` on the schedule of the current config (read at every wake-up)."""
 
-    def __init__(self, store: QuarantineStore, config: Callable[[], QuarantineConfig]) -> None:
+    def __init__(
+        self,
+        store: QuarantineStore,
+        config: Callable[[], QuarantineConfig],
+        *,
+        batch: int = _BATCH,
+    ) -> None:
         self.store = store
         self.config = config
+        self.batch = batch
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -92,10 +99,10 @@ class RetentionPurger:
         total = 0
         try:
             while not self._stopping:
-                n = await self.store.purge(cutoff, limit=_BATCH)
+                n = await self.store.purge(cutoff, limit=self.batch)
                 total += n
                 metrics.QUARANTINE_PURGED.inc(n)
-                if n < _BATCH:
+                if n < self.batch:
                     break
         except Exception as exc:  # the store's QuarantineError or anything else: retry later
             log.error(
