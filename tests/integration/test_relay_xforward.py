@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -244,6 +245,39 @@ def test_downstream_sees_the_gateways_client_and_queue_id(
     head = got.data.split(b"\r\n\r\n", 1)[0]
     assert got.data.endswith(MSG) and head.startswith(b"Received: from client.sender.test")
     assert f"id {event['queue_id']}".encode() in head
+
+
+def test_behind_a_proxy_the_downstream_sees_the_proxied_client_and_port(
+    downstream: SinkServer, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = make_gateway(downstream, {"server.proxy_protocol": True})
+    with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=10) as sock:
+        replies = sock.makefile("rb")
+        sock.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\n")
+
+        def reply() -> bytes:
+            while (line := replies.readline())[3:4] == b"-":
+                pass
+            return line
+
+        assert reply().startswith(b"220 ")
+        for command in (
+            b"EHLO proxied.sender.test",
+            b"MAIL FROM:<a@sender.test>",
+            b"RCPT TO:<bob@example.org>",
+            b"DATA",
+        ):
+            sock.sendall(command + b"\r\n")
+            assert reply()[:1] in (b"2", b"3"), command
+        sock.sendall(MSG + b".\r\n")
+        assert reply().startswith(b"250 "), "message not accepted"
+    (got,) = downstream.wait_for(1)
+    forwarded = parsed([a.encode() for a in got.xforward])
+    assert (forwarded.addr, forwarded.port, forwarded.helo) == (
+        "198.51.100.7",
+        40000,
+        "proxied.sender.test",
+    )
 
 
 def test_quarantine_release_passes_on_the_stored_client(tmp_path: Path) -> None:
