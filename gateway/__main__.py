@@ -436,7 +436,7 @@ async def _release(
     from gateway.headers import prepend
     from gateway.quarantine import QuarantineError
     from gateway.relay import Relay, RelayError
-    from gateway.smtp import Forwarded
+    from gateway.xforward import Forwarded
 
     hold = max(_CLAIM_SECONDS, config.relay.timeout * 10)
     if not await store.claim(item.id, hold):

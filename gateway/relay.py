@@ -81,7 +81,7 @@ from aiosmtplib import (
 
 from gateway import metrics, smuggling
 from gateway.config import RelayConfig
-from gateway.smtp import XFORWARD_ATTRIBUTES, Forwarded
+from gateway.xforward import Forwarded, xforward_arguments
 
 __all__ = [
     "FailureReason",
@@ -90,7 +90,6 @@ __all__ = [
     "RelayResult",
     "sanitize_reply_text",
     "wire_data",
-    "xforward_arguments",
 ]
 
 log = logging.getLogger("gateway.relay")
@@ -119,8 +118,6 @@ TLS_FALLBACK_MEMORY = 300.0
 SLICE = 1 << 20
 # XFORWARD_README: a value is at most 255 characters; a command line at most
 # 512 octets with its CRLF (RFC 5321 §4.5.3.1.4), so several commands if needed.
-XFORWARD_VALUE_MAX = 255
-XFORWARD_LINE_MAX = 512
 
 
 class FailureReason(StrEnum):
@@ -264,49 +261,6 @@ def _check_address(address: str, what: str) -> bytes:
         status = "5.1.7" if what == "sender" else "5.1.3"
         raise RelayError(553, f"{status} Invalid {what} address syntax")
     return address.encode("utf-8")
-
-
-def _xtext(value: str) -> str:
-    """RFC 3461 §4 xtext: "+", "=" and anything outside "!".."~" as ``+XX``."""
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in value)
-
-
-def _xforward_value(value: str | int | None) -> str:
-    """One attribute value on the wire; "[UNAVAILABLE]" when unknown or unfit.
-
-    Only printable ASCII without spaces, at most 255 characters once encoded,
-    is passed on: the gateway's own listener refuses anything else with a 501
-    (Postfix mangles it), and a refused XFORWARD would lose every other
-    attribute too.
-    """
-    text = "" if value is None else str(value)
-    if not text or not all("!" <= c <= "~" for c in text):
-        return "[UNAVAILABLE]"
-    encoded = _xtext(text)
-    return encoded if len(encoded) <= XFORWARD_VALUE_MAX else "[UNAVAILABLE]"
-
-
-def xforward_arguments(client: Forwarded, offered: str) -> list[bytes]:
-    """The arguments of the XFORWARD commands for ``client``; one per command.
-
-    ``offered`` is the downstream's EHLO parameter list ("NAME ADDR ..."); only
-    those attributes are sent (XFORWARD_README: others get a 501). Each line
-    stays within XFORWARD_LINE_MAX.
-    """
-    names = {name.upper() for name in offered.split()}
-    commands: list[bytes] = []
-    line = b""
-    for attr in XFORWARD_ATTRIBUTES:
-        if attr not in names:
-            continue
-        item = f"{attr}={_xforward_value(getattr(client, attr.lower()))}".encode("ascii")
-        if line and len(b"XFORWARD " + line + b" " + item + b"\r\n") > XFORWARD_LINE_MAX:
-            commands.append(line)
-            line = b""
-        line = line + b" " + item if line else item
-    if line:
-        commands.append(line)
-    return commands
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import dataclasses
 import enum
 import ipaddress
 import logging
@@ -50,21 +49,19 @@ from gateway.api import TLSInfo
 from gateway.config import ServerConfig
 from gateway.engine import Envelope
 from gateway.replies import Reply
+from gateway.xforward import XFORWARD_ATTRIBUTES, Forwarded, XForwardError, parse_xforward
 
 __all__ = [
     "Backend",
     "DataBudget",
     "DataOutcome",
-    "Forwarded",
     "GatewaySMTP",
     "ListenerSettings",
     "RecipientError",
     "SessionLimits",
     "Transaction",
-    "XForwardError",
     "check_recipient",
     "new_queue_id",
-    "parse_xforward",
     "received_field",
     "tls_context",
 ]
@@ -136,106 +133,6 @@ def received_field(
 
 
 _ADDR_SAFE = re.compile(r"[\x21-\x7e\u0080-\U0010ffff]{1,320}")
-
-
-# --- XFORWARD (Postfix XFORWARD_README) ---------------------------------------
-
-XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
-_UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")  # compared upper-cased (README note 3)
-_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
-_XFORWARD_VALUE_MAX = 255  # README note 1
-_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,62})(?:\.[A-Za-z0-9_\-]{1,63})*\.?")
-_PROTO = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-_]{0,63}")
-
-
-class XForwardError(ValueError):
-    """An XFORWARD command the gateway refuses with 501; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class Forwarded:
-    """The up-stream client an MTA passed on with XFORWARD; None = [UNAVAILABLE].
-
-    Per the README an initial XFORWARD starts from all-unavailable, later ones
-    in the same transaction overwrite only the attributes they name.
-    """
-
-    name: str | None = None
-    addr: str | None = None  # a bare IP address (any "IPv6:" prefix removed)
-    port: int | None = None
-    proto: str | None = None
-    helo: str | None = None
-    ident: str | None = None  # the up-stream queue id
-    source: str | None = None  # "LOCAL" or "REMOTE"
-
-
-def _xtext_decode(value: str) -> str:
-    """RFC 3461 §4 xtext: ``+XX`` is the byte 0xXX; a lone ``+`` is a syntax error."""
-    if "+" not in value:
-        return value
-    if "+" in _XTEXT_HEX.sub("", value):
-        raise XForwardError("bad xtext: '+' must be followed by two hex digits (RFC 3461)")
-    decoded = _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
-    return decoded
-
-
-def _xforward_value(attr: str, value: str) -> str | int | None:
-    """One decoded, checked attribute value (README note 1); None for [UNAVAILABLE]."""
-    if len(value) > _XFORWARD_VALUE_MAX:
-        raise XForwardError(f"{attr} value longer than {_XFORWARD_VALUE_MAX} characters")
-    text = _xtext_decode(value)
-    if text.upper() in _UNAVAILABLE:
-        return None
-    if not text or any(not ("!" <= c <= "~") for c in text):
-        raise XForwardError(f"{attr} value empty or not printable ASCII without spaces")
-    if attr == "NAME":
-        if text.lower() == "unknown":  # Postfix's name for a client without verified rDNS
-            return None
-        if not _HOSTNAME.fullmatch(text):
-            raise XForwardError(f"NAME must be a host name, got {text[:64]!r}")
-    elif attr == "ADDR":
-        bare = text[5:] if text[:5].upper() == "IPV6:" else text
-        try:
-            addr = ipaddress.ip_address(bare)
-        except ValueError:
-            raise XForwardError(f"ADDR must be an IP address, got {text[:64]!r}") from None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(addr)
-    elif attr == "PORT":
-        if not text.isdigit() or int(text) > 65535:
-            raise XForwardError(f"PORT must be a TCP port number, got {text[:16]!r}")
-        return int(text)
-    elif attr == "PROTO":
-        if not _PROTO.fullmatch(text):
-            raise XForwardError(f"PROTO must be a protocol name, got {text[:64]!r}")
-    elif attr == "SOURCE":
-        if text.upper() not in ("LOCAL", "REMOTE"):
-            raise XForwardError(f"SOURCE must be LOCAL or REMOTE, got {text[:16]!r}")
-        return text.upper()
-    return text
-
-
-def parse_xforward(arg: str, current: Forwarded | None) -> Forwarded:
-    """Apply one ``XFORWARD attr=value ...`` to ``current`` (None before the first).
-
-    Attribute names are case-insensitive; values are xtext (RFC 3461 §4).
-    Raises :class:`XForwardError` for anything malformed, changing nothing.
-    """
-    items = arg.split()
-    if not items:
-        raise XForwardError("Syntax: XFORWARD attribute=value ...")
-    updates: dict[str, str | int | None] = {}
-    for item in items:
-        attr, eq, value = item.partition("=")
-        attr = attr.upper()
-        if not eq:
-            raise XForwardError(f"expected attribute=value, got {item[:64]!r}")
-        if attr not in XFORWARD_ATTRIBUTES:
-            raise XForwardError(f"unknown XFORWARD attribute {attr[:32]!r}")
-        updates[attr.lower()] = _xforward_value(attr, value)
-    base = current if current is not None else Forwarded()
-    return dataclasses.replace(base, **updates)  # type: ignore[arg-type]
 
 
 # --- recipients: never an open relay ----------------------------------------

@@ -25,11 +25,17 @@ from hypothesis import strategies as st
 
 from gateway.config import QuarantineConfig, RelayConfig
 from gateway.quarantine import QuarantineItem, new_id, open_quarantine
-from gateway.relay import XFORWARD_LINE_MAX, Relay, xforward_arguments
-from gateway.smtp import XFORWARD_ATTRIBUTES, Forwarded, parse_xforward
+from gateway.relay import Relay
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.sink import SinkServer
+from gateway.xforward import (
+    XFORWARD_ATTRIBUTES,
+    XFORWARD_LINE_MAX,
+    Forwarded,
+    parse_xforward,
+    xforward_arguments,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

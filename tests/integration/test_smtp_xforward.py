@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from gateway.smtp import Forwarded, XForwardError, parse_xforward, received_field
+from gateway.smtp import received_field
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.sink import SinkServer
+from gateway.xforward import Forwarded, XForwardError, parse_xforward
 
 pytestmark = pytest.mark.timeout(60)
 
