@@ -130,6 +130,11 @@ QUARANTINE_PURGED = Counter(
     "Quarantined messages removed by the scheduled purge (past quarantine.retention_days)",
     registry=REGISTRY,
 )
+QUARANTINE_PURGE_FAILURES = Counter(
+    "gateway_quarantine_purge_failures",
+    "Scheduled quarantine purges that failed (log: quarantine_purge_failed; retried next interval)",
+    registry=REGISTRY,
+)
 DNS_QUERIES = Counter(
     "gateway_dns_queries",
     "DNS lookups by result (hit, miss, nxdomain, temperror)",

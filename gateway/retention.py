@@ -105,6 +105,7 @@ class RetentionPurger:
                 if n < self.batch:
                     break
         except Exception as exc:  # the store's QuarantineError or anything else: retry later
+            metrics.QUARANTINE_PURGE_FAILURES.inc()
             log.error(
                 "quarantine_purge_failed",
                 extra={

@@ -7,6 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from gateway import metrics
 from gateway.config import QuarantineConfig
 from gateway.quarantine import LocalQuarantine, QuarantineItem, new_id
 from gateway.retention import RetentionPurger
@@ -88,7 +89,9 @@ async def test_a_purge_that_fails_returns_none_and_one_that_works_the_count(
 ) -> None:
     (tmp_path / "index.sqlite").write_bytes(b"not a database" * 100)
     broken = RetentionPurger(LocalQuarantine(tmp_path), QuarantineConfig)
+    failures = metrics.QUARANTINE_PURGE_FAILURES._value.get()
     assert await broken.purge() is None
+    assert metrics.QUARANTINE_PURGE_FAILURES._value.get() == failures + 1  # the alert's input
     good_store = LocalQuarantine(tmp_path / "good")
     for days in (40, 31, 1):
         await good_store.put(held(days), RAW)
