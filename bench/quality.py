@@ -367,11 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for seed in seeds:
             seed_work = work / f"seed-{seed}"
-            seed_work.mkdir()
+            seed_work.mkdir(exist_ok=True)
             runs.append((seed, *run_seed(args, work / "corpus", seed, seed_work, via)))
     if len(runs) > 1:
         return print_seeds(runs, args.json)
-    _, results, learn_seconds, eval_seconds = runs[0]
+    seed, results, learn_seconds, eval_seconds = runs[0]
     tested = sum(r.tested for r in results.values())
     if args.dump:
         with args.dump.open("w", encoding="utf-8") as fh:
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 for row in r.scored:
                     fh.write(json.dumps(row) + "\n")
     report = {
-        "seed": args.seed,
+        "seed": seed,
         "train_fraction": args.train_fraction,
         "bayes": not args.no_bayes,
         "learn_via": via if not args.no_bayes else None,
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     spam, ham, hard = results["spam"], results["ham"], results["hard-ham"]
     bayes = "off" if args.no_bayes else f"on (learned via {via})"
-    print(f"seed {args.seed}, train fraction {args.train_fraction}, bayes {bayes}")
+    print(f"seed {seed}, train fraction {args.train_fraction}, bayes {bayes}")
     print(f"{'class':10} {'trained':>7} {'tested':>6} {'flagged':>7} {'rate':>8}")
     for r in (spam, ham, hard):
         print(f"{r.name:10} {r.trained:7} {r.tested:6} {r.flagged:7} {100 * r.rate:7.2f}%")
