@@ -270,7 +270,7 @@ def parse_seeds(spec: str) -> list[int]:
     for piece in spec.split(","):
         first, _, last = piece.strip().partition("-")
         seeds.extend(range(int(first), int(last or first) + 1))
-    return seeds
+    return list(dict.fromkeys(seeds))  # each seed once
 
 
 def run_seed(
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for seed in seeds:
             seed_work = work / f"seed-{seed}"
-            seed_work.mkdir(exist_ok=True)
+            seed_work.mkdir()
             runs.append((seed, *run_seed(args, work / "corpus", seed, seed_work, via)))
     if len(runs) > 1:
         return print_seeds(runs, args.json)

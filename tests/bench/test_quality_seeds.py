@@ -10,3 +10,4 @@ def test_seed_ranges_and_lists() -> None:
     assert parse_seeds("1,4,7") == [1, 4, 7]
     assert parse_seeds("1-3, 9") == [1, 2, 3, 9]
     assert parse_seeds("5") == [5]
+    assert parse_seeds("1-3,2") == [1, 2, 3]
