@@ -7,10 +7,14 @@ gateway (CVE-2023-51764 and kin). The listener refuses any dot after a bare
 line end (:data:`ANY_DOT`); the relay, as a last line of defence, refuses a
 lone dot line (:data:`DOT_LINE`).
 
-Both rules are plain ``bytes`` searches (no regex, no per-byte Python loop),
-and :func:`found` checks a large message in overlapping windows of
+Both rules are plain ``bytes`` searches (no regex, no per-byte Python loop);
+in a big window the dots are visited one by one instead (a one-byte search,
+and base64 has no dot), up to a bound, then the searches take over. And
+:func:`found` checks a large message in overlapping windows of
 :data:`WINDOW` bytes, yielding to the event loop between them, so a 25 MB
 hostile message never blocks other sessions for more than a few milliseconds.
+The DATA reader and the relay's dot-stuffing use the same dot visit
+(:func:`data_end`, :func:`no_line_starts_with_dot`).
 """
 
 from __future__ import annotations
