@@ -22,9 +22,9 @@ from gateway.quarantine import (
     PostgresQuarantine,
     QuarantineError,
     QuarantineItem,
-    new_id,
     open_quarantine,
 )
+from gateway.testing.quarantine import held_item
 from gateway.testing.require import require
 
 ADMIN_DSN = os.environ.get("GATEWAY_TEST_PG", "postgresql://127.0.0.1:5432/test")
@@ -56,17 +56,13 @@ def item(
     rcpts: tuple[str, ...] = ("x@example.org",),
     received_at: datetime | None = None,
 ) -> QuarantineItem:
-    return QuarantineItem(
-        id=new_id(),
-        queue_id="Q1",
+    return held_item(
+        10,
         received_at=received_at or datetime.now(UTC),
         client_ip=None,
-        helo="mx.b.test",
         mail_from=mail_from,
         rcpt_tos=rcpts,
-        size=10,
         score=10.25,
-        action="quarantine",
         reasons=("spam score 10.25 (X)", "X=10.25"),
         headers=("X-Spam-Status: Yes, score=10.25",),
     )

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.quarantine import LocalQuarantine, QuarantineItem, new_id
+from gateway.quarantine import LocalQuarantine, QuarantineItem
 from gateway.server import start
 from gateway.testing.harness import GatewayProcess, write_config
+from gateway.testing.quarantine import held_item
 from gateway.testing.sink import SinkServer
 
 GatewayFactory = Callable[..., GatewayProcess]
@@ -29,19 +30,11 @@ SHORT = 0.2  # seconds between purges in these tests
 
 
 def held(days_old: float) -> QuarantineItem:
-    return QuarantineItem(
-        id=new_id(),
-        queue_id="Q1",
+    return held_item(
+        len(RAW),
         received_at=datetime.now(UTC) - timedelta(days=days_old),
-        client_ip="192.0.2.7",
         helo="mx.sender.test",
         mail_from="a@sender.test",
-        rcpt_tos=("x@example.org",),
-        size=len(RAW),
-        score=12.0,
-        action="quarantine",
-        reasons=("spam score 12.00", "X=12.0"),
-        headers=(),
     )
 
 

@@ -24,10 +24,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import QuarantineConfig, RelayConfig
-from gateway.quarantine import QuarantineItem, new_id, open_quarantine
+from gateway.quarantine import open_quarantine
 from gateway.relay import Relay
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
+from gateway.testing.quarantine import held_item
 from gateway.testing.sink import SinkServer
 from gateway.xforward import (
     XFORWARD_ATTRIBUTES,
@@ -287,19 +288,12 @@ def test_behind_a_proxy_the_downstream_sees_the_proxied_client_and_port(
 
 
 def test_quarantine_release_passes_on_the_stored_client(tmp_path: Path) -> None:
-    item = QuarantineItem(
-        id=new_id(),
+    item = held_item(
+        len(MSG),
         queue_id="4ZqREL",
         received_at=datetime(2026, 1, 1, tzinfo=UTC),
         client_ip="192.0.2.1",
-        helo="mx.b.test",
         mail_from="s@b.test",
-        rcpt_tos=("x@example.org",),
-        size=len(MSG),
-        score=12.0,
-        action="quarantine",
-        reasons=("spam score 12.00 (X)",),
-        headers=("X-Spam-Flag: YES",),
     )
 
     async def put() -> None:

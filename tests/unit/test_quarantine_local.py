@@ -29,6 +29,7 @@ from gateway.quarantine import (
     open_quarantine,
     retention_cutoff,
 )
+from gateway.testing.quarantine import held_item
 from gateway.verdict import ScoredSymbol, Verdict
 
 RAW = b"From: a@b.test\r\nSubject: hi\r\n\r\n..dot-stuffed?\r\n\x00\xff binary\r\n"
@@ -39,17 +40,12 @@ def item(
     rcpts: tuple[str, ...] = ("x@example.org",),
     received_at: datetime | None = None,
 ) -> QuarantineItem:
-    return QuarantineItem(
-        id=new_id(),
-        queue_id="Q1",
+    return held_item(
+        len(RAW),
         received_at=received_at or datetime.now(UTC),
-        client_ip="192.0.2.7",
-        helo="mx.b.test",
         mail_from=mail_from,
         rcpt_tos=rcpts,
-        size=len(RAW),
         score=11.5,
-        action="quarantine",
         reasons=("spam score 11.50 (X)", "X=11.50"),
         headers=("X-Spam-Status: Yes, score=11.50", "Authentication-Results: h; none"),
     )

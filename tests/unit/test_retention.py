@@ -9,27 +9,15 @@ from pathlib import Path
 
 from gateway import metrics
 from gateway.config import QuarantineConfig
-from gateway.quarantine import LocalQuarantine, QuarantineItem, new_id
+from gateway.quarantine import LocalQuarantine, QuarantineItem
 from gateway.retention import RetentionPurger
+from gateway.testing.quarantine import held_item
 
 RAW = b"Subject: held\r\n\r\nbody\r\n"
 
 
 def held(days_old: float) -> QuarantineItem:
-    return QuarantineItem(
-        id=new_id(),
-        queue_id="Q1",
-        received_at=datetime.now(UTC) - timedelta(days=days_old),
-        client_ip=None,
-        helo="h",
-        mail_from="a@b.test",
-        rcpt_tos=("x@example.org",),
-        size=len(RAW),
-        score=12.0,
-        action="quarantine",
-        reasons=("X=12.0",),
-        headers=(),
-    )
+    return held_item(len(RAW), received_at=datetime.now(UTC) - timedelta(days=days_old))
 
 
 class GatedStore(LocalQuarantine):
