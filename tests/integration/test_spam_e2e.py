@@ -73,6 +73,26 @@ def test_gtube_is_rejected_with_the_default_config_and_ordinary_mail_relayed(
         assert "GTUBE" not in status
 
 
+GERMAN = (
+    "Sehr geehrte Damen und Herren, wir freuen uns, Ihnen heute unser neues Angebot\r\n"
+    "vorstellen zu duerfen. Bitte lesen Sie die beigefuegten Unterlagen sorgfaeltig\r\n"
+    "durch und melden Sie sich bei Fragen jederzeit gerne bei unserem Kundendienst."
+)
+
+
+def test_text_outside_ok_languages_is_scored_and_explained(
+    sink: SinkServer, dns_server: DNSServer
+) -> None:
+    """config.example.toml says ok_languages = ["en"]: German text is scored (and relayed:
+    one symbol never flags alone), in X-Spam-Status and in the log line."""
+    with GatewayProcess(overrides(sink, dns_server)) as gw:
+        send(gw.smtp_port, message(GERMAN, subject="Angebot"))
+        event = gw.wait_for_event("message_processed")
+    assert len(sink.messages) == 1
+    assert "BODY_UNWANTED_LANGUAGE" in spam_status(sink.messages[0].data)
+    assert event is not None and event["symbols"]["BODY_UNWANTED_LANGUAGE"] == 2.8
+
+
 def test_operator_rule_files_are_reloaded_on_sighup(
     tmp_path: Path, sink: SinkServer, dns_server: DNSServer
 ) -> None:
