@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import QuarantineConfig
+from gateway.sqlitewal import enable_wal
 
 if TYPE_CHECKING:
     import psycopg
@@ -290,7 +291,7 @@ class LocalQuarantine:
             self.path / "index.sqlite", timeout=10.0, isolation_level=None, check_same_thread=False
         )
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(db, 10.0)
             db.execute("PRAGMA synchronous=FULL")  # commit = durable, even in WAL mode
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(_LOCAL_SCHEMA)

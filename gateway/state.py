@@ -35,6 +35,7 @@ from urllib.parse import unquote
 
 from gateway.api import StateStore, StateUnavailableError
 from gateway.config import StateConfig
+from gateway.sqlitewal import enable_wal
 
 __all__ = [
     "ClosableStateStore",
@@ -113,7 +114,7 @@ class LocalState:
                 self.path, timeout=_TIMEOUT, isolation_level=None, check_same_thread=False
             )
             try:
-                db.execute("PRAGMA journal_mode=WAL")
+                enable_wal(db, _TIMEOUT)
                 db.execute("PRAGMA synchronous=NORMAL")  # counters, not mail: WAL keeps them
                 db.executescript(_LOCAL_SCHEMA)
             except BaseException:
