@@ -70,19 +70,12 @@ HEADER = (
 
 
 def configmap(config_text: str) -> str:
-    body = "".join(f"    {line}\n" if line else "\n" for line in config_text.splitlines())
-    return (
-        HEADER
-        + "# ${...} placeholders are filled from the Secret by the Deployment's init container.\n"
-        "apiVersion: v1\n"
-        "kind: ConfigMap\n"
-        "metadata:\n"
-        "  name: mail-gateway-cluster-config\n"
-        "  labels:\n"
-        "    app.kubernetes.io/name: mail-gateway\n"
-        "    app.kubernetes.io/component: gateway\n"
-        "data:\n"
-        "  config.toml: |\n" + body
+    return BASE.configmap(  # type: ignore[no-any-return]
+        config_text,
+        name="mail-gateway-cluster-config",
+        header=HEADER
+        + "# ${...} placeholders are filled from the Secret by the Deployment's init container.\n",
+        component="gateway",
     )
 
 
