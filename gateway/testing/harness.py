@@ -33,7 +33,11 @@ import time
 import tomllib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.testing.dnsserver import DNSServer
+    from gateway.testing.sink import SinkServer
 
 __all__ = [
     "GatewayFailed",
@@ -42,6 +46,7 @@ __all__ = [
     "build_config",
     "dump_toml",
     "example_config_path",
+    "loopback_overrides",
     "running_gateway",
     "write_config",
 ]
@@ -63,6 +68,22 @@ def example_config_path() -> Path | None:
     """The repo's ``config.example.toml``, when running from a checkout."""
     path = _REPO / "config.example.toml"
     return path if path.is_file() else None
+
+
+def loopback_overrides(
+    sink: SinkServer, dns: DNSServer, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Test defaults: relay to ``sink``, DNS from ``dns``, no policies; ``extra`` on top."""
+    return {
+        "relay.host": sink.host,
+        "relay.port": sink.port,
+        "relay.timeout": 5.0,
+        "dns.nameservers": [dns.address],
+        "dns.timeout": 2.0,
+        "policies": {},
+        "scores": {},
+        **(extra or {}),
+    }
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from gateway.testing.dnsserver import DNSServer
+from gateway.testing.harness import loopback_overrides
 from gateway.testing.require import require
 from gateway.testing.services import ThrowawayRedis, free_port, wait_for_port
 from gateway.testing.sink import SinkServer
@@ -174,16 +175,7 @@ def node_overrides(sink: SinkServer, dns_server: DNSServer) -> Overrides:
     """``node_overrides(policies, {"state.backend": ...})``: relay -> sink, DNS -> test server."""
 
     def make(policies: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return {
-            "relay.host": sink.host,
-            "relay.port": sink.port,
-            "relay.timeout": 5.0,
-            "relay.verify_recipients": False,
-            "dns.nameservers": [dns_server.address],
-            "dns.timeout": 2.0,
-            "policies": dict(policies),
-            "scores": {},
-            **(extra or {}),
-        }
+        fixed = {"relay.verify_recipients": False, "policies": dict(policies)}
+        return loopback_overrides(sink, dns_server, {**fixed, **(extra or {})})
 
     return make

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from gateway.testing.dnsserver import DNSServer
-from gateway.testing.harness import GatewayProcess
+from gateway.testing.harness import GatewayProcess, loopback_overrides
 from gateway.testing.sink import SinkServer
 
 TEST_ZONES = ("example.org", "sender.test", "other.test", "example.com")
@@ -46,23 +46,6 @@ def module_sink() -> Iterator[SinkServer]:
         yield server
 
 
-def gateway_overrides(
-    sink: SinkServer, dns: DNSServer, extra: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """Test defaults: relay to the sink, DNS from the test server, no policies."""
-    base: dict[str, Any] = {
-        "relay.host": sink.host,
-        "relay.port": sink.port,
-        "relay.timeout": 5.0,
-        "dns.nameservers": [dns.address],
-        "dns.timeout": 2.0,
-        "policies": {},
-        "scores": {},
-    }
-    base.update(extra or {})
-    return base
-
-
 GatewayFactory = Callable[..., GatewayProcess]
 
 
@@ -76,7 +59,7 @@ def make_gateway(dns_server: DNSServer) -> Iterator[GatewayFactory]:
         overrides: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> GatewayProcess:
-        gw = GatewayProcess(gateway_overrides(sink, dns_server, overrides), **kwargs)
+        gw = GatewayProcess(loopback_overrides(sink, dns_server, overrides), **kwargs)
         started.append(gw)
         return gw.start()
 
@@ -88,7 +71,7 @@ def make_gateway(dns_server: DNSServer) -> Iterator[GatewayFactory]:
 @pytest.fixture(scope="module")
 def module_gateway(module_sink: SinkServer, dns_server: DNSServer) -> Iterator[GatewayProcess]:
     """One policy-free gateway shared by a module's tests (fast); the sink is reset per test."""
-    with GatewayProcess(gateway_overrides(module_sink, dns_server)) as gw:
+    with GatewayProcess(loopback_overrides(module_sink, dns_server)) as gw:
         yield gw
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from gateway.testing.dnsserver import DNSServer
-from gateway.testing.harness import GatewayProcess
+from gateway.testing.harness import GatewayProcess, loopback_overrides
 from gateway.testing.sink import SinkServer
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -51,15 +51,9 @@ def shipped_attachments_table() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def gateway(module_sink: SinkServer, dns_server: DNSServer) -> Iterator[GatewayProcess]:
-    overrides = {
-        "relay.host": module_sink.host,
-        "relay.port": module_sink.port,
-        "relay.timeout": 5.0,
-        "dns.nameservers": [dns_server.address],
-        "dns.timeout": 2.0,
-        "policies": {"attachments": shipped_attachments_table()},
-        "scores": {},
-    }
+    overrides = loopback_overrides(
+        module_sink, dns_server, {"policies": {"attachments": shipped_attachments_table()}}
+    )
     with GatewayProcess(overrides) as gw:
         yield gw
 

@@ -27,7 +27,7 @@ from gateway.config import QuarantineConfig, RelayConfig
 from gateway.quarantine import open_quarantine
 from gateway.relay import Relay
 from gateway.testing.dnsserver import DNSServer
-from gateway.testing.harness import GatewayProcess
+from gateway.testing.harness import GatewayProcess, loopback_overrides
 from gateway.testing.quarantine import held_item
 from gateway.testing.sink import SinkServer
 from gateway.xforward import (
@@ -213,16 +213,7 @@ def e2e_sink() -> Iterator[SinkServer]:
 
 @pytest.fixture(scope="module")
 def gateway(e2e_sink: SinkServer, dns_server: DNSServer) -> Iterator[GatewayProcess]:
-    overrides = {
-        "relay.host": e2e_sink.host,
-        "relay.port": e2e_sink.port,
-        "relay.timeout": 5.0,
-        "dns.nameservers": [dns_server.address],
-        "dns.timeout": 2.0,
-        "policies": {},
-        "scores": {},
-    }
-    with GatewayProcess(overrides) as gw:
+    with GatewayProcess(loopback_overrides(e2e_sink, dns_server)) as gw:
         yield gw
 
 

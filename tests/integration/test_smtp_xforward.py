@@ -18,7 +18,7 @@ import pytest
 
 from gateway.smtp import received_field
 from gateway.testing.dnsserver import DNSServer
-from gateway.testing.harness import GatewayProcess
+from gateway.testing.harness import GatewayProcess, loopback_overrides
 from gateway.testing.sink import SinkServer
 from gateway.xforward import Forwarded, XForwardError, parse_xforward
 
@@ -26,20 +26,6 @@ pytestmark = pytest.mark.timeout(60)
 
 MSG = b"From: a@sender.test\r\nTo: bob@example.org\r\nSubject: x\r\n\r\nHello.\r\n"
 SPF_DOMAIN = "xfwd.other.test"  # SPF authorizes only the forwarded client 192.0.2.7
-
-
-def gateway_overrides(sink: SinkServer, dns: DNSServer, extra: dict[str, Any]) -> dict[str, Any]:
-    """Relay to the sink, DNS from the test server, no policies unless ``extra`` says."""
-    base: dict[str, Any] = {
-        "relay.host": sink.host,
-        "relay.port": sink.port,
-        "relay.timeout": 5.0,
-        "dns.nameservers": [dns.address],
-        "dns.timeout": 2.0,
-        "policies": {},
-        "scores": {},
-    }
-    return base | extra
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +44,7 @@ def sink(xf_sink: SinkServer) -> SinkServer:
 def gateway(xf_sink: SinkServer, dns_server: DNSServer) -> Iterator[GatewayProcess]:
     """Default trust (loopback) and SPF on: the forwarded address is what SPF judges."""
     dns_server.set(SPF_DOMAIN, ("TXT", "v=spf1 ip4:192.0.2.7 ip6:2001:db8::7 -all"))
-    overrides = gateway_overrides(
+    overrides = loopback_overrides(
         xf_sink,
         dns_server,
         {"server.hostname": "mx.example.org", "policies": {"spf": {}}},
@@ -70,7 +56,7 @@ def gateway(xf_sink: SinkServer, dns_server: DNSServer) -> Iterator[GatewayProce
 @pytest.fixture(scope="module")
 def picky_gateway(xf_sink: SinkServer, dns_server: DNSServer) -> Iterator[GatewayProcess]:
     """Trusts only 127.0.0.1: a client bound to 127.0.0.2 is an untrusted peer."""
-    overrides = gateway_overrides(
+    overrides = loopback_overrides(
         xf_sink, dns_server, {"server.xforward_trusted_networks": ["127.0.0.1/32"]}
     )
     with GatewayProcess(overrides) as gw:
