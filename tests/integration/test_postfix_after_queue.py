@@ -68,10 +68,20 @@ def stack(dns_server: DNSServer) -> Iterator[Stack]:
         yield Stack(postfix, overrides, public, gateway_port)
 
 
-def send(stack: Stack, subject: str, body: bytes) -> None:
-    with smtplib.SMTP("127.0.0.1", stack.public_port, timeout=30) as client:
+def send(
+    stack: Stack,
+    subject: str,
+    body: bytes,
+    *,
+    mail_from: str = "alice@sender.test",
+    source: str = "127.0.0.1",
+) -> None:
+    """One message into Postfix's public smtpd, from client address ``source``."""
+    with smtplib.SMTP(
+        "127.0.0.1", stack.public_port, timeout=30, source_address=(source, 0)
+    ) as client:
         client.ehlo("client.sender.test")
-        client.sendmail("alice@sender.test", ["bob@example.org"], message(subject, body))
+        client.sendmail(mail_from, ["bob@example.org"], message(subject, body))
 
 
 def test_queued_mail_is_filtered_and_reinjected(stack: Stack) -> None:
@@ -94,13 +104,9 @@ def test_gateway_judges_the_client_that_postfix_queued_the_mail_from(
     dns_server.set("aq-xforward.other.test", ("TXT", "v=spf1 ip4:127.0.0.2 -all"))
     before = len(stack.postfix.mailbox())
     with _gateway(stack) as gw:
-        with smtplib.SMTP(
-            "127.0.0.1", stack.public_port, timeout=30, source_address=("127.0.0.2", 0)
-        ) as client:
-            client.ehlo("client.sender.test")
-            client.sendmail(
-                "alice@aq-xforward.other.test", ["bob@example.org"], message("xfwd", b"Hi.\r\n")
-            )
+        send(
+            stack, "xfwd", b"Hi.\r\n", mail_from="alice@aq-xforward.other.test", source="127.0.0.2"
+        )
         stored = stack.postfix.wait_for_mail(before + 1)[-1]
         event = gw.wait_for_event("message_processed")
     msg = email.message_from_bytes(stored, policy=email.policy.compat32)
@@ -122,13 +128,7 @@ def test_reinjection_smtpd_logs_the_original_client_and_the_gateways_queue_id(
     gateway's queue id joins the two logs; permit_mynetworks still sees the gateway."""
     before = len(stack.postfix.mailbox())
     with _gateway(stack) as gw:
-        with smtplib.SMTP(
-            "127.0.0.1", stack.public_port, timeout=30, source_address=("127.0.0.2", 0)
-        ) as client:
-            client.ehlo("client.sender.test")
-            client.sendmail(
-                "alice@sender.test", ["bob@example.org"], message("xfwd-out", b"Hi.\r\n")
-            )
+        send(stack, "xfwd-out", b"Hi.\r\n", source="127.0.0.2")
         stack.postfix.wait_for_mail(before + 1)
         event = gw.wait_for_event("message_processed", match={"client_ip": "127.0.0.2"})
     assert event is not None
