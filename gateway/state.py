@@ -260,7 +260,7 @@ def _client(url: str) -> Any:
     common: dict[str, Any] = {"socket_timeout": _TIMEOUT, "socket_connect_timeout": _TIMEOUT}
     if url.startswith("redis+sentinel://"):
         target = parse_sentinel_url(url)
-        sentinel = redis.asyncio.sentinel.Sentinel(list(target.sentinels), **common)  # type: ignore[no-untyped-call]
+        sentinel = redis.asyncio.sentinel.Sentinel(list(target.sentinels), **common)  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8
         return sentinel.master_for(target.service, db=target.db, password=target.password, **common)
     if url.startswith("redis+cluster://"):
         return redis.asyncio.cluster.RedisCluster.from_url(
