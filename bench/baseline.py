@@ -15,6 +15,8 @@ import asyncio
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from gateway.testing.sink import LongLineSMTP
+
 
 class Forward:
     def __init__(self, host: str, port: int, pool: int = 16) -> None:
@@ -51,7 +53,7 @@ async def serve(port: int, relay_port: int) -> None:
     loop = asyncio.get_running_loop()
     handler = Forward("127.0.0.1", relay_port)
     server = await loop.create_server(
-        lambda: SMTP(handler, data_size_limit=None, enable_SMTPUTF8=True), "127.0.0.1", port
+        lambda: LongLineSMTP(handler, data_size_limit=None, enable_SMTPUTF8=True), "127.0.0.1", port
     )
     async with server:
         await server.serve_forever()

@@ -11,6 +11,8 @@ import asyncio
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from gateway.testing.sink import LongLineSMTP
+
 
 class Discard:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -20,7 +22,7 @@ class Discard:
 async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(Discard(), data_size_limit=None, enable_SMTPUTF8=True), host, port
+        lambda: LongLineSMTP(Discard(), data_size_limit=None, enable_SMTPUTF8=True), host, port
     )
     async with server:
         await server.serve_forever()

@@ -7,7 +7,23 @@ from typing import Any
 
 from gateway.smtp import DataBudget, GatewaySMTP
 
-__all__ = ["ReaderSession", "reference_data"]
+__all__ = ["ReaderSession", "long_lines_body", "reference_data"]
+
+
+def long_lines_body(*lengths: int) -> bytes:
+    """Body lines of ``lengths`` octets each (before the CRLF), then a short last line.
+
+    RFC 5321 §4.5.3.1.6 caps a line at 1,000 octets with its CRLF, yet real mail
+    (old spam and ham alike) carries longer ones and Postfix takes them; the
+    gateway relays them byte-exact. Every second line starts with "." (stuffed
+    on the wire), so transparency is exercised on long lines too.
+    """
+    words = b"long line of real mail "
+    lines = []
+    for i, n in enumerate(lengths):
+        lead = b"." if i % 2 else b""
+        lines.append((lead + words * (n // len(words) + 1))[:n] + b"\r\n")
+    return b"".join(lines) + b"the end\r\n"
 
 
 def reference_data(wire: bytes) -> tuple[bytes, bytes] | None:

@@ -22,6 +22,7 @@ from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.postfix import PostfixInstance, free_port, snippet
 from gateway.testing.require import require_root, require_tool
+from gateway.testing.smtpdata import long_lines_body
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -94,6 +95,18 @@ def test_queued_mail_is_filtered_and_reinjected(stack: Stack) -> None:
     log = stack.postfix.log()
     assert "postfix/gateway-filter/smtp" in log and "postfix/gateway-return/smtpd" in log
     assert stored.endswith(b"\n\nHi Bob.\n")
+
+
+def test_body_lines_over_1000_octets_are_filtered_and_reinjected_unchanged(
+    stack: Stack,
+) -> None:
+    """Issue 17: a queued message with long lines goes to the gateway and back whole."""
+    body = long_lines_body(999, 1001, 2_049, 5_000, 100_000)
+    before = len(stack.postfix.mailbox())
+    with _gateway(stack):
+        send(stack, "long lines", body)
+        stored = stack.postfix.wait_for_mail(before + 1)[-1]
+    assert stored.endswith(b"\n\n" + body.replace(b"\r\n", b"\n"))
 
 
 def test_gateway_judges_the_client_that_postfix_queued_the_mail_from(

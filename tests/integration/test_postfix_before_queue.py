@@ -19,6 +19,7 @@ from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.postfix import PostfixInstance, free_port, snippet
 from gateway.testing.require import require_root, require_tool
+from gateway.testing.smtpdata import long_lines_body
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -69,6 +70,18 @@ def test_clean_mail_passes_through_the_gateway_and_is_delivered(stack: Stack) ->
     # Postfix (public) -> gateway -> Postfix (return smtpd on the relay port).
     assert "postfix/gateway-return/smtpd" in stack.postfix.log()
     assert stored.endswith(b"\n\nHi Bob.\n")
+
+
+def test_body_lines_over_1000_octets_pass_through_postfix_and_the_gateway(stack: Stack) -> None:
+    """Issue 17: Postfix takes long lines, hands them to the gateway whole (its 2,048-octet
+    records joined again), and the gateway relays them unchanged."""
+    body = long_lines_body(999, 1001, 2_049, 5_000, 100_000)
+    before = len(stack.postfix.mailbox())
+    with smtplib.SMTP("127.0.0.1", stack.public_port, timeout=30) as client:
+        client.ehlo("client.sender.test")
+        client.sendmail("alice@sender.test", ["bob@example.org"], message("long lines", body))
+    stored = stack.postfix.wait_for_mail(before + 1)[-1]
+    assert stored.endswith(b"\n\n" + body.replace(b"\r\n", b"\n"))
 
 
 def test_policy_rejection_reaches_the_sending_client_through_postfix(stack: Stack) -> None:

@@ -18,6 +18,7 @@ from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.postfix import PostfixInstance, free_port
 from gateway.testing.require import require_root, require_tool
+from gateway.testing.smtpdata import long_lines_body
 
 BODY = (
     b"Caf\xc3\xa9 au lait, 8-bit.\r\n"
@@ -81,6 +82,21 @@ def test_gateway_relays_into_postfix_which_delivers_the_message_intact(
     received = msg.get_all("Received")
     assert len(received) >= 2 and "by mx.example.org" in received[1]
     assert "status=sent (delivered to maildir)" in postfix.log()
+
+
+def test_body_lines_over_1000_octets_reach_postfix_unchanged(
+    postfix: PostfixInstance, gateway: GatewayProcess
+) -> None:
+    """Issue 17: long lines (past Postfix's own 2,048-octet record size too) are relayed
+    byte-exact and Postfix, the downstream, takes them."""
+    body = long_lines_body(999, 1001, 2_049, 5_000, 12_000)
+    long = MESSAGE.replace(BODY, body).replace(b"pf-down-1@", b"pf-down-long@")
+    before = len(postfix.mailbox())
+    with smtplib.SMTP("127.0.0.1", gateway.smtp_port, timeout=30) as client:
+        client.ehlo("client.sender.test")
+        assert client.sendmail("alice@sender.test", ["bob@example.org"], long) == {}
+    stored = postfix.wait_for_mail(before + 1)[-1]
+    assert stored.endswith(body.replace(b"\r\n", b"\n"))
 
 
 def test_postfix_refusing_the_message_is_passed_back_as_a_permanent_error(
