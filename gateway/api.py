@@ -386,10 +386,14 @@ class Policy:
     - ``after_optional``: like ``after``, but only when that policy is enabled
       (the lists policy reads DMARC if it runs, and still works without it).
     - ``Options``: a frozen dataclass of its options, filled from its table.
+    - ``auth_results``: the RFC 8601 methods it reports in ``Result.auth`` and
+      the results each may take; ``gateway_auth_results_total`` exports them at
+      zero from start-up, so dashboards and alerts see 0 rather than no data.
     """
 
     name: ClassVar[str] = ""
     symbols: ClassVar[Mapping[str, SymbolDef]] = {}
+    auth_results: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     after: ClassVar[tuple[str, ...]] = ()
     after_optional: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[Any]] = NoOptions

@@ -284,6 +284,11 @@ def services_for(config: Config, state: StateStore) -> Services:
     )
 
 
+def _learns(cls: type[Policy]) -> bool:
+    """Does the policy decide auto-learning (overrides ``after_verdict``)?"""
+    return cls.after_verdict is not Policy.after_verdict
+
+
 class Engine:
     def __init__(self, config: Config, plan: Plan, services: Services) -> None:
         self.config = config
@@ -312,6 +317,20 @@ class Engine:
     async def start(self) -> None:
         await self.pipeline.start(self.services)
         self._declared = self.declared_symbols()
+        self._export_metrics()
+
+    def _export_metrics(self) -> None:
+        """This configuration's policy, symbol and auth series, at zero until counted."""
+        auth: dict[str, set[str]] = {}
+        for enabled in self.plan.policies:
+            for method, results in enabled.cls.auth_results.items():
+                auth.setdefault(method, set()).update(results)
+        metrics.export_policies(
+            policies=[p.name for p in self.plan.policies],
+            symbols=self._declared,
+            auth=auth,
+            learners=[p.name for p in self.plan.policies if _learns(p.cls)],
+        )
 
     async def close(self) -> None:
         """Let background learning finish (bounded), then close the policies."""

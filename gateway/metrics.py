@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.api import Action
 from gateway.config import parse_hostport
 
 if TYPE_CHECKING:
@@ -44,10 +46,12 @@ __all__ = [
     "SESSIONS_REFUSED",
     "SYMBOLS",
     "HTTPEndpoint",
+    "export_policies",
     "record_action",
     "record_evaluation",
     "set_renderer",
     "start_http",
+    "zero",
 ]
 
 log = logging.getLogger("gateway.metrics")
@@ -171,6 +175,7 @@ def _version() -> str:
 
 BUILD_INFO.labels(version=_version()).set(1)
 
+
 _LABEL_LIMIT = 64
 
 
@@ -194,6 +199,62 @@ def record_evaluation(evaluation: Evaluation) -> None:
 def record_action(action: str) -> None:
     """One message's final action, counted once the hand-off decided it."""
     MESSAGES.labels(action=action).inc()
+
+
+# --- exported at zero from start-up -------------------------------------------
+
+
+def zero(metric: Counter | Histogram, **values: Iterable[str]) -> None:
+    """Export ``metric`` at zero for every combination of ``values`` (one iterable per label).
+
+    A labelled series exists only once it was incremented, so on a healthy
+    gateway a dashboard panel shows "No data" and a ``rate()`` alert cannot tell
+    zero from "not scraped". Call this where a metric's label values are
+    known: at import for closed sets (below, and next to the code that counts),
+    at start for what the enabled policies declare (:func:`export_policies`).
+    ``tests/deploy/test_deploy_metrics.py`` checks that every series the
+    shipped dashboard and alert rules read is there on a fresh gateway.
+    """
+    names = tuple(metric._labelnames)
+    if set(values) != set(names):
+        raise ValueError(
+            f"metrics.zero({metric._name}): its labels are {names}, values given for "
+            f"{tuple(values)}; give values for every label"
+        )
+    for combo in itertools.product(*(tuple(values[n]) for n in names)):
+        metric.labels(*combo)
+
+
+zero(MESSAGES, action=[a.value for a in Action])
+zero(CONFIG_RELOADS, result=("ok", "invalid"))
+zero(DNS_QUERIES, result=("hit", "miss", "nxdomain", "temperror"))
+
+_POLICY_OUTCOMES = ("ok", "error", "timeout")
+_AUTOLEARN_CLASSES = ("spam", "ham")
+_AUTOLEARN_RESULTS = ("learned", "known", "failed", "skipped")
+
+
+def export_policies(
+    policies: Iterable[str],
+    symbols: Iterable[str],
+    auth: Mapping[str, Iterable[str]],
+    learners: Iterable[str] = (),
+) -> None:
+    """Zero series for one configuration's policies (at start and after a reload).
+
+    ``policies``: the enabled policy names (latency, outcomes); ``symbols``: every
+    symbol they may emit; ``auth``: RFC 8601 method -> the results it may report
+    (``Policy.auth_results``); ``learners``: policies that auto-learn.
+    """
+    for name in policies:
+        POLICY_DURATION.labels(policy=name)
+        zero(POLICY_RUNS, policy=(name,), outcome=_POLICY_OUTCOMES)
+    for symbol in symbols:
+        SYMBOLS.labels(symbol=_label(symbol))
+    for method, results in auth.items():
+        zero(AUTH_RESULTS, method=(_label(method),), result=[_label(r) for r in results])
+    for name in learners:
+        zero(AUTOLEARN, policy=(name,), **{"class": _AUTOLEARN_CLASSES}, result=_AUTOLEARN_RESULTS)
 
 
 # --- the HTTP endpoint ------------------------------------------------------

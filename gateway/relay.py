@@ -130,6 +130,9 @@ class FailureReason(StrEnum):
     TLS = "tls"
 
 
+metrics.zero(metrics.RELAY_FAILURES, reason=[r.value for r in FailureReason])
+
+
 @dataclass(frozen=True, slots=True)
 class RelayResult:
     """The downstream accepted the message for ``accepted``."""

@@ -398,6 +398,25 @@ _DEFAULT_STATUS = {
     555: "5.5.4",
 }
 _STAGES = {"HELO": "helo", "EHLO": "helo", "MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}
+# Exported at zero from start-up (metrics.zero): what gateway_smtp_sessions_refused_total
+# and gateway_smtp_replies_total count, so dashboards and alerts see 0, not "no data".
+REFUSAL_REASONS = (
+    "max_sessions",
+    "max_sessions_per_ip",
+    "draining",
+    "proxy_untrusted",
+    "proxy_invalid",
+)
+_STAGE_CODES = {  # the replies of replies.py and aiosmtpd at each stage
+    "connect": ("220", "421", "554"),
+    "helo": ("250", "421", "501", "503", "554"),
+    "mail": ("250", "421", "451", "452", "501", "503", "550", "552", "553", "555"),
+    "rcpt": ("250", "421", "450", "451", "452", "501", "503", "550", "553", "555"),
+    "data": ("250", "354", "421", "451", "452", "501", "503", "550", "552", "554"),
+}
+metrics.zero(metrics.SESSIONS_REFUSED, reason=REFUSAL_REASONS)
+for _stage, _codes in _STAGE_CODES.items():
+    metrics.zero(metrics.REPLIES, stage=(_stage,), code=_codes)
 _SMUGGLING_REPLY = Reply(
     550,
     "5.5.2",

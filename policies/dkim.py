@@ -275,6 +275,8 @@ class DKIMPolicy(Policy):
     """Verifies every DKIM signature (up to ``max_signatures``)."""
 
     name = "dkim"
+    # RFC 8601 §2.7.1
+    auth_results = {"dkim": ("none", "pass", "fail", "policy", "neutral", "temperror", "permerror")}
     symbols = {
         "DKIM_PASS": SymbolDef(-0.2, "DKIM: a signature verified"),
         "DKIM_FAIL": SymbolDef(1.0, "DKIM: a signature did not verify (altered or forged)"),

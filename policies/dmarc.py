@@ -441,6 +441,7 @@ class DMARCPolicy(Policy):
     """DMARC evaluation and enforcement, ARC chain validation and trusted-sealer override."""
 
     name = "dmarc"
+    auth_results = {"dmarc": ("none", "pass", "fail", "temperror", "permerror")}  # RFC 7489 §11.2
     after = ("spf", "dkim")
     Options = DMARCOptions
     symbols = {

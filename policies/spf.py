@@ -223,6 +223,7 @@ class SPFPolicy(Policy):
     """SPF for MAIL FROM (or postmaster@HELO for the null sender) and for HELO."""
 
     name = "spf"
+    auth_results = {"spf": RESULTS}  # RFC 7208 §2.6, RFC 8601 §2.7.2
     symbols = _symbols()
     Options = SPFOptions
 

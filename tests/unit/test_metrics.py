@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
@@ -180,3 +181,42 @@ async def test_a_flood_of_idle_connections_is_capped_and_the_endpoint_recovers()
     await asyncio.sleep(0.1)
     assert (await _get(endpoint.port, "/healthz"))[0] == 200
     await endpoint.close()
+
+
+def test_zero_exports_every_combination_of_known_label_values_at_zero() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    counter = Counter("zero_demo", "demo", ["stage", "code"], registry=CollectorRegistry())
+    metrics.zero(counter, stage=("mail", "rcpt"), code=("250", "451"))
+    exported = {
+        (s.labels["stage"], s.labels["code"]): s.value
+        for f in counter.collect()
+        for s in f.samples
+        if s.name == "zero_demo_total"
+    }
+    assert exported == {
+        ("mail", "250"): 0.0,
+        ("mail", "451"): 0.0,
+        ("rcpt", "250"): 0.0,
+        ("rcpt", "451"): 0.0,
+    }
+
+
+def test_zero_needs_values_for_every_label() -> None:
+    """A label added later (say ``frontend``) without its values fails loudly, at import."""
+    with pytest.raises(ValueError, match=r"labels are \('action',\)"):
+        metrics.zero(metrics.MESSAGES, action=("relay",), frontend=("smtp",))
+
+
+def test_known_counters_are_exported_at_zero_before_anything_happened() -> None:
+    from gateway import relay, smtp  # noqa: F401 -- importing them declares their label values
+
+    for name, labels in (
+        ("gateway_messages_total", {"action": "tempfail"}),
+        ("gateway_relay_failures_total", {"reason": "unreachable"}),
+        ("gateway_config_reloads_total", {"result": "invalid"}),
+        ("gateway_smtp_sessions_refused_total", {"reason": "max_sessions_per_ip"}),
+        ("gateway_smtp_replies_total", {"stage": "data", "code": "451"}),
+        ("gateway_dns_queries_total", {"result": "temperror"}),
+    ):
+        assert metrics.REGISTRY.get_sample_value(name, labels) is not None, (name, labels)
