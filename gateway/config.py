@@ -117,6 +117,10 @@ class ServerConfig:
     max_message_size: int = 26_214_400
     proxy_protocol: bool = False
     proxy_trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    proxy_header_timeout: float = 5.0  # seconds a trusted proxy has to send the PROXY header
+    # Connections one trusted proxy may hold open at once (awaiting the header or in a
+    # session): every client behind it shares its address, so it gets its own, larger budget.
+    proxy_max_connections: int = 1000
     # Peers allowed to send Postfix's XFORWARD (the MTA in front, on this host).
     xforward_trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_sessions: int = 500
@@ -157,6 +161,14 @@ class ServerConfig:
             )
         _check_networks("proxy_trusted_networks", self.proxy_trusted_networks)
         _check_networks("xforward_trusted_networks", self.xforward_trusted_networks)
+        _positive("proxy_header_timeout", self.proxy_header_timeout)
+        if self.proxy_max_connections < self.max_sessions_per_ip:
+            raise OptionError(
+                "proxy_max_connections",
+                "must be at least max_sessions_per_ip "
+                f"({self.max_sessions_per_ip}): every client behind a proxy shares it, "
+                f"got {self.proxy_max_connections}",
+            )
         for key in ("max_sessions", "max_sessions_per_ip", "max_recipients", "workers"):
             if getattr(self, key) < 1:
                 raise OptionError(key, f"must be at least 1, got {getattr(self, key)}")

@@ -36,6 +36,8 @@ __all__ = [
     "MESSAGE_SIZE",
     "POLICY_DURATION",
     "POLICY_RUNS",
+    "PROXY_CONNECTIONS",
+    "PROXY_CONNECTION_LIMIT",
     "QUARANTINE_MESSAGES",
     "QUARANTINE_PURGED",
     "REGISTRY",
@@ -98,6 +100,18 @@ SESSIONS_REFUSED = Counter(
     "gateway_smtp_sessions_refused",
     "SMTP sessions refused at connect, by reason",
     ["reason"],
+    registry=REGISTRY,
+)
+PROXY_CONNECTIONS = Gauge(
+    "gateway_smtp_proxy_connections",
+    "Connections open from trusted PROXY-protocol proxies, by state (awaiting_header, session)",
+    ["state"],
+    registry=REGISTRY,
+)
+PROXY_CONNECTION_LIMIT = Gauge(
+    "gateway_smtp_proxy_connection_limit",
+    "server.proxy_max_connections: connections one trusted proxy may hold open at once"
+    " (per worker; 0 with server.proxy_protocol off)",
     registry=REGISTRY,
 )
 REPLIES = Counter(
@@ -204,7 +218,7 @@ def record_action(action: str) -> None:
 # --- exported at zero from start-up -------------------------------------------
 
 
-def zero(metric: Counter | Histogram, **values: Iterable[str]) -> None:
+def zero(metric: Counter | Gauge | Histogram, **values: Iterable[str]) -> None:
     """Export ``metric`` at zero for every combination of ``values`` (one iterable per label).
 
     A labelled series exists only once it was incremented, so on a healthy

@@ -38,6 +38,9 @@ TOO_MANY_RECIPIENTS = Reply(
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections; try again later")
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address; try again later")
+TOO_MANY_THROUGH_PROXY = Reply(
+    421, "4.7.0", "Too many connections through this proxy; try again later"
+)
 TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for input; closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down; try again later")
 

@@ -125,6 +125,7 @@ class Gateway:
             generation.config.quarantine, generation.config.base_dir
         )
         self.limits = SessionLimits()
+        metrics.PROXY_CONNECTION_LIMIT.set_function(self._proxy_connection_limit)
         self.budget = DataBudget(generation.config.server.max_data_memory)
         self.sessions: set[GatewaySMTP] = set()
         self._draining = False
@@ -134,6 +135,10 @@ class Gateway:
         self._deliveries = 0  # hand-offs running, even for sessions already gone
         self._no_deliveries = asyncio.Event()
         self._no_deliveries.set()
+
+    def _proxy_connection_limit(self) -> float:
+        server = self.gen.config.server
+        return server.proxy_max_connections if server.proxy_protocol else 0
 
     # -- Backend ---------------------------------------------------------------
 

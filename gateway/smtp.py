@@ -71,7 +71,6 @@ log = logging.getLogger("gateway.smtp")
 IDENT = "ESMTP gateway"
 _READ_CHUNK = 256 * 1024  # bytes per DATA read; memory per session is bounded by max_message_size
 _LONG_LINE = 1 << 20  # bytes of one unfinished line held before it is moved on in pieces
-_PROXY_TIMEOUT = 10.0  # seconds a trusted proxy has to send its PROXY header
 _TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds for the STARTTLS handshake
 
 
@@ -307,6 +306,9 @@ class SessionLimits:
     def __init__(self) -> None:
         self.total = 0
         self.per_ip: collections.Counter[str] = collections.Counter()
+        # Connections from each trusted PROXY-protocol peer (exact address), from
+        # connect to close: before its header a connection has no client to count.
+        self.per_proxy: collections.Counter[str] = collections.Counter()
 
     @staticmethod
     def key(ip: str) -> str:
@@ -338,6 +340,18 @@ class SessionLimits:
         self.per_ip[key] -= 1
         if self.per_ip[key] <= 0:
             del self.per_ip[key]
+
+    def acquire_proxy(self, peer: str, max_connections: int) -> bool:
+        """Count a connection from trusted proxy ``peer``; False when its budget is spent."""
+        if self.per_proxy[peer] >= max_connections:
+            return False
+        self.per_proxy[peer] += 1
+        return True
+
+    def release_proxy(self, peer: str) -> None:
+        self.per_proxy[peer] -= 1
+        if self.per_proxy[peer] <= 0:
+            del self.per_proxy[peer]
 
 
 class DataBudget:
@@ -406,6 +420,8 @@ REFUSAL_REASONS = (
     "draining",
     "proxy_untrusted",
     "proxy_invalid",
+    "proxy_timeout",
+    "max_connections_per_proxy",
 )
 _STAGE_CODES = {  # the replies of replies.py and aiosmtpd at each stage
     "connect": ("220", "421", "554"),
@@ -415,6 +431,7 @@ _STAGE_CODES = {  # the replies of replies.py and aiosmtpd at each stage
     "data": ("250", "354", "421", "451", "452", "501", "503", "550", "552", "554"),
 }
 metrics.zero(metrics.SESSIONS_REFUSED, reason=REFUSAL_REASONS)
+metrics.zero(metrics.PROXY_CONNECTIONS, state=("awaiting_header", "session"))
 for _stage, _codes in _STAGE_CODES.items():
     metrics.zero(metrics.REPLIES, stage=(_stage,), code=_codes)
 _SMUGGLING_REPLY = Reply(
@@ -475,6 +492,9 @@ class GatewaySMTP(SMTP):
         self.forwarded: Forwarded | None = None
         self._rdns: asyncio.Future[str] | None = None
         self._counted = False
+        # Through a trusted proxy: "refused" (its budget spent), "awaiting_header",
+        # "session" (the gateway_smtp_proxy_connections state), None otherwise.
+        self._proxy_state: str | None = None
         self._stage = "connect"
         self.busy = False  # inside a DATA transaction (reading, evaluating, handing off)
         self._closing = False
@@ -493,7 +513,13 @@ class GatewaySMTP(SMTP):
             self.client_port = _port_of(peer)
             server = self.settings.server
             if server.proxy_protocol and self.settings.is_trusted_proxy(self.peer_ip):
-                self._proxy_timeout = _PROXY_TIMEOUT
+                # Per-IP limits wait for the client the header announces; until then the
+                # connection counts against the proxy's own budget, for a bounded time.
+                self._proxy_timeout = server.proxy_header_timeout
+                if self.limits.acquire_proxy(self.peer_ip or "", server.proxy_max_connections):
+                    self._set_proxy_state("awaiting_header")
+                else:
+                    self._proxy_state = "refused"
             self.backend.session_opened(self)
             self._registered = True
         super().connection_made(transport)
@@ -505,14 +531,27 @@ class GatewaySMTP(SMTP):
             self._counted = False
             self.limits.release(self.client_ip or "unknown")
             metrics.SESSIONS_ACTIVE.dec()
+        if self._proxy_state not in (None, "refused"):
+            self._set_proxy_state(None)
+            self.limits.release_proxy(self.peer_ip or "")
         if self._registered:
             self._registered = False
             self.backend.session_closed(self)
         super().connection_lost(error)
 
+    def _set_proxy_state(self, state: str | None) -> None:
+        if self._proxy_state is not None:
+            metrics.PROXY_CONNECTIONS.labels(state=self._proxy_state).dec()
+        if state is not None:
+            metrics.PROXY_CONNECTIONS.labels(state=state).inc()
+        self._proxy_state = state
+
     def _timeout_cb(self) -> None:
         if self.transport is None:
             return  # the connection is already gone
+        if self._proxy_state == "awaiting_header":
+            log.info("proxy_header_timeout", extra={"peer": self.peer_ip})
+            metrics.SESSIONS_REFUSED.labels(reason="proxy_timeout").inc()
         # RFC 5321 §4.5.3.2: say why before closing instead of just dropping the line.
         self._write_now(replies.TIMEOUT)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
@@ -532,10 +571,20 @@ class GatewaySMTP(SMTP):
 
     async def _handle_client(self) -> None:
         server = self.settings.server
+        if self._proxy_state == "refused":
+            await self._refuse(replies.TOO_MANY_THROUGH_PROXY, "max_connections_per_proxy")
+            return
         if self._proxy_timeout is not None:
             # HAProxy PROXY v1/v2, only from trusted networks (connection_made decided).
             self._reset_timeout(self._proxy_timeout)
-            proxy = await get_proxy(self._reader)
+            try:
+                proxy = await get_proxy(self._reader)
+            except asyncio.CancelledError:
+                # The proxy hung up first: aiosmtpd cancels us and would keep the
+                # half-closed transport (and the proxy's slot) until the timeout.
+                if self.transport is not None:
+                    self.transport.close()
+                raise
             if not proxy or not proxy.valid:
                 log.warning("proxy_header_invalid", extra={"peer": self.peer_ip})
                 metrics.SESSIONS_REFUSED.labels(reason="proxy_invalid").inc()
@@ -561,6 +610,8 @@ class GatewaySMTP(SMTP):
             return
         self._counted = True
         metrics.SESSIONS_ACTIVE.inc()
+        if self._proxy_state == "awaiting_header":
+            self._set_proxy_state("session")
         if self.client_ip is not None and not _is_loopback(self.client_ip):
             # Looked up while the client talks; awaited (bounded) only at DATA.
             self._rdns = asyncio.ensure_future(self.backend.client_name(self.client_ip))

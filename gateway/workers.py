@@ -34,7 +34,9 @@ log = logging.getLogger("gateway.workers")
 
 SNAPSHOT_INTERVAL = 1.0  # seconds between a worker's snapshots
 # Gauges whose every worker reports the same shared quantity: take the largest, not the sum.
-_MAX_GAUGES = frozenset({"gateway_quarantine_messages", "gateway_build_info"})
+_MAX_GAUGES = frozenset(
+    {"gateway_quarantine_messages", "gateway_build_info", "gateway_smtp_proxy_connection_limit"}
+)
 
 _share_dir: Path | None = None
 

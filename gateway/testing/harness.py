@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -268,6 +269,25 @@ class GatewayProcess:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def scrape(self) -> str:
+        """The gateway's ``/metrics`` (Prometheus text)."""
+        if not self.metrics_port:
+            raise GatewayFailed("the gateway serves no metrics (metrics.listen is empty)")
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text: str = response.read().decode("utf-8")
+        return text
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of ``/metrics``: ``metric("x_total", reason="y")``, None if absent."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.scrape()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` (e.g. ``signal.SIGHUP``) to the gateway."""

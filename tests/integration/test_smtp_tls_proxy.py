@@ -195,6 +195,73 @@ def test_proxy_header_from_untrusted_network_is_refused(
     assert sink.messages == []
 
 
+def _pending(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections from the proxy's address that have not sent their PROXY header."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+
+
+def test_connections_awaiting_their_header_never_count_against_the_announced_client(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    """Issue 14: 60 connections from the load balancer without a header yet must not use
+    up the per-IP limit of the client the next header announces."""
+    gw = make_gateway(sink, {"server.proxy_protocol": True, "server.max_sessions_per_ip": 20})
+    held = _pending(gw.smtp_port, 60)
+    try:
+        time.sleep(0.2)
+        replies = _send_via_proxy(gw.smtp_port, b"PROXY TCP4 198.51.100.7 192.0.2.1 1 25\r\n")
+        assert replies[0].startswith(b"220 ") and replies[5].startswith(b"250 "), replies
+        assert gw.metric("gateway_smtp_proxy_connections", state="awaiting_header") == 60
+        assert gw.metric("gateway_smtp_proxy_connection_limit") == 1000  # the default budget
+    finally:
+        for s in held:
+            s.close()
+    assert len(sink.wait_for(1)) == 1
+
+
+def test_a_proxy_over_its_connection_budget_gets_421_and_a_freed_slot_is_reused(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    gw = make_gateway(
+        sink,
+        {
+            "server.proxy_protocol": True,
+            "server.max_sessions_per_ip": 2,
+            "server.proxy_max_connections": 3,
+        },
+    )
+    held = _pending(gw.smtp_port, 3)
+    try:
+        with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=10) as extra:
+            # Refused before any header: the budget is the proxy's, whoever is behind it.
+            assert extra.recv(4096).startswith(b"421 4.7.0 Too many connections through this")
+            assert extra.recv(4096) == b""
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while gw.metric("gateway_smtp_proxy_connections", state="awaiting_header") != 2:
+            assert time.monotonic() < deadline, "the closed connection's slot was not freed"
+            time.sleep(0.05)
+        replies = _send_via_proxy(gw.smtp_port, b"PROXY TCP4 198.51.100.9 192.0.2.1 1 25\r\n")
+        assert replies[5].startswith(b"250 "), replies
+    finally:
+        for s in held:
+            s.close()
+    assert gw.metric("gateway_smtp_sessions_refused_total", reason="max_connections_per_proxy") == 1
+
+
+def test_a_proxy_connection_without_its_header_is_closed_after_the_header_timeout(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    gw = make_gateway(sink, {"server.proxy_protocol": True, "server.proxy_header_timeout": 0.5})
+    with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=20) as silent:
+        # Closed by proxy_header_timeout (0.5 s), long before command_timeout (300 s).
+        assert silent.recv(4096).startswith(b"421 4.4.2")
+        assert silent.recv(4096) == b""
+    assert gw.metric("gateway_smtp_sessions_refused_total", reason="proxy_timeout") == 1
+    assert gw.metric("gateway_smtp_proxy_connections", state="awaiting_header") == 0
+    assert gw.metric("gateway_smtp_proxy_connections", state="session") == 0
+
+
 # --- session limits -----------------------------------------------------------------
 
 

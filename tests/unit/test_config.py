@@ -103,3 +103,17 @@ def test_quarantine_purge_interval_is_zero_or_a_finite_number_of_seconds(
     assert [p for p in info.value.problems if p.startswith("quarantine.purge_interval: ")]
     path.write_text(text.replace(f"purge_interval = {value}", "purge_interval = 0"))
     assert load_config(path).quarantine.purge_interval == 0.0
+
+
+def test_a_proxy_budget_below_the_per_ip_limit_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """Every client behind a proxy shares its connections: a smaller budget is a mistake."""
+    path = tmp_path / "config.toml"
+    text = EXAMPLE.read_text().replace("proxy_max_connections = 1000", "proxy_max_connections = 10")
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError) as info:
+        load_config(path)
+    assert [p for p in info.value.problems if p.startswith("server.proxy_max_connections: ")]
+    path.write_text(text.replace("proxy_header_timeout = 5.0", "proxy_header_timeout = 0"))
+    with pytest.raises(cfg.ConfigError) as info:
+        load_config(path)
+    assert [p for p in info.value.problems if p.startswith("server.proxy_header_timeout: ")]
