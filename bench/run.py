@@ -3,6 +3,7 @@
     python -m bench.run                       # full: concurrency 10 and 50, 20 s rounds, memory
     python -m bench.run --quick               # a few seconds; CI smoke test, no assertions
     python -m bench.run --workers 2           # the gateway with server.workers = 2
+    python -m bench.run --workers auto        # ... = "auto": one per usable CPU (as shipped)
     python -m bench.run --profile-gateway /tmp/gw.prof   # cProfile the gateway process
 
 Alternating rounds of (a) the do-nothing aiosmtpd -> aiosmtplib relay and (b)
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.mix import BenchMessage, big_message, build_mix, make_domain
+from gateway.cpus import usable_cpus
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import write_config
 
@@ -384,7 +386,7 @@ def start_sink(port: int) -> subprocess.Popen[bytes]:
 
 
 def gateway_config(
-    tmp: Path, port: int, sink_port: int, dns: str, workers: int, **extra: object
+    tmp: Path, port: int, sink_port: int, dns: str, workers: int | str, **extra: object
 ) -> Path:
     """config.example.toml (the shipped default pipeline) pointed at the bench's peers."""
     return write_config(
@@ -421,7 +423,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def memory_checks(
-    tmp: Path, sink_port: int, dns: str, workers: int, messages: list[BenchMessage]
+    tmp: Path, sink_port: int, dns: str, workers: int | str, messages: list[BenchMessage]
 ) -> None:
     """Peak RSS with 200 concurrent sessions; the cost of one in-flight 20 MB message.
 
@@ -464,6 +466,15 @@ def memory_checks(
         stop(gw)
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'a number or "auto", got {text!r}') from None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -472,7 +483,12 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--seconds", type=float, default=20.0, help="per round")
     ap.add_argument("--rounds", type=int, default=2, help="alternating (a, b) pairs per level")
-    ap.add_argument("--workers", type=int, default=1, help="gateway server.workers")
+    ap.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help='gateway server.workers: a number or "auto" (one per usable CPU)',
+    )
     ap.add_argument(
         "--relay-loop",
         choices=("uvloop", "asyncio"),
@@ -541,7 +557,7 @@ def main() -> int:
                     a = run_round("relay", base.pid, base_port, pool, conc, args.seconds)
                     b = run_round("gateway", gw.pid, gw_port, pool, conc, args.seconds)
                     results.append((a, b))
-            report(results)
+            report(results, args.workers)
             if args.profile_gateway:
                 stop(gw)
                 print(f"gateway profile: {args.profile_gateway}")
@@ -559,8 +575,12 @@ def main() -> int:
     return 0
 
 
-def report(results: list[tuple[RoundResult, RoundResult]]) -> None:
-    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+def report(results: list[tuple[RoundResult, RoundResult]], workers: int | str = 1) -> None:
+    resolved = usable_cpus() if workers == "auto" else workers
+    print(
+        f"machine: {os.cpu_count()} cores ({usable_cpus()} usable), Python "
+        f"{sys.version.split()[0]}; gateway server.workers = {workers} ({resolved} processes)"
+    )
     print(
         f"{'target':8} {'conc':>4} {'msgs':>6} {'fail':>4} {'msg/s':>8} "
         f"{'cpu ms/msg':>10} {'rss MB':>7} {'loadgen ms/msg':>14} {'load1':>5} {'others':>6}"

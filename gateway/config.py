@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from gateway.api import Action, OptionError
+from gateway.cpus import usable_cpus
 from gateway.schema import Problems, Range, SchemaError, build
 
 Port = Annotated[int, Range(1, 65535)]
@@ -131,7 +132,8 @@ class ServerConfig:
     max_command_length: int = 2048
     tls_cert: str = ""
     tls_key: str = ""
-    workers: int = 1
+    # Pre-forked processes sharing the listener: a number, or "auto" (one per usable CPU).
+    workers: int | Literal["auto"] = 1
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight sessions
     max_data_memory: int = 104_857_600  # bytes of message data held across all sessions
     user: str = ""  # drop to this user after binding the listener (empty = stay as started)
@@ -169,7 +171,9 @@ class ServerConfig:
                 f"({self.max_sessions_per_ip}): every client behind a proxy shares it, "
                 f"got {self.proxy_max_connections}",
             )
-        for key in ("max_sessions", "max_sessions_per_ip", "max_recipients", "workers"):
+        if self.workers != "auto" and self.workers < 1:
+            raise OptionError("workers", f'must be at least 1 or "auto", got {self.workers}')
+        for key in ("max_sessions", "max_sessions_per_ip", "max_recipients"):
             if getattr(self, key) < 1:
                 raise OptionError(key, f"must be at least 1, got {getattr(self, key)}")
         _positive("command_timeout", self.command_timeout)
@@ -185,6 +189,13 @@ class ServerConfig:
             raise OptionError("max_command_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise OptionError("tls_cert", "tls_cert and tls_key must be set together")
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, with "auto" resolved now (affinity mask and cgroup CPU quota)."""
+        if self.workers == "auto":
+            return usable_cpus()
+        return self.workers
 
 
 @dataclass(frozen=True, slots=True)

@@ -697,16 +697,17 @@ def run(config_path: Path | str) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 2
-    if config.server.workers <= 1:
+    count = config.server.worker_count
+    if count <= 1:
         return _run_loop(serve(path))
-    return _supervise(path, config)
+    return _supervise(path, config, count)
 
 
 _RESPAWN_DELAY = 1.0  # seconds before a crashed worker is replaced
 
 
-def _supervise(path: Path, config: Config) -> int:
-    """Pre-fork: one shared listening socket, ``server.workers`` processes, signals forwarded.
+def _supervise(path: Path, config: Config, count: int) -> int:
+    """Pre-fork: one shared listening socket, ``count`` workers, signals forwarded.
 
     Each worker is a whole gateway (own event loop, engine, relay pool);
     session limits and the data memory budget apply per worker, and only
@@ -752,8 +753,8 @@ def _supervise(path: Path, config: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    log.info("supervisor_started", extra={"workers": config.server.workers})
-    for index in range(config.server.workers):
+    log.info("supervisor_started", extra={"workers": count, "setting": config.server.workers})
+    for index in range(count):
         spawn(index)
     exit_code = 0
     while children:

@@ -8,6 +8,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+from gateway.cpus import usable_cpus
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.sink import SinkServer
 from gateway.workers import merge
@@ -68,4 +69,21 @@ def test_metrics_of_two_workers_add_up_to_every_message_sent(
     while _relayed(gw.metrics_port) < sent and time.monotonic() < deadline:
         time.sleep(0.2)  # snapshots are at most a second old
     assert _relayed(gw.metrics_port) == sent
+    assert gw.stop() == 0
+
+
+def test_workers_auto_starts_one_worker_per_usable_cpu(
+    make_gateway: GatewayFactory, sink: SinkServer, connect: Connect
+) -> None:
+    cpus = usable_cpus()
+    gw = make_gateway(sink, {"server.workers": "auto"})
+    if cpus > 1:
+        (started,) = gw.events("supervisor_started")
+        assert (started["workers"], started["setting"]) == (cpus, "auto")
+        assert gw.wait_for_event("gateway_started", after=cpus - 1) is not None  # all up
+    else:
+        assert gw.events("supervisor_started") == []  # one CPU: a single process
+    with connect(gw.smtp_port) as client:
+        client.sendmail("a@sender.test", ["x@example.org"], b"Subject: t\r\n\r\nhi\r\n")
+    assert len(sink.wait_for(1)) == 1
     assert gw.stop() == 0

@@ -117,3 +117,20 @@ def test_a_proxy_budget_below_the_per_ip_limit_is_refused_naming_the_key(tmp_pat
     with pytest.raises(cfg.ConfigError) as info:
         load_config(path)
     assert [p for p in info.value.problems if p.startswith("server.proxy_header_timeout: ")]
+
+
+def test_workers_is_a_number_or_auto(tmp_path: Path) -> None:
+    from gateway.cpus import usable_cpus
+
+    path = tmp_path / "config.toml"
+    text = re.sub(r"^workers = \S+", "workers = WORKERS", EXAMPLE.read_text(), flags=re.M)
+    path.write_text(text.replace("WORKERS", '"auto"'))
+    assert load_config(path).server.worker_count == usable_cpus()
+    path.write_text(text.replace("WORKERS", "3"))
+    assert load_config(path).server.worker_count == 3
+    for bad in ('"many"', "0"):
+        path.write_text(text.replace("WORKERS", bad))
+        with pytest.raises(cfg.ConfigError) as info:
+            load_config(path)
+        (problem,) = info.value.problems
+        assert problem.startswith("server.workers: ") and '"auto"' in problem, problem
