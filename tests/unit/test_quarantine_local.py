@@ -28,6 +28,7 @@ from gateway.quarantine import (
     new_quarantine_item,
     open_quarantine,
     retention_cutoff,
+    summarize,
 )
 from gateway.testing.quarantine import held_item
 from gateway.verdict import ScoredSymbol, Verdict
@@ -58,7 +59,9 @@ async def test_put_then_get_returns_identical_bytes_envelope_and_verdict(tmp_pat
     got = await store.get(it.id)
     assert got is not None
     assert got[1] == RAW
-    assert got[0] == it
+    # put() takes the subject and From from the header for the listing.
+    assert got[0] == summarize(it, RAW)
+    assert (got[0].subject, got[0].header_from) == ("hi", "a@b.test")
     assert await store.count() == 1
     assert (tmp_path / "messages" / f"{it.id}.eml").read_bytes() == RAW
     await store.close()
