@@ -111,7 +111,7 @@ PROXY_CONNECTIONS = Gauge(
 PROXY_CONNECTION_LIMIT = Gauge(
     "gateway_smtp_proxy_connection_limit",
     "server.proxy_max_connections: connections one trusted proxy may hold open at once"
-    " (per worker; 0 with server.proxy_protocol off)",
+    " (all workers together; 0 with server.proxy_protocol off)",
     registry=REGISTRY,
 )
 REPLIES = Counter(

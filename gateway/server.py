@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gateway import headers, logs, metrics, replies, workers
+from gateway import headers, logs, metrics, replies, sharedlimits, workers
 from gateway.api import Action, DNSError
 from gateway.config import Config, ConfigError, load_config, parse_hostport
 from gateway.engine import Engine, Evaluation, services_for
@@ -571,6 +571,11 @@ async def start(
             await state.close()
         raise StartupError(list(exc.problems)) from None
     gateway = Gateway(gen, state)
+    table = sharedlimits.current()
+    if table is not None and worker is not None:
+        # Pre-forked: the limits and the data budget hold for all workers together.
+        gateway.limits = sharedlimits.SharedSessionLimits(table, worker)
+        gateway.budget = sharedlimits.SharedDataBudget(table, worker, config.server.max_data_memory)
     loop = asyncio.get_running_loop()
     host, port = _listen_address(config.server.listen)
     try:
@@ -710,9 +715,9 @@ def _supervise(path: Path, config: Config, count: int) -> int:
     """Pre-fork: one shared listening socket, ``count`` workers, signals forwarded.
 
     Each worker is a whole gateway (own event loop, engine, relay pool);
-    session limits and the data memory budget apply per worker, and only
-    worker 0 serves the metrics endpoint, with every worker's counts
-    (``gateway/workers.py``).
+    session limits and the data memory budget hold for all of them together
+    (``gateway/sharedlimits.py``), and only worker 0 serves the metrics
+    endpoint, with every worker's counts (``gateway/workers.py``).
     """
     logs.setup_logging(config.log)
     host, port = _listen_address(config.server.listen)
@@ -723,8 +728,10 @@ def _supervise(path: Path, config: Config, count: int) -> int:
         print(f"server.listen: cannot listen on {config.server.listen}: {exc}", file=sys.stderr)
         return 1
     sock.setblocking(False)
-    # Before forking: every worker writes its metrics there.
+    # Before forking: every worker writes its metrics there, and counts its sessions
+    # and message bytes in one table, so the limits hold for the whole gateway.
     workers.prepare_share_dir(config.server.user, config.server.group)
+    table = sharedlimits.create(count, config.server.max_sessions)
     supervisor = os.getpid()
     children: dict[int, int] = {}
     stopping = False
@@ -776,6 +783,7 @@ def _supervise(path: Path, config: Config, count: int) -> int:
             forward(signal.SIGTERM, None)
             continue
         log.error("worker_exited", extra={"worker": index, "exit_code": code})
+        table.reset_worker(index)  # its sessions and message bytes are gone with it
         time.sleep(_RESPAWN_DELAY)
         if not stopping:
             spawn(index)

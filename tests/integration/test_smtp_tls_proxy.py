@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 import smtplib
 import socket
 import ssl
@@ -292,6 +294,33 @@ def test_sessions_per_ip_over_the_limit_get_421_and_others_still_work(
     time.sleep(0.2)
     replies = _send_via_proxy(gw.smtp_port, b"PROXY TCP4 198.51.100.7 192.0.2.1 2 25\r\n")
     assert replies[5].startswith(b"250 ")
+
+
+def test_limits_hold_across_workers_and_a_dead_workers_sessions_are_freed(
+    make_gateway: GatewayFactory, sink: SinkServer
+) -> None:
+    """With two workers a client still gets max_sessions_per_ip in all, whichever worker
+    accepts; a worker killed mid-session does not leave its sessions counted."""
+    gw = make_gateway(sink, {"server.workers": 2, "server.max_sessions_per_ip": 2})
+    assert gw.wait_for_event("gateway_started", after=1) is not None  # both workers up
+    held = [socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) for _ in range(2)]
+    for s in held:
+        assert s.recv(4096).startswith(b"220 ")
+    for _ in range(8):  # accepts spread over both workers: each must refuse
+        with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as extra:
+            assert extra.recv(4096).startswith(b"421 4.7.0"), "a worker counted alone"
+    pids = {e["pid"] for e in gw.events("gateway_started")}
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while len(gw.events("gateway_started")) < 4:  # both replaced
+        assert time.monotonic() < deadline, "the workers were not replaced"
+        time.sleep(0.1)
+    for s in held:
+        s.close()
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=5) as again:
+            assert again.recv(4096).startswith(b"220 "), "the dead workers' sessions leaked"
 
 
 def test_total_sessions_over_the_limit_get_421(
