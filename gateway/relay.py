@@ -1,6 +1,6 @@
 """Async relay to the downstream MTA: pooled connections, STARTTLS, byte-exact DATA.
 
-aiosmtplib speaks the protocol (connect, EHLO, STARTTLS, commands), with two
+aiosmtplib speaks the protocol (connect, EHLO, STARTTLS, commands), with three
 deliberate exceptions:
 
 * The message body is written through its protocol's ``write`` and
@@ -11,6 +11,19 @@ deliberate exceptions:
 * Commands go through ``SMTP.execute_command`` so that every reply, accepted
   or refused, comes back as ``(code, text)`` and per-recipient replies can be
   collected.
+* PIPELINING (RFC 2920), when the downstream's EHLO offers it: XFORWARD,
+  MAIL, every RCPT and DATA go in one write (DATA ends the group, §3.1; the
+  group Postfix's own client sends), and a recipient probe's MAIL, RCPT and
+  RSET likewise, so a message costs two round trips instead of five and a
+  probe one instead of three. aiosmtplib keeps one reply at a time and drops
+  bytes that arrive while a reply waits to be read, so for the group the
+  transport is handed to :class:`_ReplyReader`, which reads every reply in
+  order, and back to aiosmtplib for the body. Each reply is matched to its
+  command, so each recipient's outcome is what the one-by-one dialogue gives.
+  When DATA got its 354 although MAIL or a recipient was refused, the server
+  waits for a message that must not be sent (a "." would deliver an empty one
+  to the accepted recipients): the connection is dropped, which aborts the
+  transaction. Without PIPELINING the commands go one round trip each.
 
 Delivery rules (the "never lose, never duplicate" contract):
 
@@ -68,7 +81,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from aiosmtplib import (
     SMTP,
@@ -109,6 +122,7 @@ MAX_TRANSACTIONS = 100
 PROBE_TIMEOUT = 5.0
 # Reply texts go back to our own SMTP clients: one printable line, bounded.
 MAX_REPLY_TEXT = 300
+MAX_REPLY_LINE = 8192  # octets of a reply line read in a pipelined group (as aiosmtplib)
 # After an opportunistic STARTTLS handshake failed, go plain for this long
 # instead of paying a failed handshake plus a reconnect for every message.
 TLS_FALLBACK_MEMORY = 300.0
@@ -258,6 +272,42 @@ def _bare_line_end_dot(data: bytes) -> bool:
     return smuggling.found_sync(data, smuggling.Rule.DOT_LINE)
 
 
+def _accepted(
+    conn: _Connection, rcpts: Sequence[tuple[str, bytes]], replies: Sequence[tuple[int, str]]
+) -> list[str]:
+    """The recipients whose RCPT got a 2xx; RelayError unless that is every one of them.
+
+    A refused recipient never turns into a silent partial delivery: some refused
+    is a 451 for the whole message (the client retries it), all refused passes
+    the downstream's verdict on, permanent only when every refusal was.
+    """
+    accepted: list[str] = []
+    refused: list[tuple[str, int, str]] = []
+    for (address, _), (code, text) in zip(rcpts, replies, strict=False):
+        if 200 <= code < 300:  # RFC 5321 §4.1.1.3: 250 or 251
+            accepted.append(address)
+            continue
+        conn.expect_failure(code, "RCPT")
+        if code == 421:
+            raise RelayError(code, text)
+        refused.append((address, code, text))
+    if len(replies) < len(rcpts):
+        raise RelayError(None, "4.4.1 Connection to the downstream lost")
+    if not refused:
+        return accepted
+    if not accepted:
+        temporary = [r for r in refused if r[1] < 500]
+        _, code, text = (temporary or refused)[0]
+        raise RelayError(code, text)
+    address, code, text = refused[0]
+    raise RelayError(
+        451,
+        f"4.3.0 Downstream refused {len(refused)} of {len(rcpts)} recipients "
+        f"({address}: {code} {sanitize_reply_text(text, 120)}); try again later",
+        reason=FailureReason.TEMPFAIL,
+    )
+
+
 def _check_address(address: str, what: str) -> bytes:
     """The address as it goes between angle brackets; injection-safe."""
     if any(ord(c) < 32 or ord(c) == 127 for c in address) or len(address) > 1000:
@@ -273,6 +323,75 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class _ReplyReader(asyncio.Protocol):
+    """The replies to one pipelined group (RFC 2920), in order, however the bytes arrive.
+
+    aiosmtplib's protocol holds one parsed reply at a time and drops bytes that
+    arrive while a reply waits to be picked up, so a group's replies would be
+    lost (or wait forever in its buffer). For the group the transport is handed
+    to this reader, then back to aiosmtplib's protocol for the message body.
+    Bounded like aiosmtplib: a line of at most 8,192 octets.
+    """
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[int, str]] = []
+        self.closed = False
+        self.error = ""
+        self._buffer = bytearray()
+        self._lines: list[str] = []
+        self._changed = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            code = line[:3]
+            if not code.isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                self.error = "malformed reply line"
+                break
+            self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+            if line[3:4] != b"-":
+                self.replies.append((int(code), "\n".join(self._lines)))
+                self._lines = []
+            if len(self._lines) > 100:
+                self.error = "reply of more than 100 lines"
+                break
+        if len(self._buffer) > MAX_REPLY_LINE:
+            self.error = "reply line too long"
+        self._changed.set()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._changed.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._changed.set()
+
+    async def wait_for(self, count: int, patience: float) -> list[tuple[int, str]]:
+        """The first ``count`` replies; each may take up to ``patience`` seconds to arrive.
+
+        Returns early after a 421 (the server closes the channel, RFC 5321 §3.8).
+        """
+        while True:
+            if self.error:
+                raise SMTPResponseException(-1, self.error)
+            if len(self.replies) >= count or any(code == 421 for code, _ in self.replies):
+                return self.replies
+            if self.closed:
+                raise SMTPServerDisconnected("connection closed in a pipelined group")
+            self._changed.clear()
+            async with asyncio.timeout(patience):
+                await self._changed.wait()
+
+    @property
+    def unasked(self) -> bool:
+        """Bytes beyond the replies to the group: the dialogue is out of step."""
+        return bool(self._buffer or self._lines)
 
 
 class _Connection:
@@ -324,6 +443,37 @@ class _Connection:
         with self._failures():
             reply = await self.smtp.execute_command(*args, timeout=limit or self.timeout)
         return self._checked(reply.code, reply.message)
+
+    async def pipeline(self, commands: Sequence[bytes]) -> list[tuple[int, str]]:
+        """Send ``commands`` in one write (RFC 2920) and return their replies, in order.
+
+        Fewer replies than commands only after a 421, which is then the last
+        (the connection is closed). Network trouble -> RelayError(None).
+        """
+        protocol = self.smtp.protocol
+        transport = cast(
+            "asyncio.WriteTransport | None", protocol.transport if protocol is not None else None
+        )
+        if transport is None or transport.is_closing():
+            self.close()
+            raise RelayError(None, "4.4.1 Connection to the downstream lost")
+        reader = _ReplyReader()
+        aiosmtplib_protocol = transport.get_protocol()
+        transport.set_protocol(reader)
+        try:
+            with self._failures():
+                transport.write(b"".join(command + b"\r\n" for command in commands))
+                replies = await reader.wait_for(len(commands), self.timeout)
+        finally:
+            transport.set_protocol(aiosmtplib_protocol)
+        if len(replies) > len(commands) or reader.unasked:
+            self.close()
+            raise RelayError(
+                None,
+                "4.4.0 Downstream sent replies to commands it was not given",
+                reason=FailureReason.TEMPFAIL,
+            )
+        return [self._checked(code, text) for code, text in replies]
 
     async def send_body(self, data: bytes) -> tuple[int, str]:
         """Write the message dot-stuffed, then the terminator; return the final reply.
@@ -481,6 +631,7 @@ class Relay:
         """The downstream's reply to ``RCPT TO:<rcpt>`` (MAIL, RCPT, RSET; nothing sent).
 
         A refused MAIL FROM is returned as the answer. Unreachable -> RelayError.
+        With PIPELINING the three commands go in one write: one round trip.
         """
         sender = _check_address(mail_from, "sender")
         recipient = _check_address(rcpt, "recipient")
@@ -488,18 +639,32 @@ class Relay:
         async def probe(conn: _Connection) -> tuple[int, str]:
             utf8 = not (sender.isascii() and recipient.isascii())
             try:
-                code, text = await self._mail_from(conn, sender, utf8, b"")
+                mail = self._mail_command(conn, sender, utf8, b"")
             except RelayError as exc:
-                if exc.code is None:
-                    raise
-                return exc.code, exc.text  # no SMTPUTF8 downstream: an answer, not a failure
-            if 200 <= code < 300:
-                code, text = await conn.command(b"RCPT", b"TO:<" + recipient + b">")
+                return exc.code or 550, exc.text  # no SMTPUTF8 downstream: an answer
+            rcpt_command = b"RCPT TO:<" + recipient + b">"
+            conn.clean = False
+            if conn.supports("pipelining"):
+                replies = await conn.pipeline([mail, rcpt_command, b"RSET"])
+                code, text = replies[0]
+                if 200 <= code < 300 and len(replies) > 1:
+                    code, text = replies[1]
+                reset = replies[2] if len(replies) > 2 else (421, "")
+            else:
+                code, text = await conn.command(mail)
+                if 200 <= code < 300:
+                    code, text = await conn.command(rcpt_command)
+                reset = None
             if not 200 <= code < 300:
                 conn.expect_failure(code, "RCPT")
             if code == 421:
                 raise RelayError(code, text)
-            await conn.reset()
+            if reset is None:
+                await conn.reset()
+            elif reset[0] == 250:
+                conn.clean = True
+            else:
+                conn.broken = True
             return code, sanitize_reply_text(text)
 
         return await self._with_connection(probe)
@@ -530,48 +695,15 @@ class Relay:
         data: bytes,
         client: Forwarded | None = None,
     ) -> RelayResult:
-        if client is not None and self.config.xforward:
-            await self._xforward(conn, client)
         utf8 = not (sender.isascii() and all(raw.isascii() for _, raw in rcpts))
-        code, text = await self._mail_from(conn, sender, utf8, data)
-        if not 200 <= code < 300:
-            conn.expect_failure(code, "MAIL")
-            await conn.reset()
-            raise RelayError(code, text)
-
-        accepted: list[str] = []
-        refused: list[tuple[str, int, str]] = []
-        for address, raw in rcpts:
-            code, text = await conn.command(b"RCPT", b"TO:<" + raw + b">")
-            if 200 <= code < 300:  # RFC 5321 §4.1.1.3: 250 or 251
-                accepted.append(address)
-                continue
-            conn.expect_failure(code, "RCPT")
-            if code == 421:
-                raise RelayError(code, text)
-            refused.append((address, code, text))
-        if refused:
-            await conn.reset()
-            if not accepted:
-                # Every recipient refused: pass the downstream's verdict on;
-                # it is permanent only when every refusal was.
-                temporary = [r for r in refused if r[1] < 500]
-                _, code, text = (temporary or refused)[0]
-                raise RelayError(code, text)
-            # Never deliver to a subset silently: 451 so the client retries all.
-            address, code, text = refused[0]
-            raise RelayError(
-                451,
-                f"4.3.0 Downstream refused {len(refused)} of {len(rcpts)} recipients "
-                f"({address}: {code} {sanitize_reply_text(text, 120)}); try again later",
-                reason=FailureReason.TEMPFAIL,
-            )
-
-        code, text = await conn.command(b"DATA")
-        if code != 354:
-            conn.expect_failure(code, "DATA")
-            await conn.reset()
-            raise RelayError(code, text)
+        mail = self._mail_command(conn, sender, utf8, data)
+        rcpt_commands = [b"RCPT TO:<" + raw + b">" for _, raw in rcpts]
+        xforward = self._xforward_commands(conn, client)
+        conn.clean = False
+        if conn.supports("pipelining"):
+            accepted = await self._pipelined_envelope(conn, xforward, mail, rcpt_commands, rcpts)
+        else:
+            accepted = await self._envelope(conn, xforward, mail, rcpt_commands, rcpts)
         code, text = await conn.send_body(data)
         conn.transactions += 1
         conn.clean = True  # RFC 5321 §4.1.1.4: the reply to the message ends the transaction
@@ -580,17 +712,101 @@ class Relay:
         conn.expect_failure(code, "the message")
         raise RelayError(code, text)
 
-    async def _xforward(self, conn: _Connection, client: Forwarded) -> None:
-        """XFORWARD before MAIL (XFORWARD_README), if offered; a refusal is not a failure.
+    async def _envelope(
+        self,
+        conn: _Connection,
+        xforward: Sequence[bytes],
+        mail: bytes,
+        rcpt_commands: Sequence[bytes],
+        rcpts: Sequence[tuple[str, bytes]],
+    ) -> list[str]:
+        """XFORWARD, MAIL, RCPT..., DATA one round trip each; the accepted recipients."""
+        replies = []
+        for command in xforward:
+            replies.append(await conn.command(command))
+            if not 200 <= replies[-1][0] < 300:
+                break  # refused: the rest would be too; the transaction goes on without
+        self._xforward_replies(conn, replies)
+        try:
+            code, text = await conn.command(mail)
+            if not 200 <= code < 300:
+                conn.expect_failure(code, "MAIL")
+                raise RelayError(code, text)
+            rcpt_replies = []
+            for command in rcpt_commands:
+                rcpt_replies.append(await conn.command(command))
+                if rcpt_replies[-1][0] == 421:
+                    break
+            accepted = _accepted(conn, rcpts, rcpt_replies)
+            code, text = await conn.command(b"DATA")
+            if code != 354:
+                conn.expect_failure(code, "DATA")
+                raise RelayError(code, text)
+        except RelayError:
+            if not conn.broken:
+                await conn.reset()
+            raise
+        return accepted
+
+    async def _pipelined_envelope(
+        self,
+        conn: _Connection,
+        xforward: Sequence[bytes],
+        mail: bytes,
+        rcpt_commands: Sequence[bytes],
+        rcpts: Sequence[tuple[str, bytes]],
+    ) -> list[str]:
+        """XFORWARD, MAIL, RCPT... and DATA in one write (RFC 2920 §3.1: DATA ends the
+        group), as Postfix's own client sends them; the accepted recipients.
+
+        Each reply is matched to its command, so the outcome per recipient is the
+        one the sequential dialogue gives. Should DATA get its 354 although the
+        transaction cannot go on (MAIL or some recipient refused), the server
+        waits for a message: a "." would deliver an empty one to the accepted
+        recipients, so the connection is dropped instead, which aborts the
+        transaction (RFC 5321 §3.8) and delivers nothing.
+        """
+        commands = [*xforward, mail, *rcpt_commands, b"DATA"]
+        replies = await conn.pipeline(commands)
+        if replies[-1][0] == 421:  # closing: the last reply read (the connection is closed)
+            raise RelayError(*replies[-1])
+        n = len(xforward)
+        self._xforward_replies(conn, replies[:n])
+        (code, text), rcpt_replies, (data_code, data_text) = (
+            replies[n],
+            replies[n + 1 : -1],
+            replies[-1],
+        )
+        try:
+            if not 200 <= code < 300:
+                conn.expect_failure(code, "MAIL")
+                raise RelayError(code, text)
+            accepted = _accepted(conn, rcpts, rcpt_replies)
+            if data_code != 354:
+                conn.expect_failure(data_code, "DATA")
+                raise RelayError(data_code, data_text)
+        except RelayError:
+            if data_code == 354:
+                conn.close()
+            elif not conn.broken:
+                await conn.reset()
+            raise
+        return accepted
+
+    def _xforward_commands(self, conn: _Connection, client: Forwarded | None) -> list[bytes]:
+        """XFORWARD before MAIL (XFORWARD_README), if offered and ``relay.xforward`` is on.
 
         The downstream forgets the attributes at the end of each transaction,
         so a pooled connection gets them again every time.
         """
         offered = conn.smtp.esmtp_extensions.get("xforward")
-        if offered is None or conn.xforward_refused:
-            return
-        for args in xforward_arguments(client, offered):
-            code, text = await conn.command(b"XFORWARD", args)
+        if client is None or not self.config.xforward or offered is None or conn.xforward_refused:
+            return []
+        return [b"XFORWARD " + args for args in xforward_arguments(client, offered)]
+
+    def _xforward_replies(self, conn: _Connection, replies: Sequence[tuple[int, str]]) -> None:
+        """A refused XFORWARD is logged and not sent again on this connection; not a failure."""
+        for code, text in replies:
             if 200 <= code < 300:
                 continue
             conn.expect_failure(code, "XFORWARD")
@@ -607,9 +823,9 @@ class Relay:
             )
             return
 
-    async def _mail_from(
+    def _mail_command(
         self, conn: _Connection, sender: bytes, needs_utf8: bool, data: bytes
-    ) -> tuple[int, str]:
+    ) -> bytes:
         """MAIL FROM with the ESMTP parameters the message and downstream call for."""
         params: list[bytes] = []
         if needs_utf8 and not conn.supports("smtputf8"):
@@ -628,8 +844,7 @@ class Relay:
         head = data[:end] if end >= 0 else data
         if (needs_utf8 or not head.isascii()) and conn.supports("smtputf8"):  # RFC 6531 §3.4
             params.append(b"SMTPUTF8")
-        conn.clean = False
-        return await conn.command(b"MAIL", b"FROM:<" + sender + b">", *params)
+        return b" ".join([b"MAIL FROM:<" + sender + b">", *params])
 
     # -- connections ------------------------------------------------------
 

@@ -14,6 +14,8 @@ Knobs, settable at any time from the test thread:
 - ``stop()`` / ``start()``: take the listener down and bring it back on the
   same port (the downstream is "down" in between).
 - ``tls=True``: offer STARTTLS with a generated self-signed certificate.
+- ``pipelining``: offer PIPELINING (default, as Postfix does); each
+  ``Delivered.pipelined`` says whether the envelope came as one group.
 - ``xforward``: ``None`` offers no XFORWARD; a string such as ``"NAME ADDR
   HELO"`` offers those attributes (Postfix XFORWARD_README) and records each
   transaction's XFORWARD arguments in ``Delivered.xforward``;
@@ -52,6 +54,9 @@ class Delivered:
     rcpt_tos: tuple[str, ...]
     data: bytes
     xforward: tuple[str, ...] = ()  # the XFORWARD arguments sent before this MAIL
+    # DATA had already arrived when the transaction's first command (XFORWARD or
+    # MAIL) was read: the client sent the envelope as one pipelined group (RFC 2920).
+    pipelined: bool = False
 
 
 def make_self_signed(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
@@ -97,6 +102,7 @@ class _Envelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.xforward: list[str] = []
+        self.pipelined = False
 
 
 class _Handler:
@@ -114,6 +120,8 @@ class _Handler:
         session.host_name = hostname
         if self.sink.xforward is not None:
             responses.insert(-1, "250-XFORWARD " + self.sink.xforward)
+        if self.sink.pipelining:
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_RCPT(
@@ -136,6 +144,7 @@ class _Handler:
             tuple(envelope.rcpt_tos),
             raw,
             tuple(envelope.xforward) if isinstance(envelope, _Envelope) else (),
+            isinstance(envelope, _Envelope) and envelope.pipelined,
         )
         with self.sink._lock:
             self.sink.messages.append(item)
@@ -186,6 +195,18 @@ class _TrackedSMTP(LongLineSMTP):
     def _create_envelope(self) -> Envelope:
         return _Envelope()
 
+    def _note_group(self) -> None:
+        """At a transaction's first command: is its DATA already buffered (pipelined)?"""
+        envelope = self.envelope
+        first = isinstance(envelope, _Envelope) and envelope.mail_from is None
+        if first and isinstance(envelope, _Envelope) and not envelope.xforward:
+            buffered = bytes(self._reader._buffer)  # type: ignore[attr-defined]
+            envelope.pipelined = b"\r\nDATA\r\n" in b"\r\n" + buffered.upper()
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        self._note_group()
+        await super().smtp_MAIL(arg)
+
     async def smtp_XFORWARD(self, arg: str) -> None:
         """Record the arguments as Postfix would accept them (not between MAIL and DOT)."""
         sink: SinkServer = self.event_handler.sink
@@ -199,6 +220,7 @@ class _TrackedSMTP(LongLineSMTP):
             await self.push("503 5.5.1 Error: MAIL transaction in progress")
         else:
             assert isinstance(self.envelope, _Envelope)
+            self._note_group()
             self.envelope.xforward.append(arg)
             await self.push("250 2.0.0 Ok")
 
@@ -226,6 +248,7 @@ class SinkServer:
         self.rcpt_replies: dict[str, str] = {}
         self.xforward: str | None = None
         self.xforward_reply: str | None = None
+        self.pipelining = True  # offer PIPELINING (RFC 2920) in EHLO, as Postfix does
         self._lock = threading.Lock()
         self._count = 0
         self._arrived = threading.Event()

@@ -7,6 +7,10 @@ test suite while others use them. Put this proxy in front instead::
         ...
         proxy.down()     # refuse new connections and cut the open ones
         proxy.up()       # accept again on the same port
+
+``delay`` (seconds) holds every chunk that long in each direction before it
+is passed on, in order: a link with a round trip of ``2 * delay`` on
+loopback (the PIPELINING benchmark, ``bench/pipelining.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ T = TypeVar("T")
 class TCPProxy:
     """Forwards ``127.0.0.1:port`` to ``host:target_port`` in its own thread and loop."""
 
-    def __init__(self, host: str, target_port: int) -> None:
+    def __init__(self, host: str, target_port: int, *, delay: float = 0.0) -> None:
         self.target = (host, target_port)
+        self.delay = delay
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -38,10 +43,38 @@ class TCPProxy:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.delay > 0:
+            await self._delayed_pipe(reader, writer)
+            return
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
+        writer.close()
+
+    async def _delayed_pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Each chunk leaves ``delay`` after it arrived; reading goes on meanwhile."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            while True:
+                due, data = await queue.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if not data:
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.create_task(send())
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                queue.put_nowait((loop.time() + self.delay, data))
+        queue.put_nowait((loop.time() + self.delay, b""))
+        with contextlib.suppress(Exception):
+            await sender
         writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

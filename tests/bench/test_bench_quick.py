@@ -28,3 +28,19 @@ def test_quick_benchmark_completes_and_prints_the_ratios() -> None:
     assert ratio_lines, out
     assert "pipeline cost" in ratio_lines[0]
     assert "latency ms (p50/p99)" in out
+
+
+@pytest.mark.timeout(90)
+def test_pipelining_benchmark_runs_on_a_delayed_link() -> None:
+    """`python -m bench.pipelining` with one short round: a row per link, nothing failed."""
+    args = ["--rtt", "4", "--concurrency", "1", "--seconds", "1", "--rounds", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.pipelining", *args, "--messages", "30"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("4 ")]
+    assert len(rows) == 1 and rows[0].endswith("failed 0"), proc.stdout

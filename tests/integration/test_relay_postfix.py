@@ -89,6 +89,9 @@ async def test_relay_hands_postfix_messages_over_one_tls_session(
         assert result.reply[0] == 250 and "queued as" in result.reply[1]
     stored = await asyncio.to_thread(postfix.wait_for_mail, before_mail + 3)
     assert sessions(postfix) == before_sessions + 1  # one session for three messages
+    # Postfix offers PIPELINING: each envelope went as one group (RFC 2920), accepted.
+    assert relay._idle and relay._idle[-1].supports("pipelining")
+    assert "improper command pipelining" not in postfix.log()
     assert re.search(r"TLS connection established from \S+: TLSv1\.[23]", postfix.log())
     for item in stored[before_mail:]:
         # Postfix's Maildir stores LF line ends; every byte is otherwise ours.
@@ -109,6 +112,9 @@ async def test_postfix_refusing_one_recipient_delivers_to_nobody(
     assert all_refused.value.reason is FailureReason.PERMFAIL
     await asyncio.sleep(0.5)
     assert len(postfix.mailbox()) == before
+    # Pipelined, DATA got its 354 before the refusal was read: the connection was
+    # dropped inside DATA, which Postfix discards, rather than sending an empty message.
+    assert re.search(r"lost connection after DATA", postfix.log())
 
 
 async def test_verify_recipient_asks_postfix(postfix: PostfixInstance, relay: Relay) -> None:
