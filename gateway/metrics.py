@@ -34,6 +34,8 @@ __all__ = [
     "DNS_QUERIES",
     "MESSAGES",
     "MESSAGE_SIZE",
+    "MILTER_CONNECTIONS",
+    "MILTER_ERRORS",
     "POLICY_DURATION",
     "POLICY_RUNS",
     "PROXY_CONNECTIONS",
@@ -170,6 +172,19 @@ AUTOLEARN = Counter(
     "Messages a policy chose to learn from its verdict (bayes autolearn), by class (spam, ham)"
     " and result (learned, known: learned before, failed, skipped: too many pending)",
     ["policy", "class", "result"],
+    registry=REGISTRY,
+)
+MILTER_CONNECTIONS = Gauge(
+    "gateway_milter_connections_active",
+    "Milter connections from the MTA currently open (Postfix opens one per SMTP session)",
+    registry=REGISTRY,
+)
+MILTER_ERRORS = Counter(
+    "gateway_milter_errors",
+    "Milter connections closed or refused by the gateway, by reason (oversized, truncated,"
+    " malformed, unknown_command, out_of_order, negotiation, timeout, max_connections,"
+    " draining, internal)",
+    ["reason"],
     registry=REGISTRY,
 )
 BUILD_INFO = Gauge(

@@ -1,0 +1,1 @@
+"""The milter front end: the same engine behind Postfix/Sendmail ``smtpd_milters``."""
