@@ -313,10 +313,10 @@ class HTTPEndpoint:
                 await self._server.wait_closed()
 
 
-_renderer: Callable[[], bytes] | None = None
+_renderer: Callable[[], Awaitable[bytes]] | None = None
 
 
-def set_renderer(render: Callable[[], bytes] | None) -> None:
+def set_renderer(render: Callable[[], Awaitable[bytes]] | None) -> None:
     """Replace what /metrics serves: worker 0 of ``server.workers`` serves all workers'."""
     global _renderer
     _renderer = render
@@ -378,7 +378,7 @@ async def _serve_one(
         return
     head_only = method == "HEAD"
     if target == "/metrics":
-        body = _renderer() if _renderer is not None else generate_latest(REGISTRY)
+        body = await _renderer() if _renderer is not None else generate_latest(REGISTRY)
         await _respond(writer, 200, body, content_type=CONTENT_TYPE_LATEST, head_only=head_only)
     elif target == "/healthz":
         await _respond(writer, 200, "ok\n", head_only=head_only)

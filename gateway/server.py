@@ -623,7 +623,7 @@ async def start(
         if running.share is not None:
             running.share.start()
             if worker == 0:
-                metrics.set_renderer(running.share.render)
+                metrics.set_renderer(running.share.render_fresh)
     log.info(
         "gateway_started",
         extra={
@@ -758,7 +758,8 @@ def _supervise(path: Path, config: Config, count: int) -> int:
                 os._exit(code)
         children[pid] = index
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    # SIGUSR1: worker 0 asks every worker for a metrics snapshot (gateway/workers.py).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, forward)
     log.info("supervisor_started", extra={"workers": count, "setting": config.server.workers})
     for index in range(count):

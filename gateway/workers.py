@@ -6,7 +6,10 @@ directory the supervisor created before forking, once a second and when it
 stops; worker 0, which serves ``/metrics``, answers with its live registry
 merged with the other workers' latest snapshots: counters, histograms and
 session gauges are summed, gauges that describe shared things (the quarantine
-size, build info) take the largest value. A scrape is at most a second behind.
+size, build info) take the largest value. A scrape first asks every worker
+for a snapshot now (SIGUSR1, which the supervisor passes on to all of them)
+and waits for them, up to half a second: it counts everything that happened
+before it, not what a second-old snapshot held.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,6 +38,7 @@ __all__ = ["MetricsShare", "merge", "prepare_share_dir", "remove_share_dir"]
 log = logging.getLogger("gateway.workers")
 
 SNAPSHOT_INTERVAL = 1.0  # seconds between a worker's snapshots
+FRESH_WAIT = 0.5  # seconds a scrape waits for the other workers' fresh snapshots
 # Gauges whose every worker reports the same shared quantity: take the largest, not the sum.
 _MAX_GAUGES = frozenset(
     {"gateway_quarantine_messages", "gateway_build_info", "gateway_smtp_proxy_connection_limit"}
@@ -120,9 +126,22 @@ class MetricsShare:
         return cls(registry, index, _share_dir)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        # A scrape on worker 0 asks for a snapshot now (through the supervisor).
+        loop.add_signal_handler(signal.SIGUSR1, self._write_now)
+        self._write_now()  # from the start: a scrape knows this worker exists
+
+    def _write_now(self) -> None:
+        try:
+            self.write()
+        except OSError as exc:
+            log.warning("metrics_snapshot_failed", extra={"error": str(exc)})
 
     async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a late request must not kill us
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -142,8 +161,35 @@ class MetricsShare:
         """Replace this worker's snapshot atomically (a reader never sees half a file)."""
         path = self.directory / f"worker-{self.index}.prom"
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(generate_latest(self.registry))
+        # The first line (a comment to Prometheus' parser) says when, in time.time_ns().
+        tmp.write_bytes(b"# written_ns %d\n" % time.time_ns() + generate_latest(self.registry))
         tmp.replace(path)
+
+    async def render_fresh(self) -> bytes:
+        """:meth:`render` after every worker wrote a snapshot for this scrape (bounded wait)."""
+        asked = time.time_ns()
+        with contextlib.suppress(OSError):
+            os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor passes it to every worker
+        step = 0.005  # files of other processes: polled, nothing to await
+        for _ in range(round(FRESH_WAIT / step)):
+            if self._snapshots_since(asked):
+                break
+            await asyncio.sleep(step)
+        return self.render()
+
+    def _snapshots_since(self, ns: int) -> bool:
+        """Has every other worker's snapshot been written since ``ns`` (its first line)?"""
+        for path in self.directory.glob("worker-*.prom"):
+            if path.name == f"worker-{self.index}.prom":
+                continue
+            try:
+                with path.open("rb") as f:
+                    stamp = f.readline().split()
+                if len(stamp) != 3 or int(stamp[2]) < ns:
+                    return False
+            except (OSError, ValueError):
+                continue
+        return True
 
     def render(self) -> bytes:
         """This worker's live registry merged with every other worker's latest snapshot."""

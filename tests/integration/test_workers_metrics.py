@@ -87,3 +87,19 @@ def test_workers_auto_starts_one_worker_per_usable_cpu(
         client.sendmail("a@sender.test", ["x@example.org"], b"Subject: t\r\n\r\nhi\r\n")
     assert len(sink.wait_for(1)) == 1
     assert gw.stop() == 0
+
+
+def test_a_scrape_counts_every_message_answered_before_it(
+    make_gateway: GatewayFactory, sink: SinkServer, connect: Connect
+) -> None:
+    """No second-old snapshots: worker 0 asks every worker for one when it is scraped."""
+    gw = make_gateway(sink, {"server.workers": 2})
+    assert gw.wait_for_event("gateway_started", after=1) is not None
+    assert gw.metrics_port is not None
+    clients = [connect(gw.smtp_port) for _ in range(8)]
+    for round_ in range(1, 4):
+        for client in clients:
+            client.sendmail("a@sender.test", ["x@example.org"], b"Subject: t\r\n\r\nhi\r\n")
+        assert _relayed(gw.metrics_port) == round_ * len(clients)  # at once, no polling
+    for client in clients:
+        client.quit()
