@@ -133,7 +133,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     # Pre-forked processes sharing the listener: a number, or "auto" (one per usable CPU).
-    workers: int | Literal["auto"] = 1
+    workers: int | Literal["auto"] = "auto"
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight sessions
     max_data_memory: int = 104_857_600  # bytes of message data held across all sessions
     user: str = ""  # drop to this user after binding the listener (empty = stay as started)

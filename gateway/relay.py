@@ -28,8 +28,9 @@ deliberate exceptions:
 Delivery rules (the "never lose, never duplicate" contract):
 
 * A refused recipient never turns into a silent partial delivery: when some
-  but not all recipients are refused, the transaction is reset before DATA and
-  the caller gets a 451, so the client retries the whole message.
+  but not all recipients are refused, no message is sent -- the transaction
+  is reset before DATA (pipelined, after a 354, the connection is dropped) --
+  and the caller gets a 451, so the client retries the whole message.
 * A pooled connection that turns out to be dead is replaced by a fresh one and
   the transaction is retried once -- only while nothing can have been
   delivered, i.e. before any byte of the message body was handed to the

@@ -105,7 +105,9 @@ def build_config(
     """The config document: base file, test-safe defaults, then ``overrides``.
 
     Test-safe defaults: loopback port 0 for SMTP and metrics, quarantine and
-    state under ``workdir``, JSON logs.
+    state under ``workdir``, JSON logs, one process (``server.workers = 1``,
+    where the shipped config says "auto": a test counts, scrapes, signals and
+    kills one process; one that wants workers says so).
     """
     base = base or example_config_path()
     data: dict[str, Any] = (
@@ -115,6 +117,7 @@ def build_config(
     )
     defaults: dict[str, Any] = {
         "server.listen": "127.0.0.1:0",
+        "server.workers": 1,
         "server.hostname": "mx.example.org",
         "server.accepted_domains": ["example.org"],
         "metrics.listen": "127.0.0.1:0",

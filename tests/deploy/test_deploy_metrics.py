@@ -94,11 +94,15 @@ def scrape() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def fresh_scrape() -> Iterator[str]:
-    """/metrics of a real gateway with the shipped config, just started, no mail yet."""
+    """/metrics of a real gateway with the shipped config, just started, no mail yet
+    (``workers = "auto"`` as shipped: with several CPUs, the workers' merged view)."""
+    overrides = {"server.workers": "auto"}
     with (
         DNSServer(zones=("example.org", "sender.test")) as dns,
         SinkServer() as sink,
-        GatewayProcess({"relay.port": sink.port, "dns.nameservers": [dns.address]}) as gw,
+        GatewayProcess(
+            {**overrides, "relay.port": sink.port, "dns.nameservers": [dns.address]}
+        ) as gw,
     ):
         assert gw.metrics_port, "the gateway must serve metrics"
         base = f"http://127.0.0.1:{gw.metrics_port}"
