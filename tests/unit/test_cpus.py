@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,14 @@ import pytest
 from gateway.cpus import cgroup_cpu_quota, usable_cpus
 
 COUNT = [sys.executable, "-c", "from gateway.cpus import usable_cpus; print(usable_cpus())"]
+
+
+def _count_in_child(prepare: Callable[[], object]) -> str:
+    """usable_cpus() as a child process counts it after ``prepare()`` ran in it."""
+    out = subprocess.run(
+        COUNT, capture_output=True, text=True, timeout=30, check=True, preexec_fn=prepare
+    )
+    return out.stdout.strip()
 
 
 def _proc(tmp: Path, cgroup: str, mountinfo: str) -> Path:
@@ -84,15 +93,7 @@ def test_a_quota_below_one_cpu_still_runs_one_worker(tmp_path: Path) -> None:
 
 def test_the_affinity_mask_limits_the_count() -> None:
     """A process pinned to one CPU (taskset -c 0) runs one worker on any machine."""
-    out = subprocess.run(
-        COUNT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
-    )
-    assert out.stdout.strip() == "1"
+    assert _count_in_child(lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) == "1"
 
 
 def _v1_cpu_mount() -> Path | None:
@@ -115,15 +116,7 @@ def test_a_real_cgroup_cpu_quota_limits_the_count() -> None:
         (group / "cpu.cfs_period_us").write_text("100000")
         (group / "cpu.cfs_quota_us").write_text("150000")
         procs = group / "cgroup.procs"
-        out = subprocess.run(
-            COUNT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-            preexec_fn=lambda: procs.write_text(str(os.getpid())),
-        )
-        assert out.stdout.strip() == "1"
+        assert _count_in_child(lambda: procs.write_text(str(os.getpid()))) == "1"
     finally:
         if group.exists():
             group.rmdir()
