@@ -399,6 +399,7 @@ def gateway_config(
             "relay.verify_recipients": False,
             "dns.nameservers": [dns],
             "metrics.listen": "127.0.0.1:0",
+            "web.listen": "",
             "log.level": "warning",
         },
         tmp,

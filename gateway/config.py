@@ -11,6 +11,7 @@ import grp
 import ipaddress
 import math
 import pwd
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ __all__ = [
     "RelayConfig",
     "ServerConfig",
     "StateConfig",
+    "WebConfig",
     "load_config",
     "parse_hostport",
 ]
@@ -280,6 +282,8 @@ class QuarantineConfig:
     # Seconds between the running gateway's purges of messages past retention_days
     # (0 = never: purge with `gateway quarantine purge` from cron instead).
     purge_interval: float = 3600.0
+    # A release trains the classifier as ham, "delete as spam" as spam (docs/web.md).
+    learn_on_release: bool = True
 
     def __post_init__(self) -> None:
         if self.backend == "postgresql" and not self.dsn.startswith(
@@ -295,6 +299,62 @@ class QuarantineConfig:
                 "purge_interval",
                 f"must be 0 (never) or a number of seconds, got {self.purge_interval}",
             )
+
+
+_HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The quarantine web UI, REST API and digests (docs/web.md)."""
+
+    listen: str = ""  # "host:port"; empty = off
+    base_url: str = ""  # where people reach the UI, for digest links; empty = http://listen
+    admin_password_hash: str = ""  # `gateway web hash-password`; empty = no admin login
+    api_token_hashes: tuple[str, ...] = ()  # bearer tokens, hashed the same way
+    link_key_file: str = ""  # HMAC key for digest links; empty = one kept in the quarantine
+    link_expiry_days: int = 7
+    session_timeout: float = 28_800.0  # seconds an admin session lasts (8 hours)
+    tls_cert: str = ""  # PEM certificate: serve HTTPS; empty = plain HTTP (loopback, proxy)
+    tls_key: str = ""
+    allow_list: str = "ALLOWLIST_SENDER"  # symbol of the [[policies.lists.lists]] to allow into
+    block_list: str = "BLOCKLIST_SENDER"  # ... and to block into
+    digest_time: str = ""  # "HH:MM" (UTC) for the daily digest the gateway sends; empty = none
+    digest_from: str = ""  # From: of digests; empty = postmaster@<first accepted domain>
+
+    def __post_init__(self) -> None:
+        from gateway.web.hashes import HashError, check_hash
+
+        if self.listen:
+            _check_hostport("listen", self.listen, allow_port_zero=True)
+        if self.base_url and not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", self.base_url):
+            raise OptionError(
+                "base_url", f'must be "https://host[:port][/path]", got "{self.base_url}"'
+            )
+        try:
+            if self.admin_password_hash:
+                check_hash(self.admin_password_hash)
+        except HashError as exc:
+            raise OptionError("admin_password_hash", str(exc)) from None
+        for i, hashed in enumerate(self.api_token_hashes):
+            try:
+                check_hash(hashed)
+            except HashError as exc:
+                raise OptionError(f"api_token_hashes[{i}]", str(exc)) from None
+        if not 1 <= self.link_expiry_days <= 365:
+            raise OptionError(
+                "link_expiry_days", f"must be 1..365 days, got {self.link_expiry_days}"
+            )
+        if not (math.isfinite(self.session_timeout) and 60 <= self.session_timeout <= 2_592_000):
+            raise OptionError(
+                "session_timeout", f"must be 60..2592000 seconds, got {self.session_timeout}"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise OptionError("tls_cert", "tls_cert and tls_key must be set together")
+        if self.digest_time and not _HHMM.match(self.digest_time):
+            raise OptionError("digest_time", f'must be "HH:MM" (UTC), got "{self.digest_time}"')
+        if self.digest_from and not re.match(r"^[^@\s<>]+@[^@\s<>]+$", self.digest_from):
+            raise OptionError("digest_from", f'must be an address, got "{self.digest_from}"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +417,7 @@ class _Root:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     scores: Mapping[str, float | str] = field(default_factory=dict)
 
@@ -378,6 +439,7 @@ class Config:
     scores: Mapping[str, float | Action]
     path: Path
     base_dir: Path
+    web: WebConfig = field(default_factory=WebConfig)
 
     def resolve_path(self, value: str) -> Path:
         """A config path, relative ones taken from the config file's directory."""
@@ -429,6 +491,7 @@ def config_from_mapping(
         scores=scores,
         path=path,
         base_dir=path.parent.resolve(),
+        web=root.web,
     )
 
 

@@ -87,6 +87,7 @@ def write_config(var: Path, args: argparse.Namespace, dns: DNSServer | None) -> 
     overrides = flatten(tomllib.loads((DEMO / "config.toml").read_text(encoding="utf-8")))
     overrides["server.listen"] = f"127.0.0.1:{args.smtp_port}"
     overrides["metrics.listen"] = f"127.0.0.1:{args.metrics_port}"
+    overrides["web.listen"] = ""  # no admin password in the demo: the UI stays off
     overrides["relay.port"] = args.sink_port
     if dns is not None:
         overrides["dns.nameservers"] = [dns.address]

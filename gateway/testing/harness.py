@@ -104,10 +104,11 @@ def build_config(
 ) -> dict[str, Any]:
     """The config document: base file, test-safe defaults, then ``overrides``.
 
-    Test-safe defaults: loopback port 0 for SMTP and metrics, quarantine and
-    state under ``workdir``, JSON logs, one process (``server.workers = 1``,
-    where the shipped config says "auto": a test counts, scrapes, signals and
-    kills one process; one that wants workers says so).
+    Test-safe defaults: loopback port 0 for SMTP and metrics, no web UI (a test
+    enables it with ``"web.listen": "127.0.0.1:0"``), quarantine and state under
+    ``workdir``, JSON logs, one process (``server.workers = 1``, where the
+    shipped config says "auto": a test counts, scrapes, signals and kills one
+    process; one that wants workers says so).
     """
     base = base or example_config_path()
     data: dict[str, Any] = (
@@ -121,6 +122,7 @@ def build_config(
         "server.hostname": "mx.example.org",
         "server.accepted_domains": ["example.org"],
         "metrics.listen": "127.0.0.1:0",
+        "web.listen": "",  # the example config's fixed port would clash between tests
         "quarantine.backend": "local",
         "quarantine.path": str(workdir / "quarantine"),
         "state.backend": "local",

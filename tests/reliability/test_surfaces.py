@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from rel_support import RCPT, SENDER, GatewayFactory, overrides, quarantine_policy
 
-from gateway.config import ConfigError, MetricsConfig, load_config, parse_hostport
+from gateway.config import ConfigError, MetricsConfig, WebConfig, load_config, parse_hostport
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.faults import numbered_message
 from gateway.testing.harness import GatewayFailed, example_config_path, write_config
@@ -178,3 +178,11 @@ def test_tls_1_1_client_is_refused_and_tls_1_2_accepted(
             client.sendmail(SENDER, [RCPT], numbered_message("t", sender=SENDER, rcpt=RCPT))
         assert len(sink.wait_for(1)) == 1
         assert os.path.exists(cert)
+
+
+def test_web_ui_is_off_by_default_and_on_loopback_in_the_example() -> None:
+    example = example_config_path()
+    assert example is not None
+    assert WebConfig().listen == ""
+    host, _ = parse_hostport(load_config(example).web.listen)
+    assert ipaddress.ip_address(host).is_loopback
