@@ -31,17 +31,28 @@ import ipaddress
 import quopri
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from email.message import Message
-from typing import TYPE_CHECKING
+from email.message import EmailMessage, Message
+from typing import Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import idna
 import tldextract
 from selectolax.lexbor import LexborHTMLParser
 
-if TYPE_CHECKING:
-    from gateway.api import Context
+_T = TypeVar("_T")
+
+
+class Context(Protocol):
+    """What these functions need of :class:`gateway.api.Context` (a Protocol, so this
+    module does not import the API module that re-exports it)."""
+
+    @property
+    def message(self) -> EmailMessage: ...
+
+    def memo(self, fn: Callable[[Context], _T]) -> _T: ...
+
 
 __all__ = [
     "URL",

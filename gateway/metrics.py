@@ -15,16 +15,12 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api import Action
 from gateway.config import parse_hostport
-
-if TYPE_CHECKING:
-    from gateway.engine import Evaluation
 
 __all__ = [
     "AUTH_RESULTS",
@@ -51,8 +47,8 @@ __all__ = [
     "SYMBOLS",
     "HTTPEndpoint",
     "export_policies",
+    "label",
     "record_action",
-    "record_evaluation",
     "set_renderer",
     "start_http",
     "zero",
@@ -64,8 +60,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 MESSAGES = Counter(
     "gateway_messages",
-    "Messages by final action (relay, add_header, quarantine, reject, tempfail)",
-    ["action"],
+    "Messages by final action (relay, add_header, quarantine, reject, tempfail) and front end",
+    ["action", "frontend"],
     registry=REGISTRY,
 )
 AUTH_RESULTS = Counter(
@@ -208,26 +204,15 @@ BUILD_INFO.labels(version=_version()).set(1)
 _LABEL_LIMIT = 64
 
 
-def _label(value: str) -> str:
+def label(value: str) -> str:
     """Bound label values a plugin controls (auth result words) to printable ASCII."""
     clean = "".join(c if 33 <= ord(c) < 127 else "_" for c in value)
     return clean[:_LABEL_LIMIT] or "none"
 
 
-def record_evaluation(evaluation: Evaluation) -> None:
-    """Policy timings and outcomes, symbols and auth results of one message (not the action)."""
-    for run in evaluation.run.runs:
-        POLICY_DURATION.labels(policy=run.name).observe(run.seconds)
-        POLICY_RUNS.labels(policy=run.name, outcome=run.outcome).inc()
-    for sym in evaluation.verdict.symbols:
-        SYMBOLS.labels(symbol=_label(sym.name)).inc()
-    for auth in evaluation.verdict.auth:
-        AUTH_RESULTS.labels(method=_label(auth.method), result=_label(auth.result)).inc()
-
-
-def record_action(action: str) -> None:
+def record_action(action: str, frontend: str = "smtp") -> None:
     """One message's final action, counted once the hand-off decided it."""
-    MESSAGES.labels(action=action).inc()
+    MESSAGES.labels(action=action, frontend=frontend).inc()
 
 
 # --- exported at zero from start-up -------------------------------------------
@@ -254,7 +239,7 @@ def zero(metric: Counter | Gauge | Histogram, **values: Iterable[str]) -> None:
         metric.labels(*combo)
 
 
-zero(MESSAGES, action=[a.value for a in Action])
+zero(MESSAGES, action=[a.value for a in Action], frontend=("smtp", "milter"))
 zero(CONFIG_RELOADS, result=("ok", "invalid"))
 zero(DNS_QUERIES, result=("hit", "miss", "nxdomain", "temperror"))
 
@@ -279,9 +264,9 @@ def export_policies(
         POLICY_DURATION.labels(policy=name)
         zero(POLICY_RUNS, policy=(name,), outcome=_POLICY_OUTCOMES)
     for symbol in symbols:
-        SYMBOLS.labels(symbol=_label(symbol))
+        SYMBOLS.labels(symbol=label(symbol))
     for method, results in auth.items():
-        zero(AUTH_RESULTS, method=(_label(method),), result=[_label(r) for r in results])
+        zero(AUTH_RESULTS, method=(label(method),), result=[label(r) for r in results])
     for name in learners:
         zero(AUTOLEARN, policy=(name,), **{"class": _AUTOLEARN_CLASSES}, result=_AUTOLEARN_RESULTS)
 

@@ -66,6 +66,7 @@ START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 RELAY_UNAVAILABLE = Reply(451, "4.4.1", "Downstream mail server unavailable; try again later")
 RELAY_TEMPFAIL = Reply(451, "4.3.0", "Temporary downstream failure; try again later")
 QUARANTINE_FAILED = Reply(451, "4.3.0", "Message could not be stored; try again later")
+NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage; try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing; try again later")
 
 

@@ -21,7 +21,6 @@ import ipaddress
 import logging
 import os
 import pwd
-import re
 import signal
 import socket
 import sys
@@ -31,20 +30,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gateway import headers, logs, metrics, replies, sharedlimits, workers
-from gateway.api import Action, DNSError
+from gateway import logs, metrics, replies, sharedlimits, workers
+from gateway.api import DNSError
+from gateway.budget import DataBudget
 from gateway.config import Config, ConfigError, load_config, parse_hostport
-from gateway.engine import Engine, Evaluation, services_for
-from gateway.quarantine import (
-    QuarantineError,
-    QuarantineStore,
-    new_quarantine_item,
-    open_quarantine,
-)
+from gateway.engine import Engine, services_for
+from gateway.handoff import Delivery, Outcome, RelayDelivery, Submission, downstream_reply, hand_off
+from gateway.quarantine import QuarantineStore, open_quarantine
 from gateway.relay import Relay, RelayError
 from gateway.replies import Reply
 from gateway.retention import RetentionPurger
-from gateway.smtp import DataBudget, GatewaySMTP, ListenerSettings, SessionLimits, Transaction
+from gateway.smtp import GatewaySMTP, ListenerSettings, SessionLimits, Transaction
 from gateway.state import ClosableStateStore, open_state
 
 __all__ = [
@@ -59,8 +55,6 @@ __all__ = [
 
 log = logging.getLogger("gateway.server")
 
-_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$", re.S)
-_YIELD_AFTER = 1 << 20  # bytes; past this, whole-message copies yield to the loop between
 _RELOAD_GRACE = 5.0  # seconds between retiring a generation's relay and closing it
 _GAUGE_REFRESH = 30.0  # seconds between recounts of the quarantine for its gauge
 _RDNS_TIMEOUT = 2.0  # seconds for the client's PTR + forward lookups (at most dns.timeout)
@@ -108,13 +102,6 @@ def _same_ip(text: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> 
         return False
 
 
-def _downstream_reply(code: int, text: str, default_status: str) -> Reply:
-    m = _ENHANCED.match(text)
-    if m and m.group(1)[0] == str(code)[0]:
-        return Reply(code, m.group(1), m.group(2) or "downstream refused the message")
-    return Reply(code, default_status, text or "downstream refused the message")
-
-
 class Gateway:
     """What the SMTP sessions talk to (``gateway.smtp.Backend``)."""
 
@@ -135,6 +122,7 @@ class Gateway:
         self._deliveries = 0  # hand-offs running, even for sessions already gone
         self._no_deliveries = asyncio.Event()
         self._no_deliveries.set()
+        self._relay = RelayDelivery()
 
     def _proxy_connection_limit(self) -> float:
         server = self.gen.config.server
@@ -164,7 +152,7 @@ class Gateway:
             code, text = await self.gen.relay.verify_recipient(mail_from, rcpt)
         except RelayError as exc:
             if exc.permanent and exc.code is not None:
-                return _downstream_reply(exc.code, exc.text, "5.1.1")
+                return downstream_reply(exc.code, exc.text, "5.1.1")
             log.info("recipient_unverified", extra={"rcpt": rcpt, "reply": exc.text})
             return replies.RELAY_UNAVAILABLE
         except Exception:
@@ -173,7 +161,7 @@ class Gateway:
         if 200 <= code < 300:
             return None
         if 500 <= code < 600:
-            return _downstream_reply(code, text, "5.1.1")
+            return downstream_reply(code, text, "5.1.1")
         return replies.RELAY_UNAVAILABLE
 
     async def client_name(self, ip: str) -> str:
@@ -196,13 +184,28 @@ class Gateway:
 
     async def deliver(self, tx: Transaction) -> Reply:
         """Evaluate, then relay / quarantine / refuse; the reply to DATA."""
+        sub = Submission(
+            tx.envelope,
+            tx.raw,
+            "smtp",
+            prepend=(tx.received,),
+            log_fields={
+                "via": tx.via,  # the MTA that passed the client on with XFORWARD, if any
+                "upstream_queue_id": tx.upstream_queue_id,  # its queue id (XFORWARD IDENT)
+            },
+            relay_client=tx.client,
+        )
+        return (await self.hand_off(sub, self._relay)).reply
+
+    async def hand_off(self, sub: Submission, delivery: Delivery) -> Outcome:
+        """:func:`gateway.handoff.hand_off` on the current generation, counted for drain
+        and reload (a retired generation closes only when its last message is settled)."""
         gen = self.gen
         gen.inflight += 1
         self._deliveries += 1
         self._no_deliveries.clear()
-        started = time.monotonic()
         try:
-            reply, action, evaluation, fields = await self._deliver(gen, tx)
+            return await hand_off(gen, self.quarantine, sub, delivery)
         finally:
             gen.inflight -= 1
             self._deliveries -= 1
@@ -210,103 +213,6 @@ class Gateway:
                 self._no_deliveries.set()
             if gen.retired and gen.inflight == 0:
                 gen.closed.set()
-        # After the hand-off: learning never delays the reply (the engine drains it on close).
-        learned = gen.engine.learn_from(evaluation) if evaluation is not None else {}
-        metrics.MESSAGE_SIZE.observe(len(tx.raw))
-        metrics.record_action(action)
-        env = tx.envelope
-        log.info(
-            "message_processed",
-            extra={
-                "queue_id": env.queue_id,
-                "client_ip": env.client_ip,
-                "client_name": env.client_name,
-                "helo": env.helo,
-                "via": tx.via,  # the MTA that passed the client on with XFORWARD, if any
-                "upstream_queue_id": tx.upstream_queue_id,  # its queue id (XFORWARD IDENT)
-                "mail_from": env.mail_from,
-                "rcpt_tos": list(env.rcpt_to),
-                "size": len(tx.raw),
-                "tls": env.tls.version if env.tls else None,
-                "action": action,
-                "score": float(evaluation.verdict.score) if evaluation else None,
-                "symbols": {s.name: float(s.score) for s in evaluation.verdict.symbols}
-                if evaluation
-                else {},
-                "timings": {r.name: round(r.seconds, 4) for r in evaluation.run.runs}
-                if evaluation
-                else {},
-                "policy_errors": [r.name for r in evaluation.run.runs if r.outcome != "ok"]
-                if evaluation
-                else [],
-                "reply": str(reply),
-                "seconds": round(time.monotonic() - started, 4),
-                **learned,
-                **fields,
-            },
-        )
-        return reply
-
-    async def _deliver(
-        self, gen: Generation, tx: Transaction
-    ) -> tuple[Reply, str, Evaluation | None, dict[str, Any]]:
-        env = tx.envelope
-        try:
-            evaluation = await gen.engine.evaluate(env, tx.raw)
-        except Exception:
-            log.exception("evaluation_failed", extra={"queue_id": env.queue_id})
-            return replies.LOCAL_ERROR, "tempfail", None, {}
-        metrics.record_evaluation(evaluation)
-        action = evaluation.action
-        if action in (Action.REJECT, Action.TEMPFAIL):
-            return evaluation.reply(), action.value, evaluation, {}
-        hostname = gen.config.server.hostname
-        clean = headers.remove_fields(tx.raw, headers.untrusted_field(hostname))
-        if len(clean) > _YIELD_AFTER:
-            await asyncio.sleep(0)  # each whole-message copy of a big message is its own step
-        if action is Action.QUARANTINE:
-            return await self._quarantine(evaluation, tx, clean), action.value, evaluation, {}
-        data = headers.prepend(clean, [tx.received, *evaluation.headers])
-        try:
-            result = await gen.relay.send(env.mail_from, env.rcpt_to, data, client=tx.client)
-        except RelayError as exc:
-            fields: dict[str, Any] = {"downstream": f"{exc.code or ''} {exc.text}".strip()}
-            if exc.permanent and exc.code is not None:
-                return _downstream_reply(exc.code, exc.text, "5.0.0"), "reject", evaluation, fields
-            if exc.code is None:
-                return replies.RELAY_UNAVAILABLE, "tempfail", evaluation, fields
-            return replies.RELAY_TEMPFAIL, "tempfail", evaluation, fields
-        except Exception:
-            log.exception("relay_crashed", extra={"queue_id": env.queue_id})
-            return replies.LOCAL_ERROR, "tempfail", evaluation, {}
-        downstream = f"{result.reply[0]} {result.reply[1]}"
-        fields = {"downstream": downstream, "accepted": list(result.accepted)}
-        if set(result.accepted) != set(env.rcpt_to):
-            # Never half a delivery behind a 2xx: the client retries every recipient
-            # (duplicates for the accepted ones are what SMTP allows, RFC 5321 §4.5.4.1).
-            log.warning(
-                "relay_partial",
-                extra={"queue_id": env.queue_id, "accepted": list(result.accepted)},
-            )
-            return replies.RELAY_TEMPFAIL, "tempfail", evaluation, fields
-        return replies.queued(env.queue_id, downstream), action.value, evaluation, fields
-
-    async def _quarantine(self, evaluation: Evaluation, tx: Transaction, clean: bytes) -> Reply:
-        item = new_quarantine_item(evaluation, len(clean))
-        # Released mail carries exactly what relaying it would have sent.
-        item = replace(item, headers=(tx.received, *item.headers))
-        try:
-            await self.quarantine.put(item, clean)
-        except QuarantineError as exc:
-            log.error("quarantine_failed", extra={"queue_id": item.queue_id, "error": str(exc)})
-            return replies.QUARANTINE_FAILED
-        except Exception:
-            log.exception("quarantine_failed", extra={"queue_id": item.queue_id})
-            return replies.QUARANTINE_FAILED
-        log.info("message_quarantined", extra={"queue_id": item.queue_id, "id": item.id})
-        with contextlib.suppress(Exception):
-            metrics.QUARANTINE_MESSAGES.inc()
-        return replies.quarantined(item.queue_id)
 
     # -- readiness, reload, drain ---------------------------------------------
 

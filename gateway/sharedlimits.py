@@ -34,7 +34,8 @@ import struct
 import tempfile
 from collections.abc import Iterator
 
-from gateway.smtp import DataBudget, SessionLimits
+from gateway.budget import DataBudget
+from gateway.smtp import SessionLimits
 
 __all__ = ["SharedCounters", "SharedDataBudget", "SharedSessionLimits", "create", "current"]
 

@@ -26,15 +26,12 @@ what a gateway on port 25 must control itself:
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import enum
 import ipaddress
 import logging
-import os
 import re
 import ssl
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,8 +43,10 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from gateway import metrics, replies, smuggling
 from gateway.api import TLSInfo
+from gateway.budget import DataBudget
 from gateway.config import ServerConfig
 from gateway.engine import Envelope
+from gateway.handoff import new_queue_id
 from gateway.replies import Reply
 from gateway.xforward import XFORWARD_ATTRIBUTES, Forwarded, XForwardError, parse_xforward
 
@@ -75,12 +74,6 @@ _TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds for the STARTTLS handshake
 
 
 # --- queue ids and the Received field ---------------------------------------
-
-
-def new_queue_id() -> str:
-    """A unique, roughly time-ordered queue id (16 base32 characters)."""
-    stamp = int(time.time() * 1000).to_bytes(6, "big")[1:]
-    return base64.b32encode(stamp + os.urandom(5)).decode("ascii")
 
 
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
@@ -354,29 +347,6 @@ class SessionLimits:
             del self.per_proxy[peer]
 
 
-class DataBudget:
-    """Message bytes held in memory across all sessions (``server.max_data_memory``).
-
-    Sessions take from it chunk by chunk while DATA streams in and give it
-    back after the hand-off. Nobody waits: a session that finds the budget
-    spent discards the rest and answers 452, so the client retries later and
-    the process never holds more than the budget in received message data.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
-            return False
-        self.used += n
-        return True
-
-    def give(self, n: int) -> None:
-        self.used = max(0, self.used - n)
-
-
 class DataOutcome(enum.Enum):
     """How reading DATA ended."""
 
@@ -440,9 +410,6 @@ _SMUGGLING_REPLY = Reply(
     "Message refused: a period follows a bare CR or LF; send CRLF line endings "
     "(RFC 5321 section 2.3.8)",
 )
-
-
-_NO_MEMORY_REPLY = Reply(452, "4.3.1", "Insufficient system storage; try again later")
 
 
 class _ClientGone(Exception):
@@ -829,7 +796,7 @@ class GatewaySMTP(SMTP):
                     "message_deferred_memory",
                     extra={"client_ip": self.client_ip, "max_data_memory": self.budget.limit},
                 )
-                await self.push(str(_NO_MEMORY_REPLY))
+                await self.push(str(replies.NO_MEMORY))
                 return
             if outcome is DataOutcome.TOO_BIG:
                 metrics.MESSAGE_SIZE.observe(server.max_message_size)

@@ -239,7 +239,8 @@ def test_every_metric_in_dashboard_and_alerts_is_exported(scrape: str) -> None:
 
 def test_the_relayed_message_shows_up_in_the_throughput_metrics(scrape: str) -> None:
     """The dashboard's headline panel has data after one message."""
-    assert re.search(r'^gateway_messages_total\{action="(relay|add_header)"\} 1\.0$', scrape, re.M)
+    relayed = r'^gateway_messages_total\{action="(relay|add_header)",frontend="smtp"\} 1\.0$'
+    assert re.search(relayed, scrape, re.M)
 
 
 def _labels_by_family() -> dict[str, set[str]]:

@@ -105,7 +105,7 @@ def autolearn(records: list[logging.LogRecord]) -> list[str | None]:
 async def test_high_scoring_mail_is_learned_as_spam_low_scoring_as_ham_the_middle_not_at_all(
     tmp_path: Path, sink: SinkServer, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="gateway.server"):
+    with caplog.at_level(logging.INFO, logger="gateway.handoff"):
         async with running_gateway(overrides(tmp_path, sink, dns_server), workdir=tmp_path) as gw:
             await send(gw.smtp_port, SPAM, MIDDLE, HAM)  # each accepted (or it raises)
     assert len(sink.messages) == 2  # the spam went to quarantine (13 >= 10), safely
@@ -126,7 +126,7 @@ async def test_autolearn_is_off_by_default(
 ) -> None:
     config = overrides(tmp_path, sink, dns_server)
     config["policies"]["bayes"] = {}
-    with caplog.at_level(logging.INFO, logger="gateway.server"):
+    with caplog.at_level(logging.INFO, logger="gateway.handoff"):
         async with running_gateway(config, workdir=tmp_path) as gw:
             await send(gw.smtp_port, SPAM, HAM)
     records = [r for r in caplog.records if r.getMessage() == "message_processed"]
@@ -141,7 +141,7 @@ async def test_allowlisted_and_gtube_mail_is_not_learned(
     allow = {"file": "allow.txt", "symbol": "ALLOWLIST_CLIENT", "score": -100.0}
     config = overrides(tmp_path, sink, dns_server)
     gtube = message(4, "header-hit today", f"body-hit now {GTUBE}")
-    with caplog.at_level(logging.INFO, logger="gateway.server"):
+    with caplog.at_level(logging.INFO, logger="gateway.handoff"):
         async with running_gateway(config, workdir=tmp_path) as gw:
             with pytest.raises(aiosmtplib.SMTPDataError, match="GTUBE"):
                 await send(gw.smtp_port, gtube)  # 33 points and a reject floor
@@ -172,7 +172,7 @@ async def test_a_state_store_that_is_down_does_not_hurt_delivery(
     tmp_path: Path, sink: SinkServer, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     down = {"state.backend": "redis", "state.url": f"redis://127.0.0.1:{free_port()}/0"}
-    with caplog.at_level(logging.INFO, logger="gateway.server"):
+    with caplog.at_level(logging.INFO, logger="gateway.handoff"):
         async with running_gateway(
             overrides(tmp_path, sink, dns_server, **down), workdir=tmp_path
         ) as gw:

@@ -233,7 +233,7 @@ def test_metrics_count_replies_sessions_and_readiness_follows_the_downstream(
     status, text = _get(gw, "/metrics")
     assert status == 200
     assert 'gateway_smtp_replies_total{code="250",stage="data"} 1.0' in text
-    assert 'gateway_messages_total{action="relay"} 1.0' in text
+    assert 'gateway_messages_total{action="relay",frontend="smtp"} 1.0' in text
     assert "gateway_smtp_sessions_active 0.0" in text
     assert "gateway_message_size_bytes_count 1.0" in text
     assert _get(gw, "/readyz")[0] == 200

@@ -47,7 +47,9 @@ def _relayed(metrics_port: int) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     found = re.findall(
-        r'^gateway_messages_total\{action="(?:relay|add_header)"\} (\S+)$', text, re.M
+        r'^gateway_messages_total\{action="(?:relay|add_header)",frontend="smtp"\} (\S+)$',
+        text,
+        re.M,
     )
     return sum(float(v) for v in found)
 

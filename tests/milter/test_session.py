@@ -20,10 +20,10 @@ import dkim
 import pytest
 
 from gateway import headers, metrics
+from gateway.budget import DataBudget
 from gateway.milter.message import header_edits
 from gateway.milter.server import MilterListener
 from gateway.milter.session import Decision, MilterLimits, MilterMessage
-from gateway.smtp import DataBudget
 from gateway.testing.milterclient import ALL_PROTOCOL, MilterClient, apply_edits
 
 FOLDED = (

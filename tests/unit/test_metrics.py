@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import metrics
+from gateway import handoff, metrics
 from gateway.api import Action, AuthResult, Result, Symbol
 from gateway.engine import Envelope, Evaluation
 from gateway.pipeline import PipelineRun, PolicyRun
@@ -137,8 +137,8 @@ def test_record_evaluation_counts_policies_symbols_and_auth_but_not_the_action()
     before_sym = _sample("gateway_symbols_total", {"symbol": "POLICY_TIMEOUT"})
     before_auth = _sample("gateway_auth_results_total", {"method": "spf", "result": "pass"})
     before_dur = _sample("gateway_policy_duration_seconds_count", {"policy": "spf"})
-    before_msg = _sample("gateway_messages_total", {"action": "tempfail"})
-    metrics.record_evaluation(_evaluation())
+    before_msg = _sample("gateway_messages_total", {"action": "tempfail", "frontend": "smtp"})
+    handoff.record_evaluation(_evaluation())
     assert _sample("gateway_policy_runs_total", {"policy": "slow", "outcome": "timeout"}) == (
         before_runs + 1
     )
@@ -147,9 +147,10 @@ def test_record_evaluation_counts_policies_symbols_and_auth_but_not_the_action()
         before_auth + 1
     )
     assert _sample("gateway_policy_duration_seconds_count", {"policy": "spf"}) == before_dur + 1
-    assert _sample("gateway_messages_total", {"action": "tempfail"}) == before_msg
-    metrics.record_action("tempfail")
-    assert _sample("gateway_messages_total", {"action": "tempfail"}) == before_msg + 1
+    smtp_tempfail = {"action": "tempfail", "frontend": "smtp"}
+    assert _sample("gateway_messages_total", smtp_tempfail) == before_msg
+    metrics.record_action("tempfail", "smtp")
+    assert _sample("gateway_messages_total", smtp_tempfail) == before_msg + 1
 
 
 def test_no_metric_has_a_label_that_could_carry_an_address_or_subject() -> None:
@@ -203,16 +204,16 @@ def test_zero_exports_every_combination_of_known_label_values_at_zero() -> None:
 
 
 def test_zero_needs_values_for_every_label() -> None:
-    """A label added later (say ``frontend``) without its values fails loudly, at import."""
-    with pytest.raises(ValueError, match=r"labels are \('action',\)"):
-        metrics.zero(metrics.MESSAGES, action=("relay",), frontend=("smtp",))
+    """A label added later without its values fails loudly, at import."""
+    with pytest.raises(ValueError, match=r"labels are \('action', 'frontend'\)"):
+        metrics.zero(metrics.MESSAGES, action=("relay",))
 
 
 def test_known_counters_are_exported_at_zero_before_anything_happened() -> None:
     from gateway import relay, smtp  # noqa: F401 -- importing them declares their label values
 
     for name, labels in (
-        ("gateway_messages_total", {"action": "tempfail"}),
+        ("gateway_messages_total", {"action": "tempfail", "frontend": "smtp"}),
         ("gateway_relay_failures_total", {"reason": "unreachable"}),
         ("gateway_config_reloads_total", {"result": "invalid"}),
         ("gateway_smtp_sessions_refused_total", {"reason": "max_sessions_per_ip"}),
