@@ -32,6 +32,7 @@ __all__ = [
     "DNSConfig",
     "LogConfig",
     "MetricsConfig",
+    "MilterConfig",
     "PipelineConfig",
     "QuarantineConfig",
     "RelayConfig",
@@ -142,7 +143,8 @@ class ServerConfig:
     group: str = ""  # and this group (empty = the user's primary group)
 
     def __post_init__(self) -> None:
-        _check_hostport("listen", self.listen, allow_port_zero=True)
+        if self.listen:  # empty: no SMTP listener (a milter-only node)
+            _check_hostport("listen", self.listen, allow_port_zero=True)
         _check_account(self.user, self.group)
         if not self.hostname or " " in self.hostname:
             raise OptionError("hostname", f'must be a host name, got "{self.hostname}"')
@@ -385,6 +387,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MilterConfig:
+    """The milter front end (Postfix ``smtpd_milters``); docs/milter.md."""
+
+    listen: str = ""  # "host:port" or "unix:/absolute/path"; empty = off
+    max_connections: int = 1000  # MTA connections at once (Postfix: one per SMTP session)
+
+    def __post_init__(self) -> None:
+        text = self.listen.strip()
+        if text.startswith("unix:"):
+            if not text[len("unix:") :].startswith("/"):
+                raise OptionError("listen", f'must be "unix:/absolute/path", got "{self.listen}"')
+        elif text:
+            _check_hostport("listen", text, allow_port_zero=True)
+        if self.max_connections < 1:
+            raise OptionError("max_connections", f"must be at least 1, got {self.max_connections}")
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineConfig:
     policy_timeout: float = 10.0
     on_policy_error: Literal["tempfail", "relay"] = "tempfail"
@@ -418,6 +438,7 @@ class _Root:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
     policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     scores: Mapping[str, float | str] = field(default_factory=dict)
 
@@ -440,6 +461,7 @@ class Config:
     path: Path
     base_dir: Path
     web: WebConfig = field(default_factory=WebConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
 
     def resolve_path(self, value: str) -> Path:
         """A config path, relative ones taken from the config file's directory."""
@@ -475,6 +497,11 @@ def config_from_mapping(
     for name, table in dict(data.get("policies", {}) or {}).items():
         if not isinstance(table, dict):
             problems.add(f"policies.{name}", f"must be a table, e.g. [policies.{name}]")
+    if root is not None and not root.server.listen and not root.milter.listen:
+        problems.add(
+            "server.listen",
+            "is empty and so is milter.listen: nothing would take mail; set one of them",
+        )
     if problems.lines or root is None:
         raise ConfigError(problems.lines)
     return Config(
@@ -492,6 +519,7 @@ def config_from_mapping(
         path=path,
         base_dir=path.parent.resolve(),
         web=root.web,
+        milter=root.milter,
     )
 
 

@@ -36,6 +36,8 @@ from gateway.budget import DataBudget
 from gateway.config import Config, ConfigError, load_config, parse_hostport
 from gateway.engine import Engine, services_for
 from gateway.handoff import Delivery, Outcome, RelayDelivery, Submission, downstream_reply, hand_off
+from gateway.milter.frontend import MilterFrontend
+from gateway.milter.server import MilterListener, parse_listen
 from gateway.quarantine import QuarantineStore, open_quarantine
 from gateway.relay import Relay, RelayError
 from gateway.replies import Reply
@@ -219,6 +221,8 @@ class Gateway:
     async def ready(self) -> tuple[bool, str]:
         if self._draining:
             return False, "shutting down"
+        if not self.gen.config.server.listen:
+            return True, ""  # milter only: Postfix delivers; [relay] serves releases alone
         if await self.gen.relay.check():
             return True, ""
         return False, "downstream relay does not answer"
@@ -246,6 +250,11 @@ class Gateway:
                 log.warning(
                     "config_listen_changed",
                     extra={"detail": "server.listen takes effect on restart"},
+                )
+            if new.config.milter.listen != old.config.milter.listen:
+                log.warning(
+                    "config_listen_changed",
+                    extra={"detail": "milter.listen takes effect on restart"},
                 )
             old.retired = True
             if old.inflight == 0:
@@ -393,15 +402,18 @@ class RunningGateway:
     def __init__(
         self,
         gateway: Gateway,
-        listener: asyncio.Server,
+        listener: asyncio.Server | None,
         endpoint: metrics.HTTPEndpoint | None,
         path: Path,
+        milter: MilterListener | None = None,
     ) -> None:
         self.gateway = gateway
-        self.listener = listener
+        self.listener = listener  # None: server.listen = "" (a milter-only node)
+        self.milter = milter
         self.endpoint = endpoint
         self.path = path
-        self.smtp_port = int(listener.sockets[0].getsockname()[1])
+        self.smtp_port = int(listener.sockets[0].getsockname()[1]) if listener else 0
+        self.milter_port = milter.port if milter is not None else None
         self.metrics_port = endpoint.port if endpoint is not None else None
         self.share: workers.MetricsShare | None = None  # metrics across server.workers
         self._gauges: asyncio.Task[None] | None = None
@@ -435,14 +447,17 @@ class RunningGateway:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, drain in-flight sessions, close every service."""
-        self.listener.close()
+        if self.listener is not None:
+            self.listener.close()
         if self._gauges is not None:
             self._gauges.cancel()
         grace = self.config.server.drain_timeout if grace is None else grace
+        waits = [self.gateway.drain(grace)]
+        if self.milter is not None:
+            waits.append(self.milter.stop(grace))
         if self.purger is not None:  # its batch in progress ends while sessions drain
-            await asyncio.gather(self.gateway.drain(grace), self.purger.stop())
-        else:
-            await self.gateway.drain(grace)
+            waits.append(self.purger.stop())
+        await asyncio.gather(*waits)
         if self.share is not None:
             await self.share.stop()
         if self.endpoint is not None:
@@ -456,11 +471,12 @@ async def start(
     setup_logging: bool = False,
     sock: socket.socket | None = None,
     worker: int | None = None,
+    milter_sock: socket.socket | None = None,
 ) -> RunningGateway:
     """Load the config, start policies, listener and metrics; raises StartupError.
 
-    ``sock`` is a listening socket inherited from the supervisor when
-    ``server.workers`` > 1; only worker 0 serves the metrics endpoint.
+    ``sock`` and ``milter_sock`` are listening sockets inherited from the
+    supervisor when ``server.workers`` > 1; only worker 0 serves the metrics endpoint.
     """
     path = Path(config_path)
     try:
@@ -483,33 +499,38 @@ async def start(
         gateway.limits = sharedlimits.SharedSessionLimits(table, worker)
         gateway.budget = sharedlimits.SharedDataBudget(table, worker, config.server.max_data_memory)
     loop = asyncio.get_running_loop()
-    host, port = _listen_address(config.server.listen)
     try:
-        if sock is not None:
-            listener = await loop.create_server(
-                lambda: GatewaySMTP(gateway, gateway.limits, gateway.budget),
-                sock=sock,
-                backlog=1024,
-            )
-        else:
-            listener = await loop.create_server(
-                lambda: GatewaySMTP(gateway, gateway.limits, gateway.budget),
-                host or None,
-                port,
-                reuse_address=True,
-                backlog=1024,
-            )
+        listener = await _smtp_listener(loop, gateway, config.server.listen, sock)
     except OSError as exc:
         await gateway.close()
         raise StartupError(
             [f"server.listen: cannot listen on {config.server.listen}: {exc}"], 1
         ) from None
+    milter = None
+    if config.milter.listen:
+        milter = MilterListener(MilterFrontend(gateway), config.milter.max_connections)
+        try:
+            await milter.start(config.milter.listen, sock=milter_sock)
+        except OSError as exc:
+            if listener is not None:
+                listener.close()
+            await gateway.close()
+            raise StartupError(
+                [f"milter.listen: cannot listen on {config.milter.listen}: {exc}"], 1
+            ) from None
+
+    def close_listeners() -> None:
+        if listener is not None:
+            listener.close()
+        if milter is not None and milter.server is not None:
+            milter.server.close()
+
     endpoint = None
     if config.metrics.listen and not worker:
         try:
             endpoint = await metrics.start_http(config.metrics.listen, gateway.ready)
         except OSError as exc:
-            listener.close()
+            close_listeners()
             await gateway.close()
             raise StartupError(
                 [f"metrics.listen: cannot listen on {config.metrics.listen}: {exc}"], 1
@@ -517,12 +538,12 @@ async def start(
     try:
         drop_privileges(config)  # sockets are bound: port 25 needed root, nothing else does
     except StartupError:
-        listener.close()
+        close_listeners()
         if endpoint is not None:
             await endpoint.close()
         await gateway.close()
         raise
-    running = RunningGateway(gateway, listener, endpoint, path)
+    running = RunningGateway(gateway, listener, endpoint, path, milter)
     running.start_housekeeping(purge=not worker)  # one purging process: the only one or worker 0
     if worker is not None:
         running.share = workers.MetricsShare.for_worker(metrics.REGISTRY, worker)
@@ -534,7 +555,9 @@ async def start(
         "gateway_started",
         extra={
             "listen": config.server.listen,
-            "smtp_port": running.smtp_port,
+            "smtp_port": running.smtp_port or None,
+            "milter": config.milter.listen or None,
+            "milter_port": running.milter_port,
             "metrics_port": running.metrics_port,
             "policies": [p.name for p in gen.engine.plan.policies],
             "hostname": config.server.hostname,
@@ -545,8 +568,32 @@ async def start(
     return running
 
 
+async def _smtp_listener(
+    loop: asyncio.AbstractEventLoop, gateway: Gateway, listen: str, sock: socket.socket | None
+) -> asyncio.Server | None:
+    """The SMTP listener, or None when ``server.listen`` is empty (a milter-only node)."""
+    if not listen:
+        return None
+    if sock is not None:
+        return await loop.create_server(
+            lambda: GatewaySMTP(gateway, gateway.limits, gateway.budget), sock=sock, backlog=1024
+        )
+    host, port = _listen_address(listen)
+    return await loop.create_server(
+        lambda: GatewaySMTP(gateway, gateway.limits, gateway.budget),
+        host or None,
+        port,
+        reuse_address=True,
+        backlog=1024,
+    )
+
+
 async def serve(
-    config_path: Path, *, sock: socket.socket | None = None, worker: int | None = None
+    config_path: Path,
+    *,
+    sock: socket.socket | None = None,
+    worker: int | None = None,
+    milter_sock: socket.socket | None = None,
 ) -> int:
     """The body of ``python -m gateway run``: serve until SIGTERM/SIGINT, then drain; exit code."""
     loop = asyncio.get_running_loop()
@@ -567,7 +614,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         try:
-            running = await start(config_path, setup_logging=True, sock=sock, worker=worker)
+            running = await start(
+                config_path, setup_logging=True, sock=sock, worker=worker, milter_sock=milter_sock
+            )
         except StartupError as exc:
             for line in exc.problems:
                 print(line, file=sys.stderr)
@@ -617,6 +666,24 @@ def run(config_path: Path | str) -> int:
 _RESPAWN_DELAY = 1.0  # seconds before a crashed worker is replaced
 
 
+def _bind(where: tuple[str, int] | Path) -> socket.socket:
+    """A listening socket the workers share (TCP, or a Unix socket for the milter)."""
+    if isinstance(where, Path):
+        with contextlib.suppress(FileNotFoundError):
+            if where.is_socket():
+                where.unlink()  # left by a previous run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(where))
+        os.chmod(where, 0o666)  # noqa: S103 -- access is the directory's business
+        sock.listen(1024)
+    else:
+        host, port = where
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
 def _supervise(path: Path, config: Config, count: int) -> int:
     """Pre-fork: one shared listening socket, ``count`` workers, signals forwarded.
 
@@ -626,14 +693,22 @@ def _supervise(path: Path, config: Config, count: int) -> int:
     endpoint, with every worker's counts (``gateway/workers.py``).
     """
     logs.setup_logging(config.log)
-    host, port = _listen_address(config.server.listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = milter_sock = None
     try:
-        sock = socket.create_server((host, port), family=family, backlog=1024)
+        if config.server.listen:
+            sock = _bind(_listen_address(config.server.listen))
+        if config.milter.listen:
+            milter_sock = _bind(parse_listen(config.milter.listen))
     except OSError as exc:
-        print(f"server.listen: cannot listen on {config.server.listen}: {exc}", file=sys.stderr)
+        key, listen = (
+            ("milter.listen", config.milter.listen)
+            if sock is not None or not config.server.listen
+            else ("server.listen", config.server.listen)
+        )
+        print(f"{key}: cannot listen on {listen}: {exc}", file=sys.stderr)
+        if sock is not None:
+            sock.close()
         return 1
-    sock.setblocking(False)
     # Before forking: every worker writes its metrics there, and counts its sessions
     # and message bytes in one table, so the limits hold for the whole gateway.
     workers.prepare_share_dir(config.server.user, config.server.group)
@@ -659,7 +734,7 @@ def _supervise(path: Path, config: Config, count: int) -> int:
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
-                code = _run_loop(serve(path, sock=sock, worker=index))
+                code = _run_loop(serve(path, sock=sock, worker=index, milter_sock=milter_sock))
             finally:
                 os._exit(code)
         children[pid] = index
@@ -694,7 +769,13 @@ def _supervise(path: Path, config: Config, count: int) -> int:
         time.sleep(_RESPAWN_DELAY)
         if not stopping:
             spawn(index)
-    sock.close()
+    for bound in (sock, milter_sock):
+        if bound is not None:
+            bound.close()
+    where = parse_listen(config.milter.listen) if config.milter.listen else None
+    if isinstance(where, Path):
+        with contextlib.suppress(OSError):
+            where.unlink()
     workers.remove_share_dir()
     log.info("supervisor_stopped", extra={"exit_code": exit_code})
     return exit_code

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -50,10 +51,22 @@ class MilterListener:
         self.port: int | None = None
         self._path: Path | None = None
 
-    async def start(self, listen: str) -> None:
-        """Bind and serve; OSError when the address cannot be bound."""
+    async def start(self, listen: str, sock: socket.socket | None = None) -> None:
+        """Bind and serve; OSError when the address cannot be bound.
+
+        ``sock``: already bound by the supervisor (``server.workers`` > 1), who
+        also removes a Unix socket at the end.
+        """
         where = parse_listen(listen)
-        if isinstance(where, Path):
+        if sock is not None:
+            if sock.family == socket.AF_UNIX:
+                self.server = await asyncio.start_unix_server(self._accept, sock=sock)
+                self.address = listen
+            else:
+                self.server = await asyncio.start_server(self._accept, sock=sock, backlog=1024)
+                self.port = int(self.server.sockets[0].getsockname()[1])
+                self.address = listen
+        elif isinstance(where, Path):
             _remove_stale_socket(where)
             self.server = await asyncio.start_unix_server(self._accept, path=str(where))
             # Access is the directory's business (Postfix connects as its own user).

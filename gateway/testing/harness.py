@@ -212,6 +212,7 @@ class GatewayProcess:
         self.env = dict(env or {})
         self.start_timeout = start_timeout
         self.smtp_port = 0
+        self.milter_port = 0  # with milter.listen on TCP
         self.metrics_port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._lines: list[str] = []
@@ -243,7 +244,8 @@ class GatewayProcess:
         if started is None:
             self.kill()
             raise GatewayFailed("gateway did not start:\n" + "\n".join(self.log_lines()[-50:]))
-        self.smtp_port = int(started["smtp_port"])
+        self.smtp_port = int(started["smtp_port"] or 0)
+        self.milter_port = int(started.get("milter_port") or 0)
         port = started.get("metrics_port")
         self.metrics_port = int(port) if port is not None else None
         return self

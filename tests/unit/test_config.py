@@ -28,6 +28,7 @@ SECTIONS = {
     "pipeline": cfg.PipelineConfig,
     "log": cfg.LogConfig,
     "web": cfg.WebConfig,
+    "milter": cfg.MilterConfig,
 }
 
 
@@ -167,3 +168,26 @@ def test_web_keys_are_validated_with_their_names(tmp_path: Path) -> None:
             load_config(cfg)
         line = "\n".join(err.value.problems)
         assert f"web.{key}" in line and words in line, line
+
+
+def _listeners(smtp: str, milter: str) -> str:
+    text = EXAMPLE.read_text()
+    text = text.replace('listen = "0.0.0.0:25"', f'listen = "{smtp}"', 1)
+    return re.sub(r'(?m)^(\[milter\][^\n]*\n)listen = ""', rf'\1listen = "{milter}"', text, count=1)
+
+
+def test_milter_listen_and_a_milter_only_node(tmp_path: Path) -> None:
+    """[milter] listen takes host:port or unix:/absolute/path; SMTP can be off, not both."""
+    path = tmp_path / "config.toml"
+    for smtp, milter, key in (
+        ("0.0.0.0:25", "unix:relative.sock", "milter.listen: "),
+        ("0.0.0.0:25", "127.0.0.1", "milter.listen: "),
+        ("", "", "server.listen: "),
+    ):
+        path.write_text(_listeners(smtp, milter))
+        with pytest.raises(cfg.ConfigError) as info:
+            load_config(path)
+        assert [p for p in info.value.problems if p.startswith(key)], info.value.problems
+    path.write_text(_listeners("", "unix:/run/gateway/milter.sock"))
+    config = load_config(path)
+    assert (config.server.listen, config.milter.listen) == ("", "unix:/run/gateway/milter.sock")

@@ -1,0 +1,230 @@
+"""Postfix with ``smtpd_milters`` pointing at the gateway (``gateway run``, milter only).
+
+The Postfix config is ``deploy/postfix/milter/`` with its ports swapped for free
+ones. Skips (fails under CI=true) without Postfix or root.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import dkim
+import pytest
+from test_session import auth_helpers  # the DKIM test keys of tests/policies
+
+from gateway.testing.dnsserver import DNSServer
+from gateway.testing.harness import GatewayProcess
+from gateway.testing.postfix import PostfixInstance, free_port, snippet
+from gateway.testing.require import require_root, require_tool
+
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def message(
+    subject: str, body: bytes, sender: str = "alice@sender.test", extra: bytes = b""
+) -> bytes:
+    return (
+        b"From: Alice <" + sender.encode() + b">\r\nTo: bob@example.org\r\n"
+        b"Subject: " + subject.encode() + b"\r\n"
+        b"Message-ID: <"
+        + subject.replace(" ", "-").encode()
+        + b"@sender.test>\r\n"
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+@pytest.fixture(scope="module")
+def dns_server() -> Iterator[DNSServer]:
+    with DNSServer(zones=("example.org", "sender.test", "other.test")) as server:
+        yield server
+
+
+@dataclass
+class Stack:
+    postfix: PostfixInstance
+    gateway: GatewayProcess
+    port: int
+
+
+@pytest.fixture(scope="module")
+def stack(dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    require_tool("postfix", "apt-get install postfix")
+    require_root("starting a Postfix master needs root (it drops to the postfix user)")
+    rules = tmp_path_factory.mktemp("rules") / "quarantine.toml"
+    rules.write_text(
+        '[[rule]]\nname = "TEST_QUARANTINE_ME"\ntype = "body"\npattern = "QUARANTINE-ME"\n'
+        'score = 12.0\ndescription = "test marker: scores into the quarantine band"\n'
+    )
+    back, public = free_port(), free_port()
+    overrides = {
+        "server.listen": "",  # a milter-only node
+        "milter.listen": "127.0.0.1:0",
+        "relay.port": back,  # quarantine release: Postfix's smtpd without the milter
+        "relay.verify_recipients": False,
+        "dns.nameservers": [dns_server.address],
+        "policies.rules": {"files": [str(rules)]},
+    }
+    with GatewayProcess(overrides) as gw:
+        ports = {"public": public, "gateway": 0, "back": back}
+        main_cf = snippet("milter", "main.cf", **ports).replace(
+            "127.0.0.1:11332", f"127.0.0.1:{gw.milter_port}"
+        )
+        with PostfixInstance(
+            main_cf=main_cf
+            + "\nsmtpd_authorized_xclient_hosts = 127.0.0.0/8\ndefault_process_limit = 120\n",
+            master_cf=f"127.0.0.1:{public} inet n - n - - smtpd\n"
+            + snippet("milter", "master.cf", **ports),
+        ) as postfix:
+            yield Stack(postfix, gw, public)
+
+
+def send(stack: Stack, raw: bytes, sender: str = "alice@sender.test", xclient: str = "") -> None:
+    with smtplib.SMTP("127.0.0.1", stack.port, timeout=60) as client:
+        client.ehlo("client.sender.test")
+        if xclient:
+            code, text = client.docmd("XCLIENT", xclient)
+            assert code == 220, text
+            client.ehlo("client.sender.test")
+        client.sendmail(sender, ["bob@example.org"], raw)
+
+
+def refused(
+    stack: Stack, raw: bytes, sender: str = "alice@sender.test", xclient: str = ""
+) -> tuple[int, str]:
+    with pytest.raises(smtplib.SMTPDataError) as exc:
+        send(stack, raw, sender, xclient)
+    return exc.value.smtp_code, exc.value.smtp_error.decode()
+
+
+def delivered(stack: Stack, marker: bytes, timeout: float = 20.0) -> bytes:
+    """The delivered message containing ``marker``; fails with Postfix's log."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        hits = [m for m in stack.postfix.mailbox() if marker in m]
+        if hits:
+            return hits[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no delivered message with {marker!r}:\n{stack.postfix.log()}")
+
+
+def test_clean_mail_is_delivered_by_postfix_with_the_gateways_headers(stack: Stack) -> None:
+    forged = b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=sender.test\r\n"
+    send(stack, message("clean", b"Hi Bob. CLEAN-1\r\n", extra=forged))
+    stored = delivered(stack, b"CLEAN-1")
+    msg = email.message_from_bytes(stored, policy=email.policy.compat32)
+    assert msg["X-Spam-Status"].startswith("No, score=")
+    results = msg.get_all("Authentication-Results")
+    assert len(results) == 1 and "spf=pass" not in results[0]  # the forged one is gone
+    # Our fields are on top, above Postfix's own Received:.
+    assert stored.index(b"Authentication-Results:") < stored.index(b"Received:")
+    event = stack.gateway.wait_for_event("message_processed", match={"frontend": "milter"})
+    assert event is not None and event["upstream_queue_id"]  # Postfix's queue id (i macro)
+    assert stack.gateway.metric(
+        "gateway_messages_total", action="relay", frontend="milter"
+    ) or stack.gateway.metric("gateway_messages_total", action="add_header", frontend="milter")
+
+
+def test_gtube_is_refused_by_postfix_with_the_gateways_550(stack: Stack) -> None:
+    code, text = refused(stack, message("gtube", GTUBE + b"\r\n"))
+    assert code == 550 and text.startswith("5.7.1 Message rejected:") and "GTUBE" in text, text
+
+
+def test_dmarc_reject_from_a_non_loopback_client_set_by_xclient(
+    stack: Stack, dns_server: DNSServer
+) -> None:
+    """XCLIENT makes Postfix (and so the milter macros) see 192.0.2.10: SPF fails for it."""
+    dns_server.set("milter-dmarc.other.test", ("TXT", "v=spf1 ip4:198.51.100.1 -all"))
+    dns_server.set("_dmarc.milter-dmarc.other.test", ("TXT", "v=DMARC1; p=reject"))
+    sender = "alice@milter-dmarc.other.test"
+    code, text = refused(
+        stack,
+        message("dmarc", b"Pay now.\r\n", sender=sender),
+        sender,
+        xclient="ADDR=192.0.2.10 NAME=[UNAVAILABLE] HELO=mail.milter-dmarc.other.test",
+    )
+    assert code == 550, text
+    event = stack.gateway.wait_for_event("message_processed", match={"mail_from": sender})
+    assert event is not None and event["client_ip"] == "192.0.2.10", event
+
+
+@pytest.mark.parametrize("canon", [(b"relaxed", b"simple")])
+def test_dkim_signed_folded_mail_still_verifies_in_the_delivered_copy(
+    stack: Stack, dns_server: DNSServer, canon: tuple[bytes, bytes]
+) -> None:
+    key = auth_helpers().rsa_key()
+    dns_server.set("s1._domainkey.sender.test", ("TXT", key.record))
+    raw = (
+        b"From: Alice <alice@sender.test>\r\nTo: bob@example.org\r\n"
+        b"Subject: a subject folded\r\n\tover two lines\r\n"
+        b"Message-ID: <dkim-milter@sender.test>\r\n\r\nSigned body DKIM-1.\r\n"
+    )
+    signed = (
+        dkim.sign(
+            raw,
+            b"s1",
+            b"sender.test",
+            key.private,
+            canonicalize=canon,
+            include_headers=[b"from", b"to", b"subject", b"message-id"],
+        )
+        + raw
+    )
+    send(stack, signed)
+    stored = delivered(stack, b"DKIM-1").replace(b"\n", b"\r\n")
+    record = key.record.encode()
+    assert dkim.verify(stored, dnsfunc=lambda name, timeout=5: record)
+    assert b"dkim=pass" in stored
+
+
+def test_quarantined_mail_is_held_and_released_through_the_relay_port(stack: Stack) -> None:
+    send(stack, message("quarantine", b"QUARANTINE-ME QUAR-1\r\n"))  # 250: held, Postfix discards
+    listed = subprocess.run(
+        [sys.executable, "-m", "gateway", "quarantine", "list", "--json", "--config",
+         str(stack.gateway.config_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)
+    assert not [m for m in stack.postfix.mailbox() if b"QUAR-1" in m]
+    released = subprocess.run(
+        [sys.executable, "-m", "gateway", "quarantine", "release", entry["id"], "--config",
+         str(stack.gateway.config_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert released.returncode == 0, released.stderr
+    stored = delivered(stack, b"QUAR-1")
+    assert b"X-Spam-Status: Yes" in stored
+
+
+def test_one_hundred_concurrent_postfix_sessions(stack: Stack) -> None:
+    count = 100
+    before = len(stack.postfix.mailbox())
+    with ThreadPoolExecutor(count) as pool:
+        list(
+            pool.map(
+                lambda i: send(stack, message(f"burst {i}", f"BURST-{i:03d}\r\n".encode())),
+                range(count),
+            )
+        )
+    stack.postfix.wait_for_mail(before + count, timeout=60)
+    box = b"".join(stack.postfix.mailbox())
+    assert all(f"BURST-{i:03d}".encode() in box for i in range(count))
+
+
+def test_gateway_stopped_means_postfix_answers_4xx(stack: Stack) -> None:
+    """milter_default_action = tempfail: Postfix defers (at MAIL already), nothing is lost."""
+    stack.gateway.stop()  # last test of the module: the fixture only cleans up after it
+    with pytest.raises(smtplib.SMTPResponseException) as deferred:
+        send(stack, message("down", b"later\r\n"))
+    assert 400 <= deferred.value.smtp_code < 500, deferred.value
