@@ -35,7 +35,6 @@ __all__ = ["main"]
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 _LEARN_CHUNK = 200  # messages read (in a worker thread) per call to the classifier
-_CLAIM_SECONDS = 600.0  # a release holds its message this long at most (relay.timeout is 60 s)
 
 
 class CLIError(Exception):
@@ -405,8 +404,11 @@ async def _quarantine(args: argparse.Namespace, out: TextIO) -> int:
             )
             return EXIT_OK
         if args.qcommand == "delete":
+            held = await store.get(args.id) if args.spam else None
             if not await store.delete(args.id):
                 raise CLIError(f"no quarantined message with id {args.id}")
+            if held is not None:
+                await _learn_released(config, store, held[0], held[1], spam=True, out=out)
             print(f"deleted {args.id}", file=out)
             return EXIT_OK
         got = await store.get(args.id)
@@ -433,49 +435,57 @@ async def _release(
     config: Config, store: QuarantineStore, item: QuarantineItem, raw: bytes, out: TextIO
 ) -> int:
     """Deliver with the original envelope and the stored headers prepended, then remove."""
-    from gateway.headers import prepend
-    from gateway.quarantine import QuarantineError
-    from gateway.relay import Relay, RelayError
-    from gateway.xforward import Forwarded
+    from gateway.release import ReleaseBusy, ReleaseFailed, release
 
-    hold = max(_CLAIM_SECONDS, config.relay.timeout * 10)
-    if not await store.claim(item.id, hold):
-        raise CLIError(
-            f"{item.id} is being released by another command right now; if that one "
-            f"crashed, try again in {hold / 60:.0f} minutes"
-        )
-    relay = Relay(config.relay, config.server.hostname)
-    # XFORWARD: what the stored envelope knows of the client (no name, port or protocol).
-    client = Forwarded(
-        addr=item.client_ip, helo=item.helo or None, ident=item.queue_id, source="REMOTE"
-    )
     try:
-        result = await relay.send(
-            item.mail_from, item.rcpt_tos, prepend(raw, list(item.headers)), client=client
+        result = await release(config, store, item, raw)
+    except ReleaseBusy as exc:
+        raise CLIError(
+            f"{exc}; if that one crashed, try again in {exc.hold / 60:.0f} minutes"
+        ) from None
+    except ReleaseFailed as exc:
+        raise CLIError(
+            f"release of {item.id} failed, message kept in quarantine: {exc.said}"
+        ) from None
+    if result.kept_error is not None:
+        raise CLIError(
+            f"{item.id} was delivered but could not be removed from quarantine "
+            f"({result.kept_error}); remove it with `gateway quarantine delete {item.id}` "
+            "to avoid a second delivery"
         )
-    except RelayError as exc:
-        await store.unclaim(item.id)
-        said = f"{exc.code} {exc.text}" if exc.code is not None else exc.text
-        raise CLIError(
-            f"release of {item.id} failed, message kept in quarantine: downstream "
-            f"{config.relay.host}:{config.relay.port}: {said}"
-        ) from None
-    finally:
-        await relay.close()
-    try:
-        await store.delete(item.id)
-    except QuarantineError as exc:
-        raise CLIError(
-            f"{item.id} was delivered but could not be removed from quarantine ({exc}); "
-            f"remove it with `gateway quarantine delete {item.id}` to avoid a second delivery"
-        ) from None
-    refused = [r for r in item.rcpt_tos if r not in result.accepted]
+    await _learn_released(config, store, item, raw, spam=False, out=out)
     code, text = result.reply
     print(f"released {item.id} to {', '.join(result.accepted)}: {code} {text}", file=out)
-    if refused:
-        print(f"downstream refused: {', '.join(refused)}", file=sys.stderr)
+    if result.refused:
+        print(f"downstream refused: {', '.join(result.refused)}", file=sys.stderr)
         return EXIT_PROBLEMS
     return EXIT_OK
+
+
+async def _learn_released(
+    config: Config,
+    store: QuarantineStore,
+    item: QuarantineItem,
+    raw: bytes,
+    *,
+    spam: bool,
+    out: TextIO,
+) -> None:
+    """quarantine.learn_on_release: train the classifier once on a person's decision."""
+    from gateway.learning import learn_decision, learner_of
+
+    if not config.quarantine.learn_on_release or "bayes" not in config.policies:
+        return
+    runtime, _ = await _build(config, start=False)
+    try:
+        learner = learner_of(runtime.engine.pipeline.policies)
+        if learner is None:
+            return
+        await runtime.engine.pipeline.policies["bayes"].start(runtime.engine.services)
+        if await learn_decision(store, learner, item.id, raw, spam=spam):
+            print(f"learned {item.id} as {'spam' if spam else 'ham'}", file=out)
+    finally:
+        await runtime.close()
 
 
 # --- learn ---------------------------------------------------------------------
@@ -623,6 +633,12 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = qsub.add_parser(name, parents=[common], help=text)
         p.add_argument("id", metavar="ID")
+        if name == "delete":
+            p.add_argument(
+                "--spam",
+                action="store_true",
+                help="delete as spam: train the classifier (quarantine.learn_on_release)",
+            )
     qsub.add_parser(
         "purge", parents=[common], help="remove messages older than quarantine.retention_days"
     )

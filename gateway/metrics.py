@@ -170,6 +170,13 @@ AUTOLEARN = Counter(
     ["policy", "class", "result"],
     registry=REGISTRY,
 )
+QUARANTINE_LEARNED = Counter(
+    "gateway_quarantine_learned",
+    "Quarantined messages the classifier learned from a person's decision"
+    " (quarantine.learn_on_release), by class: ham (released), spam (deleted as spam)",
+    ["as"],
+    registry=REGISTRY,
+)
 MILTER_CONNECTIONS = Gauge(
     "gateway_milter_connections_active",
     "Milter connections from the MTA currently open (Postfix opens one per SMTP session)",
@@ -242,6 +249,7 @@ def zero(metric: Counter | Gauge | Histogram, **values: Iterable[str]) -> None:
 zero(MESSAGES, action=[a.value for a in Action], frontend=("smtp", "milter"))
 zero(CONFIG_RELOADS, result=("ok", "invalid"))
 zero(DNS_QUERIES, result=("hit", "miss", "nxdomain", "temperror"))
+zero(QUARANTINE_LEARNED, **{"as": ("ham", "spam")})
 
 _POLICY_OUTCOMES = ("ok", "error", "timeout")
 _AUTOLEARN_CLASSES = ("spam", "ham")
