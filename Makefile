@@ -14,6 +14,7 @@ VPY := $(VENV)/bin/python
 # Re-install only when the dependencies changed (pyproject.toml is newer).
 STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
+DEMO_ARGS ?=  # make demo DEMO_ARGS=--milter: also show milter mode
 
 .PHONY: help test demo setup system-deps venv lint typecheck pytest configs clean
 
@@ -60,7 +61,7 @@ test: setup
 	exit $$status
 
 demo: venv
-	$(VPY) deploy/demo/run.py
+	$(VPY) deploy/demo/run.py $(DEMO_ARGS)
 
 # Re-render the compose and Kubernetes configs (single node and cluster) after
 # an edit of config.example.toml (tests/deploy and tests/cluster fail while stale).

@@ -11,6 +11,11 @@ Starts, on loopback only and without needing the internet:
 then sends the sample messages of deploy/demo/messages/ and prints each SMTP
 reply, the headers the gateway added to relayed mail and the quarantine. It
 keeps running (printing whatever the sink receives) until Ctrl-C.
+
+With ``--milter`` the gateway also serves the milter protocol (what Postfix's
+``smtpd_milters`` speaks) and the demo sends the same samples the way Postfix
+would, printing the milter's answers: header fields to insert or change, the
+reply Postfix would give, or a discard for quarantined mail.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from render_config import flatten, render  # noqa: E402
 
 from gateway.testing.dnsserver import DNSServer  # noqa: E402
+from gateway.testing.milterclient import EomReply, MilterClient  # noqa: E402
 from gateway.testing.sink import Delivered, SinkServer  # noqa: E402
 
 # What the demo's DNS answers (everything else: NXDOMAIN, e.g. DNSBL lookups).
@@ -88,6 +94,8 @@ def write_config(var: Path, args: argparse.Namespace, dns: DNSServer | None) -> 
     overrides["server.listen"] = f"127.0.0.1:{args.smtp_port}"
     overrides["metrics.listen"] = f"127.0.0.1:{args.metrics_port}"
     overrides["web.listen"] = ""  # no admin password in the demo: the UI stays off
+    if args.milter_port:
+        overrides["milter.listen"] = f"127.0.0.1:{args.milter_port}"
     overrides["relay.port"] = args.sink_port
     if dns is not None:
         overrides["dns.nameservers"] = [dns.address]
@@ -220,6 +228,64 @@ def run_samples(args: argparse.Namespace, sink: SinkServer, config: Path) -> Non
     )
 
 
+_MILTER_FINAL = {
+    b"a": "accept",
+    b"c": "continue (accept)",
+    b"d": "discard: Postfix drops it; the gateway holds it in its quarantine",
+    b"t": "tempfail: Postfix answers 451, the sender retries",
+}
+
+
+def milter_answer(reply: EomReply) -> list[str]:
+    """The milter's answer at end of message, as Postfix would act on it."""
+    lines = []
+    for edit in reply.edits:
+        value = " ".join(edit.value.decode(errors="replace").split())
+        what = "insert at" if edit.kind == "insert" else "change instance"
+        lines.append(f"{what} {edit.index}: {edit.name.decode()}: {value}")
+    if reply.final == b"y":
+        lines.append(f"Postfix replies: {reply.text}")
+    else:
+        lines.append(_MILTER_FINAL.get(reply.final, reply.final.decode()))
+    return lines
+
+
+def run_milter_samples(args: argparse.Namespace) -> None:
+    """The samples again, as Postfix's smtpd would hand them to the milter."""
+    samples = tomllib.loads((DEMO / "messages" / "index.toml").read_text(encoding="utf-8"))
+    say()
+    say(f"{BOLD}Milter mode{RESET} (Postfix: smtpd_milters = inet:127.0.0.1:{args.milter_port})")
+    say(f"{DIM}  recipients outside accepted_domains are Postfix's job in milter mode{RESET}")
+    demo = tomllib.loads((DEMO / "config.toml").read_text(encoding="utf-8"))
+    accepted = set(demo["server"]["accepted_domains"])
+    for n, sample in enumerate(samples["message"], 1):
+        raw = (DEMO / "messages" / sample["file"]).read_bytes()
+        say()
+        say(f"{BOLD}[{n}] {sample['title']}{RESET}  (via milter)")
+        if any(r.rpartition("@")[2] not in accepted for r in sample["rcpt_to"]):
+            say("  Postfix refuses this recipient itself (relay_domains), before any milter")
+            continue
+        try:
+            with MilterClient(("127.0.0.1", args.milter_port), timeout=60) as client:
+                client.negotiate()
+                client.connect(hostname=sample["helo"], address="127.0.0.1", port=40000 + n)
+                client.helo(sample["helo"])
+                reply = client.message(
+                    raw,
+                    mail_from=sample["mail_from"],
+                    rcpt_to=sample["rcpt_to"],
+                    queue_id=f"DEMO{n:06d}",
+                )
+                client.quit()
+        except (OSError, ConnectionError) as exc:
+            say(f"  {RED}milter conversation failed: {exc}{RESET}")
+            continue
+        for line in milter_answer(reply):
+            tint = RED if line.startswith("Postfix replies: 5") else ""
+            say(f"  {tint}{line}{RESET if tint else ''}")
+        time.sleep(0.3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smtp-port", type=int, default=2525)
@@ -227,9 +293,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink-port", type=int, default=10026)
     parser.add_argument("--var", type=Path, default=REPO / "var" / "demo", help="work directory")
     parser.add_argument("--once", action="store_true", help="exit after the samples")
+    parser.add_argument(
+        "--milter",
+        dest="milter_port",
+        type=int,
+        nargs="?",
+        const=11332,
+        default=0,
+        metavar="PORT",
+        help="also serve the milter protocol (default port 11332) and send the samples over it",
+    )
     args = parser.parse_args(argv)
 
-    busy = [p for p in (args.smtp_port, args.metrics_port, args.sink_port) if not port_free(p)]
+    ports = (args.smtp_port, args.metrics_port, args.sink_port, args.milter_port)
+    busy = [p for p in ports if p and not port_free(p)]
     if busy:
         say(f"port(s) {busy} on 127.0.0.1 are in use: is another `make demo` running?")
         return 1
@@ -251,8 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  SMTP in:      127.0.0.1:{args.smtp_port}  (accepted domain: example.org)")
         say(f"  downstream:   127.0.0.1:{args.sink_port}  (a recording sink in place of Postfix)")
         say(f"  metrics:      http://127.0.0.1:{args.metrics_port}/metrics  /healthz  /readyz")
+        if args.milter_port:
+            say(f"  milter:       127.0.0.1:{args.milter_port}  (Postfix smtpd_milters)")
         say(f"  config:       {shown(config)}")
         run_samples(args, sink, config)
+        if args.milter_port:
+            run_milter_samples(args)
         if args.once:
             return 0
         say()
