@@ -23,12 +23,13 @@ import os
 import pwd
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import logs, metrics, replies, sharedlimits, workers
 from gateway.api import DNSError
@@ -38,12 +39,16 @@ from gateway.engine import Engine, services_for
 from gateway.handoff import Delivery, Outcome, RelayDelivery, Submission, downstream_reply, hand_off
 from gateway.milter.frontend import MilterFrontend
 from gateway.milter.server import MilterListener, parse_listen
-from gateway.quarantine import QuarantineStore, open_quarantine
+from gateway.quarantine import QuarantineError, QuarantineStore, open_quarantine
 from gateway.relay import Relay, RelayError
 from gateway.replies import Reply
 from gateway.retention import RetentionPurger
 from gateway.smtp import GatewaySMTP, ListenerSettings, SessionLimits, Transaction
 from gateway.state import ClosableStateStore, open_state
+from gateway.web.links import LinkKeyError
+
+if TYPE_CHECKING:
+    from gateway.web.server import WebServer
 
 __all__ = [
     "Gateway",
@@ -251,11 +256,14 @@ class Gateway:
                     "config_listen_changed",
                     extra={"detail": "server.listen takes effect on restart"},
                 )
-            if new.config.milter.listen != old.config.milter.listen:
-                log.warning(
-                    "config_listen_changed",
-                    extra={"detail": "milter.listen takes effect on restart"},
-                )
+            for key, was, now in (
+                ("milter.listen", old.config.milter.listen, new.config.milter.listen),
+                ("web.listen", old.config.web.listen, new.config.web.listen),
+            ):
+                if was != now:
+                    log.warning(
+                        "config_listen_changed", extra={"detail": f"{key} takes effect on restart"}
+                    )
             old.retired = True
             if old.inflight == 0:
                 old.closed.set()
@@ -406,8 +414,11 @@ class RunningGateway:
         endpoint: metrics.HTTPEndpoint | None,
         path: Path,
         milter: MilterListener | None = None,
+        web: WebServer | None = None,
     ) -> None:
         self.gateway = gateway
+        self.web = web  # the web UI and REST API (web.listen; the only process or worker 0)
+        self.web_port = web.port if web is not None else None
         self.listener = listener  # None: server.listen = "" (a milter-only node)
         self.milter = milter
         self.endpoint = endpoint
@@ -462,7 +473,27 @@ class RunningGateway:
             await self.share.stop()
         if self.endpoint is not None:
             await self.endpoint.close()
+        if self.web is not None:
+            await self.web.close()
         await self.gateway.close()
+
+
+async def _start_web(gateway: Gateway) -> WebServer:
+    """The web UI and REST API over this gateway's quarantine and current generation."""
+    from gateway.learning import learner_of
+    from gateway.web.context import WebContext
+    from gateway.web.links import link_key
+    from gateway.web.server import start_web, tls_context
+
+    config = gateway.gen.config
+    ctx = WebContext(
+        config=lambda: gateway.gen.config,
+        quarantine=gateway.quarantine,
+        link_key=await link_key(config.web, config.base_dir, gateway.quarantine),
+        learner=lambda: learner_of(gateway.gen.engine.pipeline.policies),
+    )
+    host, port = _listen_address(config.web.listen)
+    return await start_web(ctx, host, port, tls_context(config))
 
 
 async def start(
@@ -535,15 +566,29 @@ async def start(
             raise StartupError(
                 [f"metrics.listen: cannot listen on {config.metrics.listen}: {exc}"], 1
             ) from None
+    web = None
+    if config.web.listen and not worker:  # one process serves the web: see gateway/web/server.py
+        try:
+            web = await _start_web(gateway)
+        except (OSError, ssl.SSLError, LinkKeyError, QuarantineError) as exc:
+            close_listeners()
+            if endpoint is not None:
+                await endpoint.close()
+            await gateway.close()
+            raise StartupError(
+                [f"web.listen: cannot serve on {config.web.listen}: {exc}"], 1
+            ) from None
     try:
         drop_privileges(config)  # sockets are bound: port 25 needed root, nothing else does
     except StartupError:
         close_listeners()
         if endpoint is not None:
             await endpoint.close()
+        if web is not None:
+            await web.close()
         await gateway.close()
         raise
-    running = RunningGateway(gateway, listener, endpoint, path, milter)
+    running = RunningGateway(gateway, listener, endpoint, path, milter, web)
     running.start_housekeeping(purge=not worker)  # one purging process: the only one or worker 0
     if worker is not None:
         running.share = workers.MetricsShare.for_worker(metrics.REGISTRY, worker)
@@ -559,6 +604,7 @@ async def start(
             "milter": config.milter.listen or None,
             "milter_port": running.milter_port,
             "metrics_port": running.metrics_port,
+            "web_port": running.web_port,
             "policies": [p.name for p in gen.engine.plan.policies],
             "hostname": config.server.hostname,
             "worker": worker,

@@ -214,6 +214,7 @@ class GatewayProcess:
         self.smtp_port = 0
         self.milter_port = 0  # with milter.listen on TCP
         self.metrics_port: int | None = None
+        self.web_port = 0  # with web.listen
         self.proc: subprocess.Popen[bytes] | None = None
         self._lines: list[str] = []
         self._lock = threading.Lock()
@@ -248,6 +249,7 @@ class GatewayProcess:
         self.milter_port = int(started.get("milter_port") or 0)
         port = started.get("metrics_port")
         self.metrics_port = int(port) if port is not None else None
+        self.web_port = int(started.get("web_port") or 0)
         return self
 
     def _wait_started(self) -> dict[str, Any] | None:
@@ -428,6 +430,7 @@ class RunningGatewayHandle:
         self.config_path = config_path
         self.smtp_port: int = running.smtp_port
         self.metrics_port: int | None = running.metrics_port
+        self.web_port: int = running.web_port or 0
 
     async def reload(self) -> bool:
         return await self.running.reload()
