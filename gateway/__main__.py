@@ -564,6 +564,15 @@ async def _learn(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# --- web -----------------------------------------------------------------------
+
+
+async def _web(args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.web import cli
+
+    return await cli.run(args, out)
+
+
 # --- run -----------------------------------------------------------------------
 
 
@@ -645,6 +654,9 @@ def _parser() -> argparse.ArgumentParser:
     learn = sub.add_parser(
         "learn", parents=[common], help="train the classifier (the bayes policy)"
     )
+    from gateway.web import cli as web_cli
+
+    web_cli.add_parser(sub)
     learn.add_argument("kind", choices=["spam", "ham"])
     learn.add_argument(
         "paths", nargs="+", metavar="FILE_OR_DIR", help="message files, directories, mbox files"
@@ -655,7 +667,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not args.config:
+    if not args.config and args.command != "web":
         parser.error("the following arguments are required: --config PATH")
     if (
         args.command == "quarantine"
@@ -672,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "symbols": _symbols,
         "quarantine": _quarantine,
         "learn": _learn,
+        "web": _web,
     }
     try:
         if args.command == "run":

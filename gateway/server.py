@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import ipaddress
 import logging
@@ -478,7 +479,15 @@ class RunningGateway:
         await self.gateway.close()
 
 
-async def _start_web(gateway: Gateway) -> WebServer:
+async def _reload_everywhere(gateway: Gateway, path: Path, worker: int | None) -> None:
+    """After the web changed a policy file: this process, or every worker (via the supervisor)."""
+    if worker is None:
+        await gateway.reload(path)
+    else:
+        os.kill(os.getppid(), signal.SIGHUP)  # the supervisor passes it on to every worker
+
+
+async def _start_web(gateway: Gateway, path: Path, worker: int | None) -> WebServer:
     """The web UI and REST API over this gateway's quarantine and current generation."""
     from gateway.learning import learner_of
     from gateway.web.context import WebContext
@@ -491,6 +500,7 @@ async def _start_web(gateway: Gateway) -> WebServer:
         quarantine=gateway.quarantine,
         link_key=await link_key(config.web, config.base_dir, gateway.quarantine),
         learner=lambda: learner_of(gateway.gen.engine.pipeline.policies),
+        reload=functools.partial(_reload_everywhere, gateway, path, worker),
     )
     host, port = _listen_address(config.web.listen)
     return await start_web(ctx, host, port, tls_context(config))
@@ -569,7 +579,7 @@ async def start(
     web = None
     if config.web.listen and not worker:  # one process serves the web: see gateway/web/server.py
         try:
-            web = await _start_web(gateway)
+            web = await _start_web(gateway, path, worker)
         except (OSError, ssl.SSLError, LinkKeyError, QuarantineError) as exc:
             close_listeners()
             if endpoint is not None:

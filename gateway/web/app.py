@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.web import recipient
+from gateway.web import api, recipient
+from gateway.web.auth import AUTH, AuthState, guard
 from gateway.web.context import CONTEXT, WebContext
+from gateway.web.paths import API_PREFIX, RECIPIENT_PREFIX
 
 __all__ = ["API_PREFIX", "RECIPIENT_PREFIX", "build_app"]
 
-API_PREFIX = "/api/v1/"
-RECIPIENT_PREFIX = "/r/"
 _MAX_BODY = 1024 * 1024  # bytes of a request body: forms and JSON are small (hostile input)
 
 # No inline script, no third-party anything; frames only from ourselves (the sandboxed
@@ -46,8 +46,10 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 def build_app(ctx: WebContext) -> web.Application:
     """The whole web app over ``ctx``; served by :mod:`gateway.web.server`, or by tests."""
-    app = web.Application(client_max_size=_MAX_BODY)
+    app = web.Application(middlewares=[guard], client_max_size=_MAX_BODY)
     app.on_response_prepare.append(_security_headers)
     app[CONTEXT] = ctx
+    app[AUTH] = AuthState()
+    api.add_routes(app, ctx)
     recipient.add_routes(app, ctx)
     return app

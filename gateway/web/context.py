@@ -9,7 +9,7 @@ a handler reads them per request and so sees the current generation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,10 @@ ReleaseFn = Callable[
 ]
 
 
+async def _no_reload() -> None:
+    """Tests without a running gateway: nothing to reload."""
+
+
 @dataclass(slots=True)
 class WebContext:
     """The running gateway as the web app sees it.
@@ -36,7 +40,8 @@ class WebContext:
     reload); ``quarantine`` is the store every front end writes to; ``release``
     is :func:`gateway.release.release` (the one release path: claim, relay,
     remove); ``link_key`` signs and checks recipient links
-    (:mod:`gateway.web.links`).
+    (:mod:`gateway.web.links`); ``reload`` re-reads the config everywhere
+    (after a list file changed: every worker, not only this process).
     """
 
     config: Callable[[], Config]
@@ -44,6 +49,7 @@ class WebContext:
     link_key: bytes
     learner: Callable[[], Learner | None] = lambda: None
     release: ReleaseFn = field(default=_release.release)
+    reload: Callable[[], Awaitable[object]] = field(default=_no_reload)
 
     @property
     def learn_enabled(self) -> bool:
