@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.web import api, recipient
+from gateway.web import api, pages, recipient
 from gateway.web.auth import AUTH, AuthState, guard
 from gateway.web.context import CONTEXT, WebContext
 from gateway.web.paths import API_PREFIX, RECIPIENT_PREFIX
@@ -51,5 +51,6 @@ def build_app(ctx: WebContext) -> web.Application:
     app[CONTEXT] = ctx
     app[AUTH] = AuthState()
     api.add_routes(app, ctx)
+    pages.add_routes(app, ctx)
     recipient.add_routes(app, ctx)
     return app
