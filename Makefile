@@ -16,12 +16,13 @@ STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 DEMO_ARGS ?=  # make demo DEMO_ARGS=--milter: also show milter mode
 
-.PHONY: help test demo setup system-deps venv lint typecheck pytest configs clean
+.PHONY: help test demo setup system-deps venv lint typecheck pytest configs screenshots clean
 
 help:
 	@echo "make demo   run the gateway with a local downstream and sample mail (Ctrl-C stops)"
 	@echo "make test   install test dependencies if missing, then ruff, mypy, pytest"
 	@echo "make configs  re-render the compose/Kubernetes configs from config.example.toml"
+	@echo "make screenshots  retake docs/img/web-*.png (the browser test, headless chromium)"
 
 setup: system-deps venv
 
@@ -68,6 +69,11 @@ demo: venv
 configs:
 	$(PYTHON) deploy/render_config.py
 	$(PYTHON) deploy/kubernetes/cluster/render.py
+
+# The web UI's screenshots in docs/web.md, taken by the browser end-to-end test.
+screenshots: venv
+	GATEWAY_SCREENSHOTS=docs/img $(VPY) -m pytest -q \
+	  "tests/integration/test_web_browser.py::test_log_in_find_read_why_release_and_it_arrives[local]"
 
 clean:
 	rm -rf var/demo .pytest_cache

@@ -82,7 +82,11 @@ def _see_other(location: str) -> web.Response:
 
 
 async def _login_form(request: web.Request, problem: str = "", status: int = 200) -> web.Response:
-    token = new_token()
+    # Keep the token a browser has: a second login page (a favicon request redirected
+    # here, another tab) must not invalidate the form already shown.
+    token = request.cookies.get(LOGIN_COOKIE, "")
+    if not 20 <= len(token) <= 64:
+        token = new_token()
     response = _render(
         request,
         "login.html",

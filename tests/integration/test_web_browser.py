@@ -1,0 +1,126 @@
+"""End to end in a real headless browser: log in, find a held message, read why, release it.
+
+Debian's chromium (/usr/bin/chromium) driven by Playwright; no browser is ever
+downloaded. The gateway is a real ``gateway run`` subprocess that quarantined
+the message from a real SMTP client, on the local and the PostgreSQL
+quarantine; the release reaches the test downstream (SinkServer). With
+``GATEWAY_SCREENSHOTS=docs/img`` the list and message pages are saved there
+(``make screenshots``).
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.testing.harness import GatewayProcess
+from gateway.testing.postgres import throwaway_schema
+from gateway.testing.require import require, require_tool
+from gateway.testing.sink import SinkServer
+from gateway.testing.web import PASSWORD, web_overrides
+
+GatewayFactory = Callable[..., GatewayProcess]
+
+XSS_SUBJECT = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> Cheap pills'
+SPAM = (
+    'From: "Pill <b>Shop</b>" <offers@pills.test>\r\nTo: bob@example.org\r\n'
+    f"Subject: {XSS_SUBJECT}\r\nContent-Type: text/html\r\n\r\n"
+    "<p>QUARANTINE-ME best prices</p><script>window.__xss=3</script>\r\n"
+).encode()
+RULES = (
+    '[[rule]]\nname = "TEST_QUARANTINE_ME"\ntype = "body"\npattern = "QUARANTINE-ME"\n'
+    'score = 12.0\ndescription = "test marker: scores into the quarantine band"\n'
+)
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    chromium = require_tool("chromium", "apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "playwright not installed (pip install -e '.[dev]')")
+        raise
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(params=["local", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    if request.param == "local":
+        yield {}
+    else:
+        with throwaway_schema() as dsn:
+            yield {"quarantine.backend": "postgresql", "quarantine.dsn": dsn}
+
+
+def test_log_in_find_read_why_release_and_it_arrives(
+    make_gateway: GatewayFactory,
+    sink: SinkServer,
+    browser: Any,
+    backend: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "quarantine-me.toml"
+    rules.write_text(RULES)
+    overrides = {
+        **web_overrides(sink),
+        **backend,
+        "relay.verify_recipients": False,
+        "policies.rules": {"builtin": False, "files": [str(rules)]},
+    }
+    gw = make_gateway(sink, overrides)
+    with smtplib.SMTP("127.0.0.1", gw.smtp_port, timeout=30) as client:
+        client.sendmail("offers@pills.test", ["bob@example.org"], SPAM)
+    assert sink.messages == []  # held, not relayed
+
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    base = f"http://127.0.0.1:{gw.web_port}"
+    page.goto(f"{base}/")
+    assert page.url.startswith(f"{base}/login")
+    page.fill("input[name=password]", "not the password")
+    page.click("button[type=submit]")
+    assert "Wrong password" in page.inner_text("main")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+
+    # The list: the hostile subject shows as text and runs nothing.
+    page.fill("input[name=q]", "pills")
+    page.click("form.search button[type=submit]")
+    link = page.locator("td.subject a")
+    assert link.count() == 1
+    assert link.inner_text() == XSS_SUBJECT
+    assert page.evaluate("typeof window.__xss") == "undefined"
+    shots = os.environ.get("GATEWAY_SCREENSHOTS")
+    if shots and not backend:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(shots) / "web-list.png"))
+
+    # One message: why it was held.
+    link.click()
+    assert page.inner_text("h1.subject") == XSS_SUBJECT
+    symbols = page.inner_text("table.symbols")
+    assert "TEST_QUARANTINE_ME" in symbols and "12.00" in symbols
+    assert "QUARANTINE-ME best prices" in page.inner_text("pre.body")
+    assert page.locator("iframe, pre.body script").count() == 0
+    assert page.evaluate("typeof window.__xss") == "undefined"
+    if shots and not backend:
+        page.screenshot(path=str(Path(shots) / "web-message.png"), full_page=True)
+
+    # Release: it arrives downstream, byte-exact under the prepended header fields.
+    page.click("button[value=release]")
+    assert "Released" in page.inner_text("p.notice")
+    [got] = sink.wait_for(1)
+    assert got.rcpt_tos == ("bob@example.org",)
+    assert got.data.endswith(SPAM)
+    assert page.locator("td.subject a").count() == 0
+    assert dialogs == []
