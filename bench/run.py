@@ -391,7 +391,6 @@ def gateway_config(
     """config.example.toml (the shipped default pipeline) pointed at the bench's peers."""
     return write_config(
         {
-            **extra,
             "server.listen": f"127.0.0.1:{port}",
             "server.workers": workers,
             "server.max_sessions_per_ip": 1000,
@@ -401,6 +400,7 @@ def gateway_config(
             "metrics.listen": "127.0.0.1:0",
             "web.listen": "",
             "log.level": "warning",
+            **extra,  # last: a bench may turn the web on (bench/web_poll.py)
         },
         tmp,
     )

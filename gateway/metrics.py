@@ -177,6 +177,19 @@ QUARANTINE_LEARNED = Counter(
     ["as"],
     registry=REGISTRY,
 )
+WEB_LOGINS = Counter(
+    "gateway_web_logins",
+    "Admin logins to the web UI, by result: ok, wrong (password), limited (too many failures),"
+    " expired (the login form's token did not match)",
+    ["result"],
+    registry=REGISTRY,
+)
+WEB_ACTIONS = Counter(
+    "gateway_web_actions",
+    "Quarantine decisions taken through the web UI and REST API, by action",
+    ["action"],
+    registry=REGISTRY,
+)
 MILTER_CONNECTIONS = Gauge(
     "gateway_milter_connections_active",
     "Milter connections from the MTA currently open (Postfix opens one per SMTP session)",
@@ -250,6 +263,11 @@ zero(MESSAGES, action=[a.value for a in Action], frontend=("smtp", "milter"))
 zero(CONFIG_RELOADS, result=("ok", "invalid"))
 zero(DNS_QUERIES, result=("hit", "miss", "nxdomain", "temperror"))
 zero(QUARANTINE_LEARNED, **{"as": ("ham", "spam")})
+zero(WEB_LOGINS, result=("ok", "wrong", "limited", "expired"))
+zero(
+    WEB_ACTIONS,
+    action=("release", "delete", "delete_spam", "allow_sender", "block_sender"),
+)
 
 _POLICY_OUTCOMES = ("ok", "error", "timeout")
 _AUTOLEARN_CLASSES = ("spam", "ham")

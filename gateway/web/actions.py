@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway import metrics
 from gateway.learning import learn_decision
 from gateway.quarantine import QuarantineError, QuarantineItem, valid_id
 from gateway.release import ReleaseBusy, Released, ReleaseFailed
@@ -84,6 +85,7 @@ async def release_message(
         raise ActionError(502, f"release failed, message kept in quarantine: {exc.said}") from None
     except QuarantineError as exc:
         raise ActionError(503, f"the quarantine is unavailable: {exc}") from None
+    metrics.WEB_ACTIONS.labels("release").inc()
     log.info(
         "quarantine_released",
         extra={"id": id, "accepted": list(result.accepted), "via": "web"},
@@ -122,6 +124,7 @@ async def delete_message(
         await ctx.quarantine.delete(id)
     except QuarantineError as exc:
         raise ActionError(503, f"the quarantine is unavailable: {exc}") from None
+    metrics.WEB_ACTIONS.labels("delete_spam" if as_spam else "delete").inc()
     log.info("quarantine_deleted", extra={"id": id, "as_spam": as_spam, "via": "web"})
     listed = await list_sender(ctx, item, config.web.block_list) if block_sender else ""
     return Deleted(id, learned, listed)
@@ -165,6 +168,8 @@ async def list_sender(ctx: WebContext, item: QuarantineItem, symbol: str) -> str
             500, f"the message was handled, but {path} could not be updated: {exc}"
         ) from None
     if added:
+        kind = "allow_sender" if symbol == config.web.allow_list else "block_sender"
+        metrics.WEB_ACTIONS.labels(kind).inc()
         log.info("sender_listed", extra={"entry": entry, "list": symbol, "file": str(path)})
         await ctx.reload()
     return entry

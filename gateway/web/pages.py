@@ -12,6 +12,7 @@ Forms post back with the session's CSRF token (checked by
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -19,6 +20,7 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
+from gateway import metrics
 from gateway.quarantine import QuarantineError
 from gateway.web.actions import ActionError, delete_message, held, release_message
 from gateway.web.api import filter_of, page_limit
@@ -37,6 +39,7 @@ from gateway.web.preview import preview
 
 __all__ = ["add_routes"]
 
+log = logging.getLogger("gateway.web")
 _HERE = Path(__file__).parent
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(_HERE / "templates"),
@@ -113,10 +116,12 @@ async def _login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     given, expected = form.get(CSRF_FIELD), request.cookies.get(LOGIN_COOKIE, "")
     if not isinstance(given, str) or not expected or given != expected:
+        metrics.WEB_LOGINS.labels("expired").inc()
         return await _login_form(request, "The login form expired; please try again.", 403)
     client = request.remote or "?"
     wait = state.limiter.retry_after(client)
     if wait > 0:
+        metrics.WEB_LOGINS.labels("limited").inc()
         response = await _login_form(
             request, f"Too many failed logins; try again in {int(wait) + 1} seconds.", 429
         )
@@ -130,8 +135,12 @@ async def _login(request: web.Request) -> web.StreamResponse:
         and await asyncio.to_thread(verify_secret, password, config.admin_password_hash)
     )
     if not ok:
+        metrics.WEB_LOGINS.labels("wrong").inc()
+        log.warning("web_login_failed", extra={"client": client})
         state.limiter.failed(client)
         return await _login_form(request, "Wrong password.", 401)
+    metrics.WEB_LOGINS.labels("ok").inc()
+    log.info("web_login", extra={"client": client})
     state.limiter.succeeded(client)
     session = state.sessions.create(config.session_timeout)
     target = form.get("next")
