@@ -38,10 +38,11 @@ from pathlib import Path
 
 from bench.mix import build_mix, make_domain
 from bench.run import (
-    CLIENT_IP,
+    DNS_ZONES,
     ROOT,
     RoundResult,
     Wire,
+    dns_records,
     free_port,
     pct,
     run_round,
@@ -156,10 +157,7 @@ def main() -> int:
     args = ap.parse_args()
     domains = [make_domain(f"sender{i}.example") for i in range(4)]
     wires = [Wire.of(m) for m in build_mix(args.messages, domains)]
-    records: dict[str, list[tuple[str, str]]] = {}
-    for d in domains:
-        records.update(d.dns_records(CLIENT_IP))
-    records["2.0.0.127.zen.spamhaus.org"] = [("A", "127.0.0.2")]
+    records = dns_records(domains)
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-pipelining-"))
     print(
         f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; "
@@ -169,7 +167,7 @@ def main() -> int:
         "rtt ms conc   A msg/s  B msg/s    A/B   A p50/p99 ms     B p50/p99 ms   saved p50  trips"
     )
     try:
-        with DNSServer(records, zones=["spamhaus.org", "example", "example.org"]) as dns:
+        with DNSServer(records, zones=DNS_ZONES) as dns:
             for rtt_ms in args.rtt:
                 rtt = rtt_ms / 1000
                 stacks = [

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.mix import BenchMessage, big_message, build_mix, make_domain
+from bench.mix import BenchMessage, SenderDomain, big_message, build_mix, make_domain
 from gateway.cpus import usable_cpus
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import write_config
@@ -51,6 +51,19 @@ from gateway.testing.harness import write_config
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_IP = "127.0.0.1"
 TICKS = os.sysconf("SC_CLK_TCK")
+
+
+DNS_ZONES = ["spamhaus.org", "example", "example.org"]
+
+
+def dns_records(domains: list[SenderDomain]) -> dict[str, list[tuple[str, str]]]:
+    """What the bench's DNS server publishes: the senders' SPF/DKIM/DMARC, a DNSBL test entry."""
+    records: dict[str, list[tuple[str, str]]] = {}
+    for d in domains:
+        records.update(d.dns_records(CLIENT_IP))
+    # DNSBL zones present but not listing loopback; 127.0.0.2 is the standard test entry.
+    records["2.0.0.127.zen.spamhaus.org"] = [("A", "127.0.0.2")]
+    return records
 
 
 def free_port() -> int:
@@ -514,14 +527,10 @@ def main() -> int:
 
     domains = [make_domain(f"sender{i}.example") for i in range(4)]
     messages = build_mix(args.messages, domains)
-    records: dict[str, list[tuple[str, str]]] = {}
-    for d in domains:
-        records.update(d.dns_records(CLIENT_IP))
-    # DNSBL zones present but not listing loopback; 127.0.0.2 is the standard test entry.
-    records["2.0.0.127.zen.spamhaus.org"] = [("A", "127.0.0.2")]
+    records = dns_records(domains)
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
-    with DNSServer(records, zones=["spamhaus.org", "example", "example.org"]) as dns:
+    with DNSServer(records, zones=DNS_ZONES) as dns:
         try:
             sink_port, base_port, gw_port = free_port(), free_port(), free_port()
             procs.append(start_sink(sink_port))

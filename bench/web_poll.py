@@ -32,9 +32,10 @@ import aiohttp
 
 from bench.mix import build_mix, make_domain
 from bench.run import (
-    CLIENT_IP,
+    DNS_ZONES,
     RoundResult,
     Wire,
+    dns_records,
     free_port,
     gateway_config,
     pct,
@@ -137,13 +138,10 @@ def main() -> int:
 
     domains = [make_domain(f"sender{i}.example") for i in range(4)]
     wires = [Wire.of(m) for m in build_mix(args.messages, domains)]
-    records: dict[str, list[tuple[str, str]]] = {}
-    for d in domains:
-        records.update(d.dns_records(CLIENT_IP))
-    records["2.0.0.127.zen.spamhaus.org"] = [("A", "127.0.0.2")]
+    records = dns_records(domains)
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-web-"))
     procs: list[subprocess.Popen[bytes]] = []
-    with DNSServer(records, zones=["spamhaus.org", "example", "example.org"]) as dns:
+    with DNSServer(records, zones=DNS_ZONES) as dns:
         try:
             ids = asyncio.run(_fill(tmp / "quarantine", args.held))
             sink_port, gw_port, web_port = free_port(), free_port(), free_port()

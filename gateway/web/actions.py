@@ -90,14 +90,7 @@ async def release_message(
         "quarantine_released",
         extra={"id": id, "accepted": list(result.accepted), "via": "web"},
     )
-    await learn_decision(
-        ctx.quarantine,
-        ctx.learner(),
-        id,
-        raw,
-        spam=False,
-        enabled=config.quarantine.learn_on_release,
-    )
+    await _learn(ctx, id, raw, spam=False)
     listed = await list_sender(ctx, item, config.web.allow_list) if allow_sender else ""
     return result, listed
 
@@ -113,14 +106,7 @@ async def delete_message(
             raise ActionError(409, f"{id} is being released right now; look again in a minute")
         learned = False
         if as_spam:
-            learned = await learn_decision(
-                ctx.quarantine,
-                ctx.learner(),
-                id,
-                raw,
-                spam=True,
-                enabled=config.quarantine.learn_on_release,
-            )
+            learned = await _learn(ctx, id, raw, spam=True)
         await ctx.quarantine.delete(id)
     except QuarantineError as exc:
         raise ActionError(503, f"the quarantine is unavailable: {exc}") from None
@@ -128,6 +114,11 @@ async def delete_message(
     log.info("quarantine_deleted", extra={"id": id, "as_spam": as_spam, "via": "web"})
     listed = await list_sender(ctx, item, config.web.block_list) if block_sender else ""
     return Deleted(id, learned, listed)
+
+
+async def _learn(ctx: WebContext, id: str, raw: bytes, *, spam: bool) -> bool:
+    enabled = ctx.config().quarantine.learn_on_release
+    return await learn_decision(ctx.quarantine, ctx.learner(), id, raw, spam=spam, enabled=enabled)
 
 
 def _sender_of(item: QuarantineItem) -> str:

@@ -169,6 +169,22 @@ async def _logout(request: web.Request) -> web.StreamResponse:
 # --- the list ------------------------------------------------------------------
 
 
+def _list_problem(
+    request: web.Request, status: int, problem: str, query: dict[str, str] | None = None
+) -> web.Response:
+    """The list page with nothing listed and ``problem`` said."""
+    return _render(
+        request,
+        "list.html",
+        status,
+        items=[],
+        query=query or dict.fromkeys(_QUERY_KEYS, ""),
+        problem=problem,
+        searching=query is not None,
+        next_url="",
+    )
+
+
 async def _list(request: web.Request) -> web.Response:
     ctx = context_of(request)
     query = {k: request.query.get(k, "")[:320] for k in _QUERY_KEYS}
@@ -177,39 +193,10 @@ async def _list(request: web.Request) -> web.Response:
         page = await ctx.quarantine.search(
             f, limit=limit, cursor=request.query.get("cursor") or None
         )
-    except ActionError as exc:
-        return _render(
-            request,
-            "list.html",
-            400,
-            items=[],
-            query=query,
-            problem=str(exc),
-            searching=True,
-            next_url="",
-        )
-    except ValueError as exc:
-        return _render(
-            request,
-            "list.html",
-            400,
-            items=[],
-            query=query,
-            problem=str(exc),
-            searching=True,
-            next_url="",
-        )
+    except (ActionError, ValueError) as exc:  # a bad filter, a malformed cursor
+        return _list_problem(request, 400, str(exc), query)
     except QuarantineError as exc:
-        return _render(
-            request,
-            "list.html",
-            503,
-            items=[],
-            query=query,
-            searching=False,
-            problem=f"The quarantine is unavailable: {exc}",
-            next_url="",
-        )
+        return _list_problem(request, 503, f"The quarantine is unavailable: {exc}", query)
     kept = {k: v for k, v in query.items() if v}
     next_url = "/?" + urlencode({**kept, "cursor": page.next}) if page.next else ""
     return _render(
@@ -252,16 +239,7 @@ async def _message(request: web.Request) -> web.Response:
     try:
         item, raw = await held(ctx, request.match_info["id"])
     except ActionError as exc:
-        return _render(
-            request,
-            "list.html",
-            exc.status,
-            items=[],
-            problem=str(exc),
-            query=dict.fromkeys(_QUERY_KEYS, ""),
-            searching=False,
-            next_url="",
-        )
+        return _list_problem(request, exc.status, str(exc))
     shown = await asyncio.to_thread(preview, raw)
     return _render(request, "message.html", item=item, symbols=item.symbols, preview=shown)
 

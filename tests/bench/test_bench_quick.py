@@ -44,3 +44,18 @@ def test_pipelining_benchmark_runs_on_a_delayed_link() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("4 ")]
     assert len(rows) == 1 and rows[0].endswith("failed 0"), proc.stdout
+
+
+@pytest.mark.timeout(90)
+def test_web_poll_benchmark_runs_polled_and_unpolled_rounds() -> None:
+    """`python -m bench.web_poll --quick`: both rounds, the ratio line, no failed request."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.web_poll", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ratio polled/unpolled" in proc.stdout, proc.stdout
+    assert "errors 0" in proc.stdout and "smtp failed 0/0" in proc.stdout, proc.stdout
