@@ -25,7 +25,7 @@ from gateway.testing.harness import write_config
 from gateway.testing.sink import SinkServer
 from gateway.web.context import WebContext
 from gateway.web.hashes import hash_secret
-from gateway.web.server import start_web
+from gateway.web.server import start_web, tls_context
 
 __all__ = ["PASSWORD", "TOKEN", "ServedWeb", "login", "served_web", "web_overrides"]
 
@@ -57,12 +57,14 @@ class ServedWeb:
         self.reloads = 0
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        scheme = "https" if self.ctx.config().web.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
 
     def client(self, token: str | None = TOKEN) -> aiohttp.ClientSession:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return aiohttp.ClientSession(
             headers=headers,
+            connector=aiohttp.TCPConnector(ssl=False),  # the tests' self-signed certificate
             timeout=aiohttp.ClientTimeout(total=30),
             cookie_jar=aiohttp.CookieJar(unsafe=True),  # cookies for 127.0.0.1
         )
@@ -93,7 +95,7 @@ async def served_web(
         learner=lambda: learner,
         reload=reload,
     )
-    server = await start_web(ctx, "127.0.0.1", 0)
+    server = await start_web(ctx, "127.0.0.1", 0, tls_context(holder["config"]))
     served = ServedWeb(ctx, server.port, path)
     try:
         yield served

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from gateway.quarantine import HeldSymbol, QuarantineStore
 from gateway.testing.quarantine import held_item
-from gateway.testing.sink import SinkServer
-from gateway.testing.web import PASSWORD, ServedWeb, login
+from gateway.testing.sink import SinkServer, make_self_signed
+from gateway.testing.web import PASSWORD, ServedWeb, login, served_web
 
 XSS = "<script>alert('x')</script><img src=x onerror=alert(1)>"
 RAW = (
@@ -142,3 +143,24 @@ async def test_logout_ends_the_session(web: ServedWeb) -> None:
             assert r.url.path == "/login"
         async with http.get(web.url("/"), allow_redirects=False) as r:
             assert r.status == 303
+
+
+async def test_over_https_the_session_cookie_is_secure(
+    store: QuarantineStore, sink: SinkServer, tmp_path: Path
+) -> None:
+    cert, key = make_self_signed(tmp_path, "127.0.0.1")
+    tls = {"web.tls_cert": str(cert), "web.tls_key": str(key)}
+    async with served_web(store, sink, tmp_path, tls) as web, web.client(token=None) as http:
+        assert web.url("/").startswith("https://")
+        async with http.get(web.url("/login")) as r:
+            token = re.search(r'name="csrf_token" value="([^"]+)"', await r.text())
+            assert r.cookies["gw_login"]["secure"]
+        assert token is not None
+        async with http.post(
+            web.url("/login"),
+            data={"password": PASSWORD, "csrf_token": token.group(1)},
+            allow_redirects=False,
+        ) as r:
+            assert r.status == 303
+            cookie = r.cookies["gw_session"]
+            assert cookie["secure"] and cookie["httponly"] and cookie["samesite"] == "Strict"
