@@ -2,6 +2,7 @@
 
     python -m bench.quarantine_list                 # 1,000,000 rows, 50 per page
     python -m bench.quarantine_list --rows 100000   # smaller, quicker
+    python -m bench.quarantine_list --api           # also through GET /api/v1/quarantine
 
 Fills a throwaway schema on the PostgreSQL server (``GATEWAY_TEST_PG``,
 default ``postgresql://127.0.0.1:5432/test``) through the gateway's own
@@ -18,8 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlencode
 
 import psycopg
 
@@ -47,6 +51,9 @@ FROM (SELECT n, 'user' || (n * 7 %% 20000) || '@sender' || (n %% 97) || '.test' 
 """
 
 
+_END = datetime(2026, 3, 31, tzinfo=UTC)  # the newest row's time
+
+
 async def fill(dsn: str, rows: int, end: datetime) -> None:
     store = PostgresQuarantine(dsn)
     await store.count()  # runs the migrations: the real schema and indexes
@@ -69,9 +76,8 @@ async def plan(dsn: str, f: QuarantineFilter, limit: int, cursor: str | None) ->
     return " / ".join(shown[:3])
 
 
-async def measure(dsn: str, rows: int, limit: int, runs: int) -> None:
-    end = datetime(2026, 3, 31, tzinfo=UTC)
-    filters = {
+def filters(end: datetime) -> dict[str, QuarantineFilter]:
+    return {
         "newest first": QuarantineFilter(),
         "recipient": QuarantineFilter(rcpt="rcpt42@example.org"),
         "sender": QuarantineFilter(sender="user6415@sender26.test"),
@@ -93,10 +99,13 @@ async def measure(dsn: str, rows: int, limit: int, runs: int) -> None:
         "none: min score 45": QuarantineFilter(min_score=45),
         "none: recipient": QuarantineFilter(rcpt="nobody@example.org"),
     }
+
+
+async def measure(dsn: str, rows: int, limit: int, runs: int) -> None:
     store = PostgresQuarantine(dsn)
     print(f"{rows:,} rows, {limit} per page, {runs} runs each (median / max ms)")
     print(f"{'filter':24} {'page 1':>15} {'page 20':>15} {'rows':>5}  plan")
-    for name, f in filters.items():
+    for name, f in filters(_END).items():
         first: list[float] = []
         deep: list[float] = []
         cursor = None
@@ -127,16 +136,60 @@ async def measure(dsn: str, rows: int, limit: int, runs: int) -> None:
     await store.close()
 
 
-async def main_async(rows: int, limit: int, runs: int) -> None:
+def _query(f: QuarantineFilter, limit: int) -> str:
+    """The REST API's query string for ``f`` (docs/web.md)."""
+    params: dict[str, object] = {
+        "rcpt": f.rcpt,
+        "sender": f.sender,
+        "min_score": f.min_score,
+        "max_score": f.max_score,
+        "symbol": f.symbol,
+        "q": f.text,
+        "since": f.since.isoformat() if f.since else None,
+        "until": f.until.isoformat() if f.until else None,
+        "limit": limit,
+    }
+    return urlencode({k: v for k, v in params.items() if v is not None})
+
+
+async def measure_api(dsn: str, limit: int, runs: int) -> None:
+    """The same filters through ``GET /api/v1/quarantine`` over HTTP on loopback."""
+    import aiohttp
+
+    from gateway.testing.web import served_web
+
+    store = PostgresQuarantine(dsn)
+    with tempfile.TemporaryDirectory() as tmp:
+        async with served_web(store, None, Path(tmp)) as web, web.client() as http:
+            print(f"REST API, {limit} per page, {runs} runs each (median / max ms, HTTP + JSON)")
+            for name, f in filters(_END).items():
+                times = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    async with http.get(web.url(f"/api/v1/quarantine?{_query(f, limit)}")) as r:
+                        body = await r.json()
+                        if r.status != 200:
+                            raise aiohttp.ClientError(f"{name}: {r.status} {body}")
+                    times.append(1000 * (time.perf_counter() - t0))
+                print(
+                    f"{name:24} {statistics.median(times):6.1f} / {max(times):6.1f} "
+                    f"{len(body['items']):>5}"
+                )
+    await store.close()
+
+
+async def main_async(rows: int, limit: int, runs: int, api: bool = False) -> None:
     schema = f"gwbench_{int(time.time())}"
     admin = await psycopg.AsyncConnection.connect(ADMIN_DSN, autocommit=True)
     await admin.execute(f'CREATE SCHEMA "{schema}"'.encode())
     dsn = schema_dsn(schema)
     try:
         t0 = time.perf_counter()
-        await fill(dsn, rows, datetime(2026, 3, 31, tzinfo=UTC))
+        await fill(dsn, rows, _END)
         print(f"filled in {time.perf_counter() - t0:.0f} s")
         await measure(dsn, rows, limit, runs)
+        if api:
+            await measure_api(dsn, limit, runs)
     finally:
         await admin.execute(f'DROP SCHEMA "{schema}" CASCADE'.encode())
         await admin.close()
@@ -147,8 +200,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--limit", type=int, default=50)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--api", action="store_true", help="also time the REST API's list (HTTP)")
     args = ap.parse_args()
-    asyncio.run(main_async(args.rows, args.limit, args.runs))
+    asyncio.run(main_async(args.rows, args.limit, args.runs, args.api))
     return 0
 
 

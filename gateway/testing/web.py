@@ -34,11 +34,13 @@ TOKEN = "test-token-0123456789abcdef"  # noqa: S105 -- the test script's
 _FAST = {"n": 2**10, "r": 8, "p": 1}
 
 
-def web_overrides(sink: SinkServer, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def web_overrides(
+    sink: SinkServer | None, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Config keys for a web test: relay to ``sink``, the test password and token, no policies."""
+    relay = {"relay.host": sink.host, "relay.port": sink.port} if sink is not None else {}
     return {
-        "relay.host": sink.host,
-        "relay.port": sink.port,
+        **relay,
         "relay.timeout": 5.0,
         "policies": {},
         "scores": {},
@@ -73,12 +75,12 @@ class ServedWeb:
 @contextlib.asynccontextmanager
 async def served_web(
     store: QuarantineStore,
-    sink: SinkServer,
+    sink: SinkServer | None,
     workdir: Path,
     overrides: Mapping[str, Any] | None = None,
     learner: Learner | None = None,
 ) -> AsyncIterator[ServedWeb]:
-    """The app over ``store`` on a loopback port; releases go to ``sink``."""
+    """The app over ``store`` on a loopback port; releases go to ``sink`` (None: nowhere)."""
     path = write_config(web_overrides(sink, overrides), workdir)
     holder: dict[str, Config] = {"config": load_config(path)}
     served: ServedWeb | None = None

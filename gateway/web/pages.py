@@ -3,8 +3,9 @@
 Pages: ``/login``, ``/`` (the list with search and bulk actions), ``/m/{id}``
 (one message, why it was held, what to do). jinja2 renders them with
 autoescaping on, so a subject, a name or a body with HTML or script shows as
-text; the message's HTML is never rendered at all (the body is the text
-:mod:`gateway.web.preview` makes), and the CSP forbids inline script anyway.
+text; the body is the text :mod:`gateway.web.preview` makes, and the CSP
+forbids inline script anyway. The message's own HTML is only ever shown in a
+sandboxed frame (``/m/{id}/html``, see ``_SANDBOX_CSP``).
 Forms post back with the session's CSRF token (checked by
 :func:`gateway.web.auth.guard`); no JavaScript is needed, nothing is built.
 """
@@ -244,6 +245,30 @@ async def _message(request: web.Request) -> web.Response:
     return _render(request, "message.html", item=item, symbols=item.symbols, preview=shown)
 
 
+# The message's own HTML, for the sandboxed frame only: a unique origin (no cookies,
+# no access to the UI), no script, no plugins, no forms, nothing fetched from anywhere
+# (remote images would tell the sender the message was opened). Opened directly it is
+# just as sandboxed: the policy travels with the response, not with the <iframe>.
+_SANDBOX_CSP = (
+    "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+    "font-src data:; form-action 'none'; frame-ancestors 'self'; base-uri 'none'"
+)
+
+
+async def _html(request: web.Request) -> web.Response:
+    try:
+        _, raw = await held(context_of(request), request.match_info["id"])
+    except ActionError as exc:
+        return web.Response(status=exc.status, text=str(exc))
+    shown = await asyncio.to_thread(preview, raw)
+    return web.Response(
+        text=shown.html or "<p>(no HTML part)</p>",
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Content-Security-Policy": _SANDBOX_CSP},
+    )
+
+
 async def _act(request: web.Request) -> web.StreamResponse:
     ctx = context_of(request)
     ident = request.match_info["id"]
@@ -294,5 +319,6 @@ def add_routes(app: web.Application, ctx: WebContext) -> None:
     app.router.add_get("/", _list)
     app.router.add_post("/bulk", _bulk)
     app.router.add_get("/m/{id}", _message)
+    app.router.add_get("/m/{id}/html", _html)
     app.router.add_post("/m/{id}/act", _act)
     app.router.add_static(STATIC_PREFIX.rstrip("/"), _HERE / "static", append_version=False)

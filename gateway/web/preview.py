@@ -1,10 +1,12 @@
 """A quarantined message made safe to show: header fields and the text a reader would see.
 
-Never the message's HTML: HTML parts are rendered to text by
-:mod:`gateway.content` (the same bounded walk the policies use), and
-everything returned is plain text for the templates to escape (jinja2
-autoescaping) or for JSON. Bounded like the pipeline: a hostile message
-costs a preview no more than it cost its scan. CPU work: call in a thread.
+The text is what the page shows: HTML parts rendered to text by
+:mod:`gateway.content` (the same bounded walk the policies use), plain text
+for the templates to escape (jinja2 autoescaping) or for JSON. ``html``, the
+first HTML part's source, is only ever served by the sandboxed view
+(``/m/{id}/html``: CSP ``sandbox``, no script, nothing fetched). Bounded
+like the pipeline: a hostile message costs a preview no more than it cost
+its scan. CPU work: call in a thread.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any, TypeVar
 
-from gateway.content import body_text, mime_structure
+from gateway.content import body_text, mime_structure, text_parts
 from gateway.engine import parse_message
 
 __all__ = ["Preview", "preview"]
@@ -31,6 +33,7 @@ class Preview:
     text: str
     truncated: bool
     attachments: tuple[str, ...]  # content types
+    html: str = ""  # the first HTML part's source (capped): only ever served sandboxed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,9 +74,11 @@ def preview(raw: bytes) -> Preview:
         headers.append((_printable(name, 100), _printable(" ".join(shown.split()), MAX_VALUE)))
     text = body_text(ctx)
     structure = mime_structure(ctx)
+    html = next((p.raw_html for p in text_parts(ctx) if p.is_html), "")
     return Preview(
         tuple(headers),
         _printable(text[:MAX_TEXT], MAX_TEXT),
         len(text) > MAX_TEXT,
         tuple(structure.attachments),
+        html,
     )

@@ -10,8 +10,10 @@ quarantine; the release reaches the test downstream (SinkServer). With
 
 from __future__ import annotations
 
+import http.server
 import os
 import smtplib
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,43 @@ from gateway.testing.web import PASSWORD, web_overrides
 GatewayFactory = Callable[..., GatewayProcess]
 
 XSS_SUBJECT = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> Cheap pills'
-SPAM = (
-    'From: "Pill <b>Shop</b>" <offers@pills.test>\r\nTo: bob@example.org\r\n'
-    f"Subject: {XSS_SUBJECT}\r\nContent-Type: text/html\r\n\r\n"
-    "<p>QUARANTINE-ME best prices</p><script>window.__xss=3</script>\r\n"
-).encode()
+
+
+def spam(tracker: str) -> bytes:
+    """A held message whose HTML tries to run script and to load a tracking pixel."""
+    return (
+        'From: "Pill <b>Shop</b>" <offers@pills.test>\r\nTo: bob@example.org\r\n'
+        f"Subject: {XSS_SUBJECT}\r\nContent-Type: text/html\r\n\r\n"
+        "<p>QUARANTINE-ME best prices</p><script>window.__xss=3</script>"
+        "<script>document.body.insertAdjacentHTML('beforeend', '<b id=ran>ran</b>')</script>"
+        f'<img src="{tracker}/pixel.gif"><img src=x onerror="window.top.__xss=4">\r\n'
+    ).encode()
+
+
+class _Tracker(http.server.BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self) -> None:
+        _Tracker.hits.append(self.path)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def tracker() -> Iterator[str]:
+    """A web server on loopback that records every request: a tracking pixel's host."""
+    _Tracker.hits = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Tracker)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
 RULES = (
     '[[rule]]\nname = "TEST_QUARANTINE_ME"\ntype = "body"\npattern = "QUARANTINE-ME"\n'
     'score = 12.0\ndescription = "test marker: scores into the quarantine band"\n'
@@ -66,8 +100,10 @@ def test_log_in_find_read_why_release_and_it_arrives(
     sink: SinkServer,
     browser: Any,
     backend: dict[str, Any],
+    tracker: str,
     tmp_path: Path,
 ) -> None:
+    message = spam(tracker)
     rules = tmp_path / "quarantine-me.toml"
     rules.write_text(RULES)
     overrides = {
@@ -78,7 +114,7 @@ def test_log_in_find_read_why_release_and_it_arrives(
     }
     gw = make_gateway(sink, overrides)
     with smtplib.SMTP("127.0.0.1", gw.smtp_port, timeout=30) as client:
-        client.sendmail("offers@pills.test", ["bob@example.org"], SPAM)
+        client.sendmail("offers@pills.test", ["bob@example.org"], message)
     assert sink.messages == []  # held, not relayed
 
     page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -111,8 +147,19 @@ def test_log_in_find_read_why_release_and_it_arrives(
     symbols = page.inner_text("table.symbols")
     assert "TEST_QUARANTINE_ME" in symbols and "12.00" in symbols
     assert "QUARANTINE-ME best prices" in page.inner_text("pre.body")
-    assert page.locator("iframe, pre.body script").count() == 0
+    assert page.locator("pre.body script, pre.body img").count() == 0
+    assert page.locator("iframe").count() == 1  # ours, below: sandboxed
+    assert page.locator("iframe").get_attribute("sandbox") == ""
     assert page.evaluate("typeof window.__xss") == "undefined"
+    # The HTML view: sandboxed, its script never runs, nothing is fetched from elsewhere.
+    page.click("details.html summary")
+    frame = page.frame_locator("details.html iframe")
+    assert frame.locator("p").first.inner_text() == "QUARANTINE-ME best prices"
+    assert frame.locator("#ran").count() == 0
+    assert page.evaluate("typeof window.__xss") == "undefined"
+    [inner] = [f for f in page.frames if f.url.endswith("/html")]
+    inner.wait_for_load_state("load")  # after every image it was allowed to load
+    assert _Tracker.hits == []
     if shots and not backend:
         page.screenshot(path=str(Path(shots) / "web-message.png"), full_page=True)
 
@@ -121,6 +168,7 @@ def test_log_in_find_read_why_release_and_it_arrives(
     assert "Released" in page.inner_text("p.notice")
     [got] = sink.wait_for(1)
     assert got.rcpt_tos == ("bob@example.org",)
-    assert got.data.endswith(SPAM)
+    assert got.data.endswith(message)
     assert page.locator("td.subject a").count() == 0
     assert dialogs == []
+    assert _Tracker.hits == []
