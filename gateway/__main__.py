@@ -161,6 +161,17 @@ def _policy_table_problems(path: str) -> list[str]:
     return problems.lines
 
 
+def _arc_seal_problems(config: Config) -> list[str]:
+    """The ``[arc_seal]`` key is read and parsed as ``run`` would (docs/arc.md)."""
+    from gateway.arcseal import load_sealer
+
+    try:
+        load_sealer(config)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
 async def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     try:
         config = _load(args.config)
@@ -171,6 +182,7 @@ async def _check_config(args: argparse.Namespace, out: TextIO) -> int:
         problems += _unknown_scores(runtime.engine)
     finally:
         await runtime.close()
+    problems += _arc_seal_problems(config)
     if problems:
         raise _Problems(problems)
     names = ", ".join(p.name for p in runtime.engine.plan.policies) or "none"

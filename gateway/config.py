@@ -27,6 +27,7 @@ Port = Annotated[int, Range(1, 65535)]
 
 __all__ = [
     "ActionsConfig",
+    "ArcSealConfig",
     "Config",
     "ConfigError",
     "DNSConfig",
@@ -404,6 +405,37 @@ class MilterConfig:
             raise OptionError("max_connections", f"must be at least 1, got {self.max_connections}")
 
 
+_SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*$")
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ArcSealConfig:
+    """ARC sealing of relayed mail (RFC 8617); docs/arc.md."""
+
+    enabled: bool = False
+    domain: str = ""  # d= of our seals; the key is published at <selector>._domainkey.<domain>
+    selector: str = ""
+    private_key: str = ""  # path to a PEM RSA private key
+    # dkimpy's ARC signer signs rsa-sha256 only (ed25519-sha256 is not offered yet).
+    algorithm: Literal["rsa-sha256"] = "rsa-sha256"
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        for key in ("domain", "selector", "private_key"):
+            if not getattr(self, key):
+                raise OptionError(key, "is required when arc_seal.enabled = true (docs/arc.md)")
+        if not _DOMAIN.match(self.domain.rstrip(".")):
+            raise OptionError("domain", f'must be a DNS domain name, got "{self.domain}"')
+        if not _SELECTOR.match(self.selector):
+            raise OptionError(
+                "selector", f'must be a DNS label such as "arc2026", got "{self.selector}"'
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineConfig:
     policy_timeout: float = 10.0
@@ -439,6 +471,7 @@ class _Root:
     log: LogConfig = field(default_factory=LogConfig)
     web: WebConfig = field(default_factory=WebConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
+    arc_seal: ArcSealConfig = field(default_factory=ArcSealConfig)
     policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     scores: Mapping[str, float | str] = field(default_factory=dict)
 
@@ -462,6 +495,7 @@ class Config:
     base_dir: Path
     web: WebConfig = field(default_factory=WebConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
+    arc_seal: ArcSealConfig = field(default_factory=ArcSealConfig)
 
     def resolve_path(self, value: str) -> Path:
         """A config path, relative ones taken from the config file's directory."""
@@ -520,6 +554,7 @@ def config_from_mapping(
         base_dir=path.parent.resolve(),
         web=root.web,
         milter=root.milter,
+        arc_seal=root.arc_seal,
     )
 
 

@@ -205,6 +205,15 @@ async def _settle(
     clean = headers.remove_fields(sub.raw, untrusted)
     if len(clean) > _YIELD_AFTER:
         await asyncio.sleep(0)  # each whole-message copy of a big message is its own step
+    if gen.sealer is not None:
+        # The ARC set goes above everything we add (SMTP: our Received too), signing
+        # exactly the bytes that go on; a quarantined message is sealed now, so a
+        # release sends what relaying it would have sent.
+        seal = await gen.sealer.seal(evaluation.verdict, [*sub.prepend, *evaluation.headers], clean)
+        sub = replace(sub, prepend=(*seal.fields, *sub.prepend))
+        added = (*seal.fields, *evaluation.headers)
+    else:
+        added = tuple(evaluation.headers)
     if action is Action.QUARANTINE:
         reply = await _quarantine(quarantine, evaluation, sub, clean)
         return Outcome(reply, action.value, evaluation)
@@ -213,7 +222,7 @@ async def _settle(
     except Exception:
         log.exception("delivery_crashed", extra={"queue_id": env.queue_id})
         return Outcome(replies.LOCAL_ERROR, "tempfail", evaluation)
-    return Outcome(reply, action_name, evaluation, fields, tuple(evaluation.headers))
+    return Outcome(reply, action_name, evaluation, fields, added)
 
 
 async def _quarantine(

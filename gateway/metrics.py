@@ -23,6 +23,7 @@ from gateway.api import Action
 from gateway.config import parse_hostport
 
 __all__ = [
+    "ARC_SEALED",
     "AUTH_RESULTS",
     "AUTOLEARN",
     "BUILD_INFO",
@@ -134,6 +135,12 @@ MESSAGE_SIZE = Histogram(
     "gateway_message_size_bytes",
     "Size of received messages",
     buckets=(1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6, 64e6),
+    registry=REGISTRY,
+)
+ARC_SEALED = Counter(
+    "gateway_arc_sealed",
+    "Messages ARC-sealed on the way out (result=sealed|skipped|failed, cv= of the seal)",
+    ["result", "cv"],
     registry=REGISTRY,
 )
 QUARANTINE_MESSAGES = Gauge(
@@ -262,6 +269,7 @@ def zero(metric: Counter | Gauge | Histogram, **values: Iterable[str]) -> None:
 zero(MESSAGES, action=[a.value for a in Action], frontend=("smtp", "milter"))
 zero(CONFIG_RELOADS, result=("ok", "invalid"))
 zero(DNS_QUERIES, result=("hit", "miss", "nxdomain", "temperror"))
+zero(ARC_SEALED, result=("sealed", "skipped", "failed"), cv=("none", "pass", "fail", "temperror"))
 zero(QUARANTINE_LEARNED, **{"as": ("ham", "spam")})
 zero(WEB_LOGINS, result=("ok", "wrong", "limited", "expired"))
 zero(

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import logs, metrics, replies, sharedlimits, workers
 from gateway.api import DNSError
+from gateway.arcseal import ARCSealer, load_sealer
 from gateway.budget import DataBudget
 from gateway.config import Config, ConfigError, load_config, parse_hostport
 from gateway.engine import Engine, services_for
@@ -79,6 +80,7 @@ class Generation:
     engine: Engine
     relay: Relay
     settings: ListenerSettings
+    sealer: ARCSealer | None = None  # [arc_seal] on: seals what is relayed (docs/arc.md)
     inflight: int = 0
     retired: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -321,6 +323,7 @@ async def _close_generation(gen: Generation) -> None:
 async def build_generation(path: Path, state: ClosableStateStore | None) -> Generation:
     """Load and validate the config, plan and start the policies; raises ConfigError."""
     config = await asyncio.to_thread(load_config, path)
+    sealer = await asyncio.to_thread(load_sealer, config)  # before anything needs closing
     plan = Engine.make_plan(config)
     if state is None:
         state = open_state(config.state, config.base_dir)
@@ -333,7 +336,8 @@ async def build_generation(path: Path, state: ClosableStateStore | None) -> Gene
             [f"scores.{k}: no enabled policy declares this symbol" for k in sorted(unknown)]
         )
     settings = _listener_settings(config)
-    return Generation(config, engine, Relay(config.relay, config.server.hostname), settings)
+    relay = Relay(config.relay, config.server.hostname)
+    return Generation(config, engine, relay, settings, sealer)
 
 
 # --- the process ----------------------------------------------------------------

@@ -29,6 +29,7 @@ SECTIONS = {
     "log": cfg.LogConfig,
     "web": cfg.WebConfig,
     "milter": cfg.MilterConfig,
+    "arc_seal": cfg.ArcSealConfig,
 }
 
 
