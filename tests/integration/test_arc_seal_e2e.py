@@ -17,6 +17,7 @@ import pytest
 
 from gateway.testing.dnsserver import DNSServer
 from gateway.testing.harness import GatewayProcess
+from gateway.testing.milterclient import MilterClient, apply_edits
 from gateway.testing.sink import SinkServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policies"))
@@ -77,6 +78,7 @@ def sealing_gateway(
             "arc_seal.domain": "example.org",
             "arc_seal.selector": "seal",
             "arc_seal.private_key": str(key),
+            "milter.listen": "127.0.0.1:0",
         }
         with GatewayProcess(overrides) as gw:
             yield gw, sink
@@ -121,3 +123,25 @@ def test_next_hop_of_a_list_chain_is_sealed_i2_cv_pass(
     assert cv == dkim.CV_Pass, reason
     assert [r["instance"] for r in results] == [2, 1]
     assert b"cv=pass" in got.data.split(b"\r\n\r\n", 1)[0]
+
+
+def test_milter_inserts_the_arc_set_at_the_top_and_it_verifies(
+    sealing_gateway: tuple[GatewayProcess, SinkServer], arc_dns: DNSServer
+) -> None:
+    gw, _ = sealing_gateway
+    assert gw.milter_port
+    raw = sign(message(), "example.com", "s1")
+    with MilterClient(("127.0.0.1", gw.milter_port), timeout=15) as mta:
+        mta.negotiate()
+        mta.connect("mail.example.com", "127.0.0.1")
+        mta.helo("mail.example.com")
+        mta.mail("<alice@example.com>")
+        mta.rcpt("<bob@example.org>")
+        reply = mta.content(raw)
+    inserts = [e for e in reply.edits if e.kind == "insert"]
+    assert [e.index for e in inserts[:3]] == [0, 0, 0]
+    delivered = apply_edits(raw, reply.edits, leading_space=bool(mta.protocol & 0x100000))
+    assert delivered.startswith(b"ARC-Seal: i=1;")
+    cv, _, why = dkim.arc_verify(delivered, dnsfunc=_dnsfunc(arc_dns))
+    assert cv == dkim.CV_Pass, why
+    assert dkim.verify(delivered, dnsfunc=_dnsfunc(arc_dns))
