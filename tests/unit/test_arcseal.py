@@ -8,6 +8,7 @@ tests/integration/test_arc_seal_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -201,3 +202,22 @@ def test_an_unreadable_or_invalid_key_is_a_clear_config_error(tmp_path: Path) ->
     config = _config(tmp_path, domain="gateway.test", selector="arc", private_key="good.key")
     sealer = load_sealer(config)
     assert sealer is not None and sealer.authserv_id == HOST
+
+
+def test_check_config_reads_the_key_and_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "arc.key").write_text("-----BEGIN RSA PRIVATE KEY-----\nnope\n")
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\nhostname = "mx.gateway.test"\n'
+        'accepted_domains = ["example.org"]\n\n'
+        '[arc_seal]\nenabled = true\ndomain = "gateway.test"\nselector = "arc"\n'
+        'private_key = "arc.key"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    text = out.stdout.decode()
+    assert text.startswith("arc_seal.private_key:") and "arc.key is not a PEM RSA" in text
