@@ -408,6 +408,8 @@ async def _quarantine(args: argparse.Namespace, out: TextIO) -> int:
                         file=out,
                     )
             return EXIT_OK
+        if args.qcommand == "digest":
+            return await _digest(config, store, args, out)
         if args.qcommand == "purge":
             n = await store.purge(retention_cutoff(config.quarantine))
             print(
@@ -441,6 +443,40 @@ async def _quarantine(args: argparse.Namespace, out: TextIO) -> int:
         raise CLIError(str(exc)) from None
     finally:
         await store.close()
+
+
+async def _digest(
+    config: Config, store: QuarantineStore, args: argparse.Namespace, out: TextIO
+) -> int:
+    """Each recipient's digest: printed (``--dry-run``, the default) or relayed (``--send``)."""
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.web.digest import DigestError, send_digests
+    from gateway.web.links import LinkKeyError, link_key
+
+    if not args.all and not 0 < args.since <= 87_600:
+        raise CLIError(
+            f"--since must be hours > 0 (at most ten years), got {args.since}", EXIT_USAGE
+        )
+    since = None if args.all else datetime.now(UTC) - timedelta(hours=args.since)
+
+    def show(rcpt: str, data: bytes) -> None:
+        print(f"--- digest for {rcpt} ({len(data)} bytes)", file=out)
+        print(data.decode("utf-8", "replace"), file=out)
+
+    try:
+        key = await link_key(config.web, config.base_dir, store)
+        run = await send_digests(config, store, key, since=since, send=args.send, printer=show)
+    except (DigestError, LinkKeyError) as exc:
+        raise CLIError(str(exc)) from None
+    verb = "sent" if args.send else "built (dry run: nothing sent; --send sends)"
+    summary = f"{run.sent} digests {verb}, listing {run.messages} held messages"
+    if run.skipped_recipients:
+        summary += f"; {run.skipped_recipients} recipients left out over the cap"
+    print(summary, file=out if not args.send else sys.stderr)
+    for problem in run.errors:
+        print(f"digest failed: {problem}", file=sys.stderr)
+    return EXIT_PROBLEMS if run.failed else EXIT_OK
 
 
 async def _release(
@@ -663,6 +699,25 @@ def _parser() -> argparse.ArgumentParser:
     qsub.add_parser(
         "purge", parents=[common], help="remove messages older than quarantine.retention_days"
     )
+    digest = qsub.add_parser(
+        "digest",
+        parents=[common],
+        help="mail each recipient the messages held for them, with signed release/delete links",
+    )
+    how = digest.add_mutually_exclusive_group()
+    how.add_argument("--send", action="store_true", help="relay the digests through [relay]")
+    how.add_argument(
+        "--dry-run", action="store_true", help="print the digests, send nothing (the default)"
+    )
+    window = digest.add_mutually_exclusive_group()
+    window.add_argument(
+        "--since",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="list messages held in the last HOURS (default 24, the daily schedule's)",
+    )
+    window.add_argument("--all", action="store_true", help="list everything still held")
     learn = sub.add_parser(
         "learn", parents=[common], help="train the classifier (the bayes policy)"
     )

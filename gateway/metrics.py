@@ -191,6 +191,19 @@ WEB_LOGINS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+QUARANTINE_DIGESTS = Counter(
+    "gateway_quarantine_digests",
+    "Quarantine digest mails handed to the relay, by outcome (sent, failed)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+WEB_LINKS = Counter(
+    "gateway_web_links",
+    "Digest links opened to act, by outcome: release, delete (done), tampered, expired, gone"
+    " (refused: damaged or forged, past expiry, used or no longer held)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 WEB_ACTIONS = Counter(
     "gateway_web_actions",
     "Quarantine decisions taken through the web UI and REST API, by action",
@@ -271,6 +284,8 @@ zero(CONFIG_RELOADS, result=("ok", "invalid"))
 zero(DNS_QUERIES, result=("hit", "miss", "nxdomain", "temperror"))
 zero(ARC_SEALED, result=("sealed", "skipped", "failed"), cv=("none", "pass", "fail", "temperror"))
 zero(QUARANTINE_LEARNED, **{"as": ("ham", "spam")})
+zero(QUARANTINE_DIGESTS, outcome=("sent", "failed"))
+zero(WEB_LINKS, outcome=("release", "delete", "tampered", "expired", "gone"))
 zero(WEB_LOGINS, result=("ok", "wrong", "limited", "expired"))
 zero(
     WEB_ACTIONS,

@@ -47,6 +47,7 @@ from gateway.replies import Reply
 from gateway.retention import RetentionPurger
 from gateway.smtp import GatewaySMTP, ListenerSettings, SessionLimits, Transaction
 from gateway.state import ClosableStateStore, open_state
+from gateway.web.digest_schedule import DigestSchedule
 from gateway.web.links import LinkKeyError
 
 if TYPE_CHECKING:
@@ -434,16 +435,20 @@ class RunningGateway:
         self.share: workers.MetricsShare | None = None  # metrics across server.workers
         self._gauges: asyncio.Task[None] | None = None
         self.purger: RetentionPurger | None = None
+        self.digests: DigestSchedule | None = None
 
     def start_housekeeping(self, *, purge: bool = True) -> None:
         """Keep gauges other processes change (``quarantine release/delete``) current;
-        with ``purge``, enforce ``quarantine.retention_days`` (one process per gateway)."""
+        with ``purge``, enforce ``quarantine.retention_days`` and send the daily digests
+        at ``web.digest_time`` (one process per gateway)."""
         self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         if purge:
             self.purger = RetentionPurger(
                 self.gateway.quarantine, lambda: self.gateway.gen.config.quarantine
             )
             self.purger.start()
+            self.digests = DigestSchedule(self.gateway.quarantine, lambda: self.gateway.gen.config)
+            self.digests.start()
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -459,6 +464,8 @@ class RunningGateway:
         reloaded = await self.gateway.reload(self.path)
         if reloaded and self.purger is not None:
             self.purger.reconfigured()
+        if reloaded and self.digests is not None:
+            self.digests.reconfigured()
         return reloaded
 
     async def stop(self, grace: float | None = None) -> None:
@@ -473,6 +480,8 @@ class RunningGateway:
             waits.append(self.milter.stop(grace))
         if self.purger is not None:  # its batch in progress ends while sessions drain
             waits.append(self.purger.stop())
+        if self.digests is not None:
+            waits.append(self.digests.stop())
         await asyncio.gather(*waits)
         if self.share is not None:
             await self.share.stop()

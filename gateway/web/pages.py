@@ -38,7 +38,7 @@ from gateway.web.hashes import verify_secret
 from gateway.web.paths import STATIC_PREFIX
 from gateway.web.preview import preview
 
-__all__ = ["add_routes"]
+__all__ = ["add_routes", "render_page"]
 
 log = logging.getLogger("gateway.web")
 _HERE = Path(__file__).parent
@@ -54,7 +54,7 @@ _MAX_BULK = 200  # messages one bulk action touches
 _NOTICE = 300  # characters of a notice carried in the URL
 
 
-def _render(request: web.Request, name: str, status: int = 200, **values: Any) -> web.Response:
+def render_page(request: web.Request, name: str, status: int = 200, **values: Any) -> web.Response:
     session = request.get(SESSION)
     values.setdefault("notice", request.query.get("notice", "")[:_NOTICE])
     values.setdefault("problem", "")
@@ -91,7 +91,7 @@ async def _login_form(request: web.Request, problem: str = "", status: int = 200
     token = request.cookies.get(LOGIN_COOKIE, "")
     if not 20 <= len(token) <= 64:
         token = new_token()
-    response = _render(
+    response = render_page(
         request,
         "login.html",
         status=status,
@@ -174,7 +174,7 @@ def _list_problem(
     request: web.Request, status: int, problem: str, query: dict[str, str] | None = None
 ) -> web.Response:
     """The list page with nothing listed and ``problem`` said."""
-    return _render(
+    return render_page(
         request,
         "list.html",
         status,
@@ -200,7 +200,7 @@ async def _list(request: web.Request) -> web.Response:
         return _list_problem(request, 503, f"The quarantine is unavailable: {exc}", query)
     kept = {k: v for k, v in query.items() if v}
     next_url = "/?" + urlencode({**kept, "cursor": page.next}) if page.next else ""
-    return _render(
+    return render_page(
         request,
         "list.html",
         items=page.items,
@@ -242,7 +242,7 @@ async def _message(request: web.Request) -> web.Response:
     except ActionError as exc:
         return _list_problem(request, exc.status, str(exc))
     shown = await asyncio.to_thread(preview, raw)
-    return _render(request, "message.html", item=item, symbols=item.symbols, preview=shown)
+    return render_page(request, "message.html", item=item, symbols=item.symbols, preview=shown)
 
 
 # The message's own HTML, for the sandboxed frame only: a unique origin (no cookies,
@@ -300,7 +300,7 @@ async def _act(request: web.Request) -> web.StreamResponse:
         except ActionError:
             raise web.HTTPSeeOther("/?" + urlencode({"notice": str(exc)[:_NOTICE]})) from None
         shown = await asyncio.to_thread(preview, raw)
-        return _render(
+        return render_page(
             request,
             "message.html",
             exc.status,

@@ -10,9 +10,15 @@ quarantine; the release reaches the test downstream (SinkServer). With
 
 from __future__ import annotations
 
+import email
+import email.message
+import email.policy
 import http.server
 import os
+import re
 import smtplib
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +29,7 @@ import pytest
 from gateway.testing.harness import GatewayProcess
 from gateway.testing.postgres import throwaway_schema
 from gateway.testing.require import require, require_tool
+from gateway.testing.services import free_port
 from gateway.testing.sink import SinkServer
 from gateway.testing.web import PASSWORD, web_overrides
 
@@ -172,3 +179,67 @@ def test_log_in_find_read_why_release_and_it_arrives(
     assert page.locator("td.subject a").count() == 0
     assert dialogs == []
     assert _Tracker.hits == []
+
+
+def test_a_recipient_releases_through_a_digest_link_without_logging_in(
+    make_gateway: GatewayFactory,
+    sink: SinkServer,
+    browser: Any,
+    backend: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "quarantine-me.toml"
+    rules.write_text(RULES)
+    port = free_port()
+    overrides = {
+        **web_overrides(sink),
+        **backend,
+        "web.listen": f"127.0.0.1:{port}",
+        "relay.verify_recipients": False,
+        "policies.rules": {"builtin": False, "files": [str(rules)]},
+    }
+    gw = make_gateway(sink, overrides)
+    message = (
+        b"From: Newsletter <news@shop.test>\r\nTo: bob@example.org\r\n"
+        b"Subject: <script>window.__xss=1</script>Your invoice\r\n\r\nQUARANTINE-ME\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", gw.smtp_port, timeout=30) as client:
+        client.sendmail("news@shop.test", ["bob@example.org"], message)
+    cfg = str(gw.config_path)
+    digest = subprocess.run(
+        [sys.executable, "-m", "gateway", "quarantine", "digest", "--send", "--config", cfg],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert digest.returncode == 0, digest.stderr
+    [mail] = sink.wait_for(1)
+    assert mail.rcpt_tos == ("bob@example.org",)
+    parsed = email.message_from_bytes(mail.data, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    body = parsed.get_body(("plain",))
+    assert body is not None
+    [release] = re.findall(r"Release: (\S+)", body.get_content())
+    assert release.startswith(f"http://127.0.0.1:{port}/r/")
+    sink.clear()
+
+    page = browser.new_page()
+    # A tampered link (one character of the signature changed) is refused with a clear page.
+    last = release[-1]
+    page.goto(release[:-1] + ("A" if last != "A" else "B"))
+    assert "This link cannot be used" in page.inner_text("h1")
+    assert "damaged or was not issued" in page.inner_text("p.problem")
+    # The real one: a confirmation first (a scanner following links releases nothing) ...
+    page.goto(release)
+    assert page.inner_text("h1.subject") == "<script>window.__xss=1</script>Your invoice"
+    assert page.evaluate("typeof window.__xss") == "undefined"
+    assert sink.messages == []
+    # ... then the recipient's click releases it, with no login anywhere.
+    page.click("button[value=release]")
+    assert "on its way to bob@example.org" in page.inner_text("p.done")
+    [got] = sink.wait_for(1)
+    assert got.rcpt_tos == ("bob@example.org",) and got.data.endswith(message)
+    page.goto(release)  # used: refused, and nothing is delivered twice
+    assert "already released at" in page.inner_text("p.problem")
+    assert len(sink.messages) == 1
