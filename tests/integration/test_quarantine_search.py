@@ -165,3 +165,37 @@ async def test_a_setting_is_created_once_and_shared(store_factory: object) -> No
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_a_word_search_past_its_plan_budget_runs_again_on_the_word_index(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The planner's plan gets ``_WORD_PLAN_BUDGET``; then the GIN-only plan answers.
+
+    A lock held by another session makes the first attempt overrun its budget
+    deterministically; the second attempt waits for the lock and answers.
+    """
+    import psycopg
+
+    from gateway import quarantine
+
+    with throwaway_schema() as dsn:
+        store = PostgresQuarantine(dsn)
+        try:
+            await store.put(held(1, subject="invoice march"), raw("invoice march"))
+            await store.put(held(2, subject="other"), raw("other"))
+            monkeypatch.setattr(quarantine, "_WORD_PLAN_BUDGET", 100)
+            caplog.set_level("INFO", logger="gateway.quarantine")
+            async with await psycopg.AsyncConnection.connect(dsn) as locker:
+                await locker.execute("LOCK TABLE quarantine IN ACCESS EXCLUSIVE MODE")
+                search = asyncio.create_task(
+                    store.search(QuarantineFilter(text="invoice"), limit=10)
+                )
+                await asyncio.sleep(0.5)  # past the budget: the first attempt was cancelled
+                assert not search.done()
+                await locker.rollback()  # lets the second attempt through
+            page = await asyncio.wait_for(search, 10)
+            assert [i.subject for i in page.items] == ["invoice march"]
+            assert "quarantine_search_replanned" in caplog.messages
+        finally:
+            await store.close()
