@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -73,6 +74,29 @@ _KNOWN_MACROS = frozenset(
     }
 )  # fmt: skip
 _CONNECTION_STAGES = (codec.CONNECT, codec.HELO)
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _quickack_socket(writer: asyncio.StreamWriter) -> socket.socket | None:
+    """The TCP socket to keep in quick-ACK mode; None for unix sockets or without Linux's option.
+
+    Every step but end of message is no-reply, so Postfix writes MAIL, RCPT, each
+    header and body chunk back to back as small packets. Its socket has Nagle on:
+    each small write after the first waits for our ACK, and Linux delays that ACK
+    up to 40 ms when it has nothing to send: measured 15 msg/s per session instead of
+    ~50 (bench/milter.py). ACKing at once (re-armed after every read: the kernel
+    leaves quick-ACK mode on its own) removes the stall.
+    """
+    sock = writer.get_extra_info("socket")
+    if (
+        _TCP_QUICKACK is None
+        or sock is None
+        or sock.family not in (socket.AF_INET, socket.AF_INET6)
+    ):
+        return None
+    return sock  # type: ignore[no-any-return]
+
+
 # The no-reply flag of each step that otherwise wants a CONTINUE.
 _NO_REPLY = {
     codec.CONNECT: codec.SMFIP_NR_CONN,
@@ -161,6 +185,7 @@ class MilterSession:
         self.negotiated = False
         self.idle = True  # between messages: safe to close when draining
         self._loop = asyncio.get_running_loop()
+        self._quickack = _quickack_socket(writer)
         self._reset_connection()
 
     def _reset_connection(self) -> None:
@@ -200,6 +225,8 @@ class MilterSession:
                     if not self.idle:
                         log.info("milter_connection_lost", extra={"peer": self.peer})
                     return
+                if self._quickack is not None:
+                    self._ack_now(self._quickack)
                 cmd, payload = packet
                 if not await self._dispatch(cmd, payload):
                     return
@@ -216,6 +243,12 @@ class MilterSession:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+
+    @staticmethod
+    def _ack_now(sock: socket.socket) -> None:
+        if _TCP_QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
     def _closed_for(self, reason: str, detail: str) -> None:
         metrics.MILTER_ERRORS.labels(reason=reason).inc()

@@ -248,6 +248,11 @@ disable_dns_lookups = yes
             self._started = False
         shutil.rmtree(self.root, ignore_errors=True)
 
+    @property
+    def pid(self) -> int | None:
+        """The master's process id while it runs (its daemons are its children)."""
+        return self._master_pid()
+
     def _master_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError):
             return int((self.root / "spool" / "pid" / "master.pid").read_text().split()[0])
