@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.testing.require import require_root, require_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,3 +61,22 @@ def test_web_poll_benchmark_runs_polled_and_unpolled_rounds() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ratio polled/unpolled" in proc.stdout, proc.stdout
     assert "errors 0" in proc.stdout and "smtp failed 0/0" in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_milter_benchmark_runs_postfix_alone_and_with_the_gateway() -> None:
+    """`python -m bench.milter --quick --no-rspamd`: a row per target, every reply a 2xx."""
+    require_root("bench.milter starts a Postfix master (root)")
+    require_tool("postfix", "apt-get install postfix")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.milter", "--quick", "--no-rspamd"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if "msg/s  ratio" in line}
+    assert set(rows) == {"postfix", "gateway"}, proc.stdout
+    table = [line for line in proc.stdout.splitlines() if line.startswith("gateway ")]
+    assert table and "broken" not in table[0] and "4xx" not in table[0], proc.stdout
