@@ -130,6 +130,10 @@ def verify(key: bytes, token: str, now: float | None = None) -> Link:
         payload, given = _unb64(body), _unb64(mac)
     except (binascii.Error, ValueError):
         raise LinkTampered("this link is damaged or was not issued by this gateway") from None
+    # One spelling per link: the last base64 character carries unused bits, so an
+    # altered link could otherwise decode to the same bytes and still verify.
+    if _b64(payload) != body or _b64(given) != mac:
+        raise LinkTampered("this link is damaged or was not issued by this gateway")
     if not hmac.compare_digest(_mac(key, payload), given):
         raise LinkTampered("this link is damaged or was not issued by this gateway")
     # Signed by us, so well-formed unless the format changed: still parse defensively.
