@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 CHUNK_SIZE = 64 * 1024
+_STREAM_HINT = " during the stream: over its StreamMaxLength? keep max_stream_size at or below it"
 _MAX_REPLY = 4096  # a reply is "stream: <signature> FOUND"; anything longer is not clamd
 
 
@@ -151,6 +152,13 @@ class ClamdClient:
                     except (ConnectionResetError, BrokenPipeError):
                         pass  # clamd stops reading past StreamMaxLength; its reply says why
                     return await _read_reply(reader)
+            except (ConnectionResetError, BrokenPipeError):
+                # Past StreamMaxLength clamd replies and closes with our data unread: the
+                # kernel's reset may beat its reply to us, so both mean the same.
+                raise ClamdError(
+                    f"clamd at {self.address} reset the connection"
+                    + (_STREAM_HINT if command.startswith(b"zINSTREAM") else "")
+                ) from None
             except TimeoutError:
                 raise ClamdTimeoutError(
                     f"clamd at {self.address} did not answer within {self.read_timeout:g}s"
@@ -183,4 +191,4 @@ async def _read_reply(reader: asyncio.StreamReader) -> bytes:
     except asyncio.IncompleteReadError as exc:
         if exc.partial:
             return exc.partial  # a reply without its NUL before close is still a reply
-        raise ClamdError("clamd closed the connection without a reply") from None
+        raise ConnectionResetError("closed without a reply") from None

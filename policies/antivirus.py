@@ -84,7 +84,9 @@ class AntivirusPolicy(Policy):
     name = "antivirus"
     symbols = {
         "AV_VIRUS": SymbolDef(20.0, "clamd found malware; detail: signature and part"),
-        "AV_ERROR": SymbolDef(0.0, "clamd could not be reached or failed; not scanned"),
+        "AV_ERROR": SymbolDef(
+            0.0, "clamd could not be reached, failed or refused the stream; not scanned"
+        ),
         "AV_TIMEOUT": SymbolDef(0.0, "clamd did not answer within read_timeout; not scanned"),
         "AV_SKIPPED_TOO_LARGE": SymbolDef(0.0, "message over max_stream_size; not scanned"),
     }
@@ -131,15 +133,12 @@ class AntivirusPolicy(Policy):
         except ClamdError as exc:
             return self._failed("AV_ERROR", str(exc), ctx)
         if reply.verdict is Verdict.TOO_LARGE:
-            log.warning(
-                "antivirus_stream_limit",
-                extra={
-                    "queue_id": ctx.queue_id,
-                    "detail": "clamd's StreamMaxLength is below max_stream_size; lower "
-                    "max_stream_size or raise StreamMaxLength",
-                },
+            # A config mismatch, not a property of the message: on_error, and loud.
+            detail = (
+                f"clamd refused {len(ctx.raw)} bytes as over its StreamMaxLength; "
+                "keep max_stream_size at or below it"
             )
-            return self._too_large(f"{len(ctx.raw)} bytes, over clamd's StreamMaxLength")
+            return self._failed("AV_ERROR", detail, ctx)
         if reply.verdict is Verdict.CLEAN:
             return Result()
         signature = _shown(reply.signature)

@@ -143,12 +143,16 @@ async def test_over_max_stream_size_is_skipped_not_sent(clamd: ThrowawayClamd) -
     assert strict.force is Action.REJECT
 
 
-async def test_clamd_stream_limit_below_ours_is_reported_as_too_large(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [3000, 200_000])
+async def test_clamd_stream_limit_below_ours_is_an_error_that_says_what_to_fix(
+    tmp_path: Path, size: int
+) -> None:
+    """clamd replies "size limit exceeded" or its reset beats the reply: the same AV_ERROR."""
     with ThrowawayClamd(tmp_path, stream_max_length="1K") as small:
-        raw = message(("big.bin", b"\x01" * 200_000, OCTET))
-        result = await scan(small.address, raw)
+        result = await scan(small.address, message(("big.bin", b"\x01" * size, OCTET)))
     name, detail = only(result)
-    assert name == "AV_SKIPPED_TOO_LARGE" and "StreamMaxLength" in detail
+    assert name == "AV_ERROR" and "StreamMaxLength" in detail, detail
+    assert result.force is Action.TEMPFAIL
 
 
 async def test_fifty_concurrent_scans_each_get_their_own_verdict(clamd: ThrowawayClamd) -> None:
