@@ -12,7 +12,6 @@ inherits a half-read reply from a scan that timed out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import struct
 from collections.abc import Iterable
@@ -115,6 +114,7 @@ class ClamdClient:
         self.address = address
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self._limit = limit
         self._slots = asyncio.Semaphore(limit)
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -135,40 +135,58 @@ class ClamdClient:
             ) from None
 
     async def _exchange(self, command: bytes, chunks: Iterable[memoryview] = ()) -> bytes:
-        """Send ``command`` (and chunks, for INSTREAM); the NUL-terminated reply."""
-        async with self._slots:
-            reader, writer = await self._open()
-            try:
-                async with asyncio.timeout(self.read_timeout):
-                    writer.write(command)
-                    try:
-                        for chunk in chunks:
-                            writer.write(struct.pack(">I", len(chunk)))
-                            writer.write(chunk)
-                            await writer.drain()
-                        if command.startswith(b"zINSTREAM"):
-                            writer.write(b"\0\0\0\0")
+        """Send ``command`` (and chunks, for INSTREAM); the NUL-terminated reply.
+
+        A scan waits for one of ``limit`` slots, at most ``read_timeout``; a PING
+        does not wait, so readiness does not flap while every slot is busy.
+        """
+        if not command.startswith(b"zINSTREAM"):
+            return await self._connected(command, chunks)
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ClamdTimeoutError(
+                f"all {self._limit} connections to clamd at {self.address} stayed busy "
+                f"for {self.read_timeout:g}s"
+            ) from None
+        try:
+            return await self._connected(command, chunks)
+        finally:
+            self._slots.release()
+
+    async def _connected(self, command: bytes, chunks: Iterable[memoryview]) -> bytes:
+        reader, writer = await self._open()
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                writer.write(command)
+                try:
+                    for chunk in chunks:
+                        writer.write(struct.pack(">I", len(chunk)))
+                        writer.write(chunk)
                         await writer.drain()
-                    except (ConnectionResetError, BrokenPipeError):
-                        pass  # clamd stops reading past StreamMaxLength; its reply says why
-                    return await _read_reply(reader)
-            except (ConnectionResetError, BrokenPipeError):
-                # Past StreamMaxLength clamd replies and closes with our data unread: the
-                # kernel's reset may beat its reply to us, so both mean the same.
-                raise ClamdError(
-                    f"clamd at {self.address} reset the connection"
-                    + (_STREAM_HINT if command.startswith(b"zINSTREAM") else "")
-                ) from None
-            except TimeoutError:
-                raise ClamdTimeoutError(
-                    f"clamd at {self.address} did not answer within {self.read_timeout:g}s"
-                ) from None
-            except OSError as exc:
-                raise ClamdError(f"clamd at {self.address}: {exc.strerror or exc}") from None
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+                    if command.startswith(b"zINSTREAM"):
+                        writer.write(b"\0\0\0\0")
+                    await writer.drain()
+                except (ConnectionResetError, BrokenPipeError):
+                    pass  # clamd stops reading past StreamMaxLength; its reply says why
+                return await _read_reply(reader)
+        except (ConnectionResetError, BrokenPipeError):
+            # Past StreamMaxLength clamd replies and closes with our data unread: the
+            # kernel's reset may beat its reply to us, so both mean the same.
+            raise ClamdError(
+                f"clamd at {self.address} reset the connection"
+                + (_STREAM_HINT if command.startswith(b"zINSTREAM") else "")
+            ) from None
+        except TimeoutError:
+            raise ClamdTimeoutError(
+                f"clamd at {self.address} did not answer within {self.read_timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise ClamdError(f"clamd at {self.address}: {exc.strerror or exc}") from None
+        finally:
+            # Abort, not close: close() would wait to flush what a hung clamd never reads.
+            writer.transport.abort()
 
     async def scan(self, data: bytes) -> ScanReply:
         """One ``zINSTREAM`` of ``data`` in 64 KiB chunks (memoryview slices: no copies)."""

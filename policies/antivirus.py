@@ -48,6 +48,7 @@ _FORCE: dict[str, Action | None] = {
     "score": None,
 }
 _LOCATE_DEPTH = 20
+_PING_TIMEOUT = 2.0  # well inside /readyz's own 5 s, so its 503 names clamd
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +115,10 @@ class AntivirusPolicy(Policy):
         if self.options.on_error == "accept":
             return None  # mail flows unscanned by the admin's choice; the symbol says so
         try:
-            await self.client.ping()
+            async with asyncio.timeout(_PING_TIMEOUT):
+                await self.client.ping()
+        except TimeoutError:
+            return f"antivirus: clamd at {self.options._address} did not answer PING"
         except ClamdError as exc:
             return f"antivirus: {exc}"
         return None

@@ -8,6 +8,8 @@ signatures, EICAR and a harmless marker; no freshclam, no network. Under
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -133,6 +135,26 @@ async def test_slow_clamd_times_out(clamd: ThrowawayClamd) -> None:
     name, detail = only(result)
     assert name == "AV_TIMEOUT" and "did not answer within 0.3s" in detail
     assert result.force is Action.TEMPFAIL
+
+
+async def test_hung_clamd_times_out_and_readiness_names_it(tmp_path: Path) -> None:
+    """clamd stopped with SIGSTOP: the kernel still accepts connections, nothing answers."""
+    with ThrowawayClamd(tmp_path) as hung:
+        assert hung.proc is not None
+        hung.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(scan(hung.address, message(text="hi\n"), read_timeout=0.5) for _ in range(3))
+            )
+            ready = await policy(hung.address, read_timeout=30.0).ready()
+            elapsed = time.monotonic() - started
+        finally:
+            hung.proc.send_signal(signal.SIGCONT)
+    for result in results:
+        assert only(result)[0] == "AV_TIMEOUT" and result.force is Action.TEMPFAIL
+    assert ready == f"antivirus: clamd at {hung.address} did not answer PING"
+    assert elapsed < 5.0
 
 
 async def test_over_max_stream_size_is_skipped_not_sent(clamd: ThrowawayClamd) -> None:
