@@ -428,6 +428,8 @@ def _rar(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing
                 f"{name}: declares {total} bytes expanded, over the expanded size limit"
             )
         budget.ratio(total, len(data), name)
+        for info in readable:
+            budget.ratio(int(info.file_size or 0), int(info.compress_size or 0), name)
         extracted = extract(data, name, budget, want_full) if readable else None
         for info in infos:
             fname = str(info.filename)
