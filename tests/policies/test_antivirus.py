@@ -216,3 +216,11 @@ def test_table_validates_through_the_registry() -> None:
     plan_policies({"antivirus": {"on_error": "ignore", "adress": "x"}}, problems)
     text = "\n".join(problems.lines)
     assert "policies.antivirus.on_error" in text and "policies.antivirus.adress" in text
+
+
+def test_a_disabled_table_is_validated_too() -> None:
+    """A typo shows in check-config now, not on the day the table is enabled."""
+    problems = Problems()
+    plan = plan_policies({"antivirus": {"enabled": False, "adress": "x"}}, problems)
+    assert plan.policies == ()
+    assert any(line.startswith("policies.antivirus.adress") for line in problems.lines)
