@@ -407,6 +407,13 @@ class Policy:
     async def close(self) -> None:
         """Called once at shutdown or when replaced by a reload."""
 
+    async def ready(self) -> str | None:
+        """Asked by ``/readyz``: None when this policy can judge mail, else why not
+        (a scanner daemon that does not answer). Keep it to one quick probe; the
+        default is always ready.
+        """
+        return None
+
     async def check(self, ctx: Context) -> Result:
         raise NotImplementedError
 

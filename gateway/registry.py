@@ -123,10 +123,11 @@ def plan_policies(
             )
             timeout = None
         cls = _load(available[name], name, problems)
-        if cls is None or not on:
+        if cls is None:
             continue
+        # A disabled table is checked too: a typo shows now, not the day it is enabled.
         options = build(cls.Options, table, key, problems)
-        if options is None:
+        if options is None or not on:
             continue
         enabled[name] = EnabledPolicy(
             name, cls, options, float(timeout) if timeout is not None else None

@@ -230,6 +230,10 @@ class Gateway:
     async def ready(self) -> tuple[bool, str]:
         if self._draining:
             return False, "shutting down"
+        for policy in self.gen.engine.pipeline.policies.values():
+            problem = await policy.ready()
+            if problem is not None:
+                return False, problem
         if not self.gen.config.server.listen:
             return True, ""  # milter only: Postfix delivers; [relay] serves releases alone
         if await self.gen.relay.check():

@@ -90,7 +90,9 @@ def decide(
     by_score = thresholds.for_score(float(total))
     action, forced_by, reason = by_score, None, ""
     for floor, who, why in floors:
-        if floor.rank > action.rank:
+        # A floor at the score's own action says more than a sum of scores ("virus X").
+        tie = floor is action and forced_by is None and action is not Action.RELAY
+        if floor.rank > action.rank or tie:
             action, forced_by, reason = floor, who, why
     if forced_by is None and action is not Action.RELAY:
         top = sorted((s for s in scored if s.score > 0), key=lambda s: (-s.score, s.name))[:3]

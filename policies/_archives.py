@@ -6,6 +6,7 @@ decompression (a zip member never yields more than its declared size in
 :mod:`zipfile`), and actual reads are capped, so a bomb costs at most the
 budget. Nothing is written to disk. Members are read only as far as needed:
 the first 64 KiB for the type, whole only for nested archives and Office files.
+RAR content comes from a bounded child process (:mod:`policies._rar_extract`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from typing import Any
 
 from policies._filetypes import HEAD_BYTES, ISO_HEAD_BYTES, SHORT_HEAD_BYTES, Kind, sniff
 
-__all__ = ["ArchiveBombError", "Budget", "Listing", "Member", "ole_info", "open_archive"]
+__all__ = [
+    "ArchiveBombError",
+    "Budget",
+    "Listing",
+    "Member",
+    "WantFull",
+    "ole_info",
+    "open_archive",
+    "read_head",
+]
 
 # Ratios are judged only above this size: small files of zeros compress 1000:1 honestly.
 RATIO_FLOOR = 1 << 20
@@ -109,7 +119,7 @@ def open_archive(
         if kind in (Kind.GZIP, Kind.BZIP2, Kind.XZ):
             return _compressed(kind, data, name, budget, want_full)
         if kind is Kind.RAR:
-            return _rar(data, name, budget)
+            return _rar(data, name, budget, want_full)
         if kind is Kind.CAB:
             return _cab(data, name, budget)
         if kind is Kind.ISO:
@@ -193,7 +203,7 @@ def _zip_members(
         yield _zip_member(zf, info, f"{name} > {info.filename}", budget, want_full)
 
 
-def _read_head(fh: Any, size: int) -> bytes:
+def read_head(fh: Any, size: int) -> bytes:
     """The first bytes for sniffing; more only when a disk-image descriptor could be there."""
     head: bytes = fh.read(SHORT_HEAD_BYTES)
     if len(head) == SHORT_HEAD_BYTES and size > len(head) and sniff(head).kind is Kind.UNKNOWN:
@@ -206,7 +216,7 @@ def _zip_member(
 ) -> Member:
     try:
         with zf.open(info) as fh:
-            head = _read_head(fh, info.file_size)
+            head = read_head(fh, info.file_size)
             budget.take(len(head), where)
             complete = len(head) >= info.file_size
             if complete or not want_full(info.filename, head):
@@ -312,7 +322,7 @@ def _tar(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing
                 if not ti.isfile():
                     continue
                 fh = tf.extractfile(ti)
-                content = _read_head(fh, ti.size) if fh else b""
+                content = read_head(fh, ti.size) if fh else b""
                 if fh and len(content) < ti.size and want_full(ti.name, content):
                     content += fh.read()  # already in memory: ``data`` is the bounded tar
                 members.append(Member(ti.name, ti.size, content, len(content) >= ti.size))
@@ -383,9 +393,17 @@ def _inner_name(kind: Kind, data: bytes, name: str) -> str:
     return base + ".decompressed"
 
 
-def _rar(data: bytes, name: str, budget: Budget) -> Listing:
-    """Names and encryption from the headers; content only of stored members (no unrar here)."""
+def _rar(data: bytes, name: str, budget: Budget, want_full: WantFull) -> Listing:
+    """Names, sizes and encryption from the headers (``rarfile``); content from bsdtar.
+
+    Members are decompressed by libarchive's ``bsdtar`` in a child process
+    (:mod:`policies._rar_extract`), charged to the budget as they stream and
+    killed at its deadline. Stored members of an archive bsdtar cannot read are
+    still read through ``rarfile`` (no decompression needed).
+    """
     import rarfile
+
+    from policies._rar_extract import extract
 
     try:
         rf = rarfile.RarFile(io.BytesIO(data))
@@ -403,25 +421,54 @@ def _rar(data: bytes, name: str, budget: Budget) -> Listing:
         except (rarfile.Error, OSError, ValueError) as exc:
             return Listing(problem=f"corrupt rar ({type(exc).__name__})")
         budget.count(len(infos), name)
+        readable = [i for i in infos if not i.needs_password()]
+        total = sum(int(i.file_size or 0) for i in readable)
+        if total > budget.expanded_left:
+            raise ArchiveBombError(
+                f"{name}: declares {total} bytes expanded, over the expanded size limit"
+            )
+        budget.ratio(total, len(data), name)
+        for info in readable:
+            budget.ratio(int(info.file_size or 0), int(info.compress_size or 0), name)
+        extracted = extract(data, name, budget, want_full) if readable else None
         for info in infos:
             fname = str(info.filename)
+            size = int(info.file_size or 0)
             if info.needs_password():
                 listing.encrypted = True
-                members.append(Member(fname, int(info.file_size or 0), b"", False, True))
+                members.append(Member(fname, size, b"", False, True))
                 continue
-            content = b""
-            if (
-                info.compress_type == rarfile.RAR_M0
-                and (info.file_size or 0) <= budget.expanded_left
-            ):
-                try:
-                    with rf.open(info) as fh:
-                        content = _read_head(fh, int(info.file_size or 0))
-                    budget.take(len(content), f"{name} > {fname}")
-                except (rarfile.Error, OSError, ValueError):
-                    content = b""
-            members.append(Member(fname, int(info.file_size or 0), content, False))
+            got = extracted.members.get(fname) if extracted else None
+            if info.is_symlink():
+                members.append(Member(fname, size, b"", True))  # a name only, no content
+            elif got is not None:
+                members.append(Member(fname, size, got.data, got.complete))
+            elif info.compress_type == rarfile.RAR_M0:
+                members.append(_rar_stored(rf, info, f"{name} > {fname}", budget, want_full))
+            else:
+                why = extracted.problem if extracted and extracted.problem else "not extracted"
+                members.append(Member(fname, size, b"", False, unreadable=why))
     return listing
+
+
+def _rar_stored(rf: Any, info: Any, where: str, budget: Budget, want_full: WantFull) -> Member:
+    """A stored (uncompressed) member read straight from the archive, no extractor."""
+    import rarfile
+
+    fname, size = str(info.filename), int(info.file_size or 0)
+    try:
+        with rf.open(info) as fh:
+            head = read_head(fh, size)
+            budget.take(len(head), where)
+            if len(head) >= size or not want_full(fname, head):
+                return Member(fname, size, head, len(head) >= size)
+            rest = fh.read(max(0, budget.expanded_left) + 1)
+            budget.take(len(rest), where)
+            return Member(fname, size, head + rest, True)
+    except ArchiveBombError:
+        raise
+    except (rarfile.Error, OSError, ValueError, EOFError) as exc:
+        return Member(fname, size, b"", False, unreadable=type(exc).__name__)
 
 
 _ISO_MAX_DIRECTORIES = 1000

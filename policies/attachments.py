@@ -592,11 +592,15 @@ def _want_full(name: str, head: bytes) -> bool:
 
 
 def _needs_thread(part: MimePart) -> bool:
-    """Whole-content work (archives, OLE) on a big part runs off the event loop."""
-    if part.encoded_size <= _INLINE_LIMIT:
-        return False
+    """Whole-content work on a big part, and every archive, runs off the event loop.
+
+    Any archive may hold a RAR, whose members a child process extracts (a
+    blocking read of up to ``scan_time_limit``), so archives never run inline.
+    """
     kind = sniff(part.content(full=False).data[:HEAD_BYTES]).kind
-    return kind in ARCHIVE_KINDS or kind is Kind.OLE
+    if kind in ARCHIVE_KINDS:
+        return True
+    return part.encoded_size > _INLINE_LIMIT and kind is Kind.OLE
 
 
 def _worth_inspecting(part: MimePart) -> bool:

@@ -228,6 +228,19 @@ async def test_forced_action_is_a_floor_that_a_higher_score_exceeds() -> None:
     assert v2.reason == "domain says so"
 
 
+async def test_a_floor_at_the_scores_own_action_gives_its_reason() -> None:
+    """A reject floor with a reject-worthy score says "virus X", not "spam score 25"."""
+    p, result = await run({"forces": {}, "first": {"weight": 2.0}})
+    v = decide(
+        result,
+        declared=p.symbols(),
+        overrides={},
+        thresholds=ActionsConfig(add_header=1.0, quarantine=2.0, reject=50.0),
+    )
+    assert v.action is Action.QUARANTINE
+    assert (v.forced_by, v.reason) == ("forces", "domain says so")
+
+
 @pytest.mark.parametrize(
     ("score", "action"),
     [
