@@ -490,7 +490,7 @@ class DmarcReportsConfig:
         if not _ADDR_SPEC.match(self.email) or not _DOMAIN.match(self.email.rpartition("@")[2]):
             raise OptionError(
                 "email",
-                "must be the reports' sender address, e.g. \"dmarc-noreply@example.org\", "
+                'must be the reports\' sender address, e.g. "dmarc-noreply@example.org", '
                 f'got "{self.email}"',
             )
 

@@ -37,6 +37,10 @@ from gateway.api import DNSError
 from gateway.arcseal import ARCSealer, load_sealer
 from gateway.budget import DataBudget
 from gateway.config import Config, ConfigError, load_config, parse_hostport
+from gateway.dmarcreports.recorder import ReportRecorder
+from gateway.dmarcreports.schedule import ReportScheduler
+from gateway.dmarcreports.sender import ReportSender
+from gateway.dmarcreports.store import open_report_store
 from gateway.engine import Engine, services_for
 from gateway.handoff import Delivery, Outcome, RelayDelivery, Submission, downstream_reply, hand_off
 from gateway.milter.frontend import MilterFrontend
@@ -81,6 +85,7 @@ class Generation:
     relay: Relay
     settings: ListenerSettings
     sealer: ARCSealer | None = None  # [arc_seal] on: seals what is relayed (docs/arc.md)
+    reports: ReportRecorder | None = None  # [dmarc_reports] on (docs/dmarc-reports.md)
     inflight: int = 0
     retired: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -318,6 +323,8 @@ async def _close_generation(gen: Generation) -> None:
         await gen.engine.close()
     with contextlib.suppress(Exception):
         await gen.relay.close()
+    if gen.reports is not None:
+        await gen.reports.close()  # never raises; pending recordings bounded
 
 
 async def build_generation(path: Path, state: ClosableStateStore | None) -> Generation:
@@ -337,7 +344,11 @@ async def build_generation(path: Path, state: ClosableStateStore | None) -> Gene
         )
     settings = _listener_settings(config)
     relay = Relay(config.relay, config.server.hostname)
-    return Generation(config, engine, relay, settings, sealer)
+    reports = None
+    if config.dmarc_reports.enabled:
+        store = open_report_store(config)
+        reports = ReportRecorder(config.dmarc_reports, store, engine.services.resolver)
+    return Generation(config, engine, relay, settings, sealer, reports)
 
 
 # --- the process ----------------------------------------------------------------
@@ -434,6 +445,7 @@ class RunningGateway:
         self.share: workers.MetricsShare | None = None  # metrics across server.workers
         self._gauges: asyncio.Task[None] | None = None
         self.purger: RetentionPurger | None = None
+        self.reports: ReportScheduler | None = None  # DMARC aggregate reports, when enabled
 
     def start_housekeeping(self, *, purge: bool = True) -> None:
         """Keep gauges other processes change (``quarantine release/delete``) current;
@@ -444,6 +456,16 @@ class RunningGateway:
                 self.gateway.quarantine, lambda: self.gateway.gen.config.quarantine
             )
             self.purger.start()
+            # Idle while dmarc_reports.enabled is false; the store connects on first use.
+            gateway = self.gateway
+            sender = ReportSender(
+                lambda: gateway.gen.config,
+                open_report_store(gateway.gen.config),
+                lambda: gateway.gen.engine.services.resolver,
+                lambda: gateway.gen.relay,
+            )
+            self.reports = ReportScheduler(sender, lambda: gateway.gen.config)
+            self.reports.start()
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -459,6 +481,8 @@ class RunningGateway:
         reloaded = await self.gateway.reload(self.path)
         if reloaded and self.purger is not None:
             self.purger.reconfigured()
+        if reloaded and self.reports is not None:
+            self.reports.reconfigured()
         return reloaded
 
     async def stop(self, grace: float | None = None) -> None:
@@ -473,7 +497,12 @@ class RunningGateway:
             waits.append(self.milter.stop(grace))
         if self.purger is not None:  # its batch in progress ends while sessions drain
             waits.append(self.purger.stop())
+        if self.reports is not None:
+            waits.append(self.reports.stop())
         await asyncio.gather(*waits)
+        if self.reports is not None:
+            with contextlib.suppress(Exception):
+                await self.reports.sender.store.close()
         if self.share is not None:
             await self.share.stop()
         if self.endpoint is not None:
