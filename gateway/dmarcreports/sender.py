@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway import metrics
-from gateway.api import DNSTemporaryError, Resolver
+from gateway.api import DNSTemporaryError, Resolver, StateUnavailableError
 from gateway.config import Config
 from gateway.dmarcreports.mail import compose, gzip_xml
 from gateway.dmarcreports.recorder import excluded, interval_start
@@ -107,7 +107,7 @@ class ReportSender:
                     continue
                 report = await self.store.report(interval, name)
                 if report is not None and report.rows:
-                    out.append((report, build_xml(cfg, report)))
+                    out.append((report, await asyncio.to_thread(build_xml, cfg, report)))
         return out
 
     # -- sending -----------------------------------------------------------------
@@ -132,19 +132,7 @@ class ReportSender:
                 for domain in await self.store.domains(interval):
                     if domain in marks:
                         continue
-                    try:
-                        async with asyncio.timeout(_DOMAIN_DEADLINE):
-                            done = await self._send_domain(interval, domain, now)
-                    except TimeoutError:
-                        done = [
-                            SendOutcome(interval, domain, "", "failed", "dns", "timed out", True)
-                        ]
-                    for o in done:
-                        self._note(o)
-                    outcomes += done
-                    if not any(o.retry for o in done) or any(o.outcome == "sent" for o in done):
-                        settled = "sent" if any(o.outcome == "sent" for o in done) else "skipped"
-                        await self.store.mark(interval, domain, settled, expires)
+                    outcomes += await self._settle(interval, domain, now, expires)
                 lost = await self.store.dropped_domains(interval)
                 if lost and "" not in marks:
                     log.warning(
@@ -156,6 +144,25 @@ class ReportSender:
         finally:
             await self.store.unlock(token)
         return outcomes
+
+    async def _settle(
+        self, interval: int, domain: str, now: float, expires: float
+    ) -> list[SendOutcome]:
+        """Send one domain's report and mark it settled, unless it is worth a retry."""
+        try:
+            async with asyncio.timeout(_DOMAIN_DEADLINE):
+                done = await self._send_domain(interval, domain, now)
+        except TimeoutError:
+            done = [SendOutcome(interval, domain, "", "failed", "dns", "timed out", True)]
+        except StateUnavailableError as exc:
+            done = [SendOutcome(interval, domain, "", "failed", "store", printable(str(exc)), True)]
+        for o in done:
+            self._note(o)
+        sent = any(o.outcome == "sent" for o in done)
+        if sent or not any(o.retry for o in done):
+            # one destination sent and another failed: settled, never a duplicate
+            await self.store.mark(interval, domain, "sent" if sent else "skipped", expires)
+        return done
 
     def _note(self, o: SendOutcome) -> None:
         metrics.DMARC_REPORTS.labels(outcome=o.outcome, reason=o.reason).inc()
@@ -200,8 +207,9 @@ class ReportSender:
             )
         if not record.rua:
             return [*out, outcome("", "skipped", "no_rua", "the record has no usable rua")]
-        xml = build_xml(cfg, report)
-        gz = gzip_xml(xml)
+        # ~50 ms per 1000 rows: a worker thread's, never the event loop's
+        xml = await asyncio.to_thread(build_xml, cfg, report)
+        gz = await asyncio.to_thread(gzip_xml, xml)
         rid = report_id(cfg.receiver_domain, domain, interval)
         end = interval + cfg.interval - 1
         seen: set[str] = set()
@@ -216,7 +224,8 @@ class ReportSender:
             if len(gz) > cfg.max_report_size:
                 out.append(outcome(uri.uri, "skipped", "too_large", f"{len(gz)} bytes"))
                 continue
-            mail = compose(
+            mail = await asyncio.to_thread(
+                compose,
                 sender=cfg.email,
                 org_name=cfg.org_name,
                 receiver=cfg.receiver_domain,
