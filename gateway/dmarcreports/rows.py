@@ -222,9 +222,11 @@ def _spf_entries(auth: Sequence[AuthResult], mail_from: str, helo: str) -> tuple
         result = a.result if a.result in SPF_RESULTS else "permerror"
         mf = a.prop("smtp.mailfrom")
         if mf is not None and mfrom is None:
-            mfrom = SPFEntry(
-                printable(mf.rpartition("@")[2].lower().rstrip("."), 253), "mfrom", result
-            )
+            # a null sender's identity is the HELO name (RFC 7208 §2.4): "postmaster@<helo>"
+            null = not mail_from.strip("<> ")
+            domain = mf.rpartition("@")[2] if "@" in mf else (helo if null else mf)
+            scope = "helo" if null else "mfrom"
+            mfrom = SPFEntry(printable(domain.lower().rstrip("."), 253), scope, result)
         elif a.prop("smtp.helo") is not None and helo_entry is None:
             helo_entry = SPFEntry(
                 printable((a.prop("smtp.helo") or "").lower(), 253), "helo", result
@@ -283,9 +285,8 @@ async def rows_for(
                 if d.result == "pass" and await _aligned(walk, d.domain, author, policy.adkim):
                     dkim_ok = True
                     break
-            s = spf[0]
-            spf_ok = s.scope == "mfrom" and s.result == "pass"
-            spf_ok = spf_ok and await _aligned(walk, s.domain, author, policy.aspf)
+            s = spf[0]  # DMARC aligns the MAIL FROM, or the HELO name of a null sender
+            spf_ok = s.result == "pass" and await _aligned(walk, s.domain, author, policy.aspf)
         row = Row(
             client_ip,
             author,

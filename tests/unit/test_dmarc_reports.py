@@ -288,7 +288,10 @@ async def test_rows_report_the_disposition_overrides_and_raw_results(
     )
     ((_, row),) = await rows_for(
         resolver=resolver,
-        auth=(failing,),
+        auth=(
+            failing,
+            AuthResult("spf", "pass", properties=(("smtp.mailfrom", "postmaster@list.test"),)),
+        ),
         symbols=[("DMARC_ARC_OVERRIDE", "list.test recorded dmarc=pass")],
         action="relay",
         client_ip="192.0.2.8",
@@ -299,7 +302,8 @@ async def test_rows_report_the_disposition_overrides_and_raw_results(
     assert [(r.type, r.comment) for r in row.reasons] == [
         ("trusted_forwarder", "list.test recorded dmarc=pass")
     ]
-    assert [(s.domain, s.scope, s.result) for s in row.spf] == [("list.test", "helo", "none")]
+    # a null sender: SPF checked the HELO name (RFC 7208 §2.4), reported with scope helo
+    assert [(s.domain, s.scope, s.result) for s in row.spf] == [("list.test", "helo", "pass")]
 
 
 # -- XML -----------------------------------------------------------------------
