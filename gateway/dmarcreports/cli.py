@@ -58,7 +58,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 1
-    if args.rcommand == "send" and not config.dmarc_reports.enabled:
+    if not config.dmarc_reports.enabled:
         print(
             "gateway: dmarc_reports.enabled is false in this config: nothing is recorded "
             "or sent (docs/dmarc-reports.md)",

@@ -237,3 +237,12 @@ def test_config_names_the_bad_dmarc_reports_key(
     (line,) = err.value.problems
     assert line.startswith(f"dmarc_reports.{key}")
     assert message in line
+
+
+def test_the_cli_refuses_a_config_with_reports_off(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.__main__ import main
+
+    example = Path(__file__).resolve().parents[2] / "config.example.toml"
+    for action in ("preview", "send"):
+        assert main(["dmarc-report", action, "--config", str(example)]) == 2
+        assert "dmarc_reports.enabled is false" in capsys.readouterr().err
