@@ -3,9 +3,10 @@
 One process per gateway runs it (the only one, or worker 0, as the quarantine
 purge); in a cluster on Redis every node runs it and the store's lease lets one
 send. It wakes ``send_delay`` after each interval ends (UTC-aligned), and once
-shortly after start to catch up on what a stopped gateway left. A failure is
-logged and retried at the next wake-up; it never stops the server. A reload
-(SIGHUP) re-reads the config at once.
+shortly after start to catch up on what a stopped gateway left. Reports that
+failed temporarily (relay, DNS, store) are retried an hour later; a run cut
+short by its time budget goes on a minute later. A failure is logged, never
+stops the server. A reload (SIGHUP) re-reads the config at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger("gateway.dmarcreports")
 
 _FIRST_DELAY = 60.0  # seconds after start: catching up never slows a start or a restart loop
 _STOP_TIMEOUT = 30.0
+_RETRY_DELAY = 3600.0  # seconds before retrying reports that failed temporarily
 
 
 class ReportScheduler:
@@ -72,10 +74,17 @@ class ReportScheduler:
                 break
             if not enabled or time.time() < due:
                 continue  # woken by a reload: recompute
+            retry = True
             try:
-                await self.sender.send_due()
+                outcomes = await self.sender.send_due()
+                retry = any(o.retry for o in outcomes)
             except Exception as exc:
                 log.error(
                     "dmarc_reports_send_failed", extra={"error": f"{type(exc).__name__}: {exc}"}
                 )
-            due = self.next_run(time.time())
+            now = time.time()
+            due = self.next_run(now)
+            if self.sender.unfinished:
+                due = now + _FIRST_DELAY  # cut short at its time budget: go on shortly
+            elif retry:
+                due = min(due, now + _RETRY_DELAY)  # relay or DNS trouble: not a day late

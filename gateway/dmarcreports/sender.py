@@ -62,6 +62,7 @@ REASONS = {
     ),
 }
 _LOCK_TTL = 900.0  # seconds: a node that dies while sending frees the lease by then
+_RUN_BUDGET = 600.0  # seconds one run may send for, well inside the lease; then it yields
 _DOMAIN_DEADLINE = 300.0  # seconds for one domain's destinations (DNS + relay each bounded)
 
 
@@ -89,6 +90,7 @@ class ReportSender:
         self.store = store
         self._resolver = resolver
         self.relay = relay
+        self.unfinished = False  # the last run stopped at its time budget: run again soon
 
     @property
     def resolver(self) -> Resolver:
@@ -122,6 +124,8 @@ class ReportSender:
             self._note(outcome)
             return [outcome]
         outcomes: list[SendOutcome] = []
+        started = time.monotonic()
+        self.unfinished = False
         try:
             oldest = interval_start(cfg, now) - cfg.retention_days * 86_400
             for interval in await self.store.intervals():
@@ -132,6 +136,9 @@ class ReportSender:
                 for domain in await self.store.domains(interval):
                     if domain in marks:
                         continue
+                    if time.monotonic() - started > _RUN_BUDGET:
+                        self.unfinished = True  # the lease must not run out mid-send
+                        return outcomes
                     outcomes += await self._settle(interval, domain, now, expires)
                 lost = await self.store.dropped_domains(interval)
                 if lost and "" not in marks:
