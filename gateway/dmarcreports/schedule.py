@@ -31,9 +31,16 @@ _RETRY_DELAY = 3600.0  # seconds before retrying reports that failed temporarily
 
 
 class ReportScheduler:
-    def __init__(self, sender: ReportSender, config: Callable[[], Config]) -> None:
+    def __init__(
+        self,
+        sender: ReportSender,
+        config: Callable[[], Config],
+        *,
+        first_delay: float = _FIRST_DELAY,
+    ) -> None:
         self.sender = sender
         self.config = config
+        self.first_delay = first_delay
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -62,7 +69,7 @@ class ReportScheduler:
         return due if due > now else due + cfg.interval
 
     async def _run(self) -> None:
-        due = time.time() + _FIRST_DELAY
+        due = time.time() + self.first_delay
         while not self._stopping:
             self._wake.clear()
             enabled = self.config().dmarc_reports.enabled

@@ -8,6 +8,7 @@ recordings. Real DNS (the test server) and real SMTP (the sink) throughout.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -246,3 +247,41 @@ def test_the_cli_refuses_a_config_with_reports_off(capsys: pytest.CaptureFixture
     for action in ("preview", "send"):
         assert main(["dmarc-report", action, "--config", str(example)]) == 2
         assert "dmarc_reports.enabled is false" in capsys.readouterr().err
+
+
+async def test_the_schedule_sends_what_a_stopped_gateway_left_soon_after_start(
+    tmp_path: Path, dns_server: DNSServer
+) -> None:
+    with SinkServer() as sink:
+        config = _config(tmp_path, sink)
+        store = LocalReportStore(tmp_path / "state.sqlite")
+        resolver = CachingResolver(DNSConfig(nameservers=(dns_server.address,), timeout=2.0))
+        relay = Relay(RelayConfig(host=sink.host, port=sink.port), "mx.example.org")
+        sender = ReportSender(lambda: config, store, lambda: resolver, lambda: relay)
+        scheduler = ReportScheduler(sender, lambda: config, first_delay=0.2)
+        try:
+            await store.add(  # yesterday's interval: due now
+                T0,
+                PolicyPublished("busy.test"),
+                _row("busy.test"),
+                max_rows=10,
+                max_domains=10,
+                expires=time.time() + DAY,
+            )
+            scheduler.start()
+            (got,) = await asyncio.to_thread(sink.wait_for, 1)
+            assert got.rcpt_tos == ("r@busy.test",)
+            assert scheduler.next_run(time.time()) > time.time()
+        finally:
+            await scheduler.stop()
+            await relay.close()
+            await store.close()
+    assert await _marks(tmp_path) == {"busy.test": "sent"}
+
+
+async def _marks(tmp_path: Path) -> dict[str, str]:
+    store = LocalReportStore(tmp_path / "state.sqlite")
+    try:
+        return await store.marks(T0)
+    finally:
+        await store.close()
