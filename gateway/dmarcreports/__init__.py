@@ -6,6 +6,7 @@
 - :mod:`.xml`: the report document; :mod:`.mail`: the report message.
 - :mod:`.sender`: destinations (rua, external verification) and sending what is due.
 - :mod:`.schedule`: the task in ``gateway run`` that sends at interval boundaries.
+- :mod:`.cli`: ``gateway dmarc-report preview|send``.
 
 docs/dmarc-reports.md is the operator's view.
 """

@@ -22,7 +22,7 @@ from gateway.dmarcreports.store import ReportStore
 from gateway.engine import Evaluation
 from policies._authcommon import org_aligned
 
-__all__ = ["ReportRecorder", "interval_start"]
+__all__ = ["ReportRecorder", "excluded", "interval_start"]
 
 log = logging.getLogger("gateway.dmarcreports")
 
