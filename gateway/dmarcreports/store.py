@@ -149,6 +149,9 @@ class LocalReportStore:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        # One call in a worker thread at a time: a flood of recordings waits here, on
+        # the loop, instead of parking the shared thread pool's workers on ``_lock``.
+        self._serial = asyncio.Lock()
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
@@ -184,7 +187,7 @@ class LocalReportStore:
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         try:
-            async with asyncio.timeout(_TIMEOUT * 2):
+            async with asyncio.timeout(_TIMEOUT * 2), self._serial:
                 return await asyncio.to_thread(fn)
         except (OSError, sqlite3.Error, TimeoutError) as exc:
             with self._lock:
