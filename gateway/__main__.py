@@ -1,4 +1,4 @@
-"""The command line: ``python -m gateway {run,check-config,scan,symbols,quarantine,learn}``.
+"""The command line: ``python -m gateway {run,check-config,scan,symbols,quarantine,learn,...}``.
 
 Exit codes: 0 ok, 1 problems or failures (invalid config, failed release,
 store unreachable), 2 usage (bad arguments, a command that does not apply to
@@ -615,6 +615,12 @@ async def _learn(args: argparse.Namespace, out: TextIO) -> int:
 # --- web -----------------------------------------------------------------------
 
 
+async def _dmarc_report(args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.dmarcreports import cli
+
+    return await cli.run(args, out)
+
+
 async def _web(args: argparse.Namespace, out: TextIO) -> int:
     from gateway.web import cli
 
@@ -724,6 +730,9 @@ def _parser() -> argparse.ArgumentParser:
     from gateway.web import cli as web_cli
 
     web_cli.add_parser(sub)
+    from gateway.dmarcreports import cli as report_cli
+
+    report_cli.add_parser(sub, common)
     learn.add_argument("kind", choices=["spam", "ham"])
     learn.add_argument(
         "paths", nargs="+", metavar="FILE_OR_DIR", help="message files, directories, mbox files"
@@ -752,6 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quarantine": _quarantine,
         "learn": _learn,
         "web": _web,
+        "dmarc-report": _dmarc_report,
     }
     try:
         if args.command == "run":

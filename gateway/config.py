@@ -31,6 +31,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DNSConfig",
+    "DmarcReportsConfig",
     "LogConfig",
     "MetricsConfig",
     "MilterConfig",
@@ -436,6 +437,69 @@ class ArcSealConfig:
             )
 
 
+_ADDR_SPEC = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]{1,253}$")
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcReportsConfig:
+    """DMARC aggregate reports to the domains whose mail we evaluated (docs/dmarc-reports.md)."""
+
+    enabled: bool = False
+    org_name: str = ""  # <org_name> of the reports: who we are
+    email: str = ""  # From: of the report mail and <email> of the reports
+    interval: int = 86_400  # seconds per report; divides a UTC day (RFC 7489 §7.2: daily)
+    send_delay: float = 300.0  # seconds after an interval ends before its reports go out
+    max_report_size: int = 10_485_760  # bytes of the gzip'd report; larger ones are not sent
+    max_per_destination_per_day: int = 50  # report mails to one rua address per UTC day
+    max_rows_per_domain: int = 10_000  # distinct rows per domain per interval; the rest counted
+    max_domains: int = 10_000  # distinct policy domains per interval; the rest counted
+    exclude_domains: tuple[str, ...] = ()  # policy domains (and subdomains) never reported to
+    # Where the rows live: "state" = the [state] backend (SQLite locally, Redis in a
+    # cluster, so the cluster reports once); "local" = [state]'s SQLite file even
+    # when [state] is Redis (one report per node).
+    store: Literal["state", "local"] = "state"
+    retention_days: int = 7  # rows of intervals that could not be sent are kept this long
+
+    def __post_init__(self) -> None:
+        if self.interval < 3600 or 86_400 % self.interval:
+            raise OptionError(
+                "interval",
+                f"must divide a day into whole intervals (86400, 43200, ... 3600), "
+                f"got {self.interval}",
+            )
+        if self.send_delay < 0 or self.send_delay >= self.interval:
+            raise OptionError(
+                "send_delay", f"must be 0 or more and less than interval, got {self.send_delay}"
+            )
+        for key in ("max_report_size", "max_per_destination_per_day", "max_rows_per_domain"):
+            if getattr(self, key) < 1:
+                raise OptionError(key, f"must be at least 1, got {getattr(self, key)}")
+        if not 1 <= self.max_domains <= 1_000_000:
+            raise OptionError("max_domains", f"must be 1..1000000, got {self.max_domains}")
+        if not 1 <= self.retention_days <= 366:
+            raise OptionError("retention_days", f"must be 1..366, got {self.retention_days}")
+        for i, d in enumerate(self.exclude_domains):
+            if not _DOMAIN.match(d.rstrip(".")):
+                raise OptionError(f"exclude_domains[{i}]", f'must be a domain name, got "{d}"')
+        if not self.enabled:
+            return
+        if not self.org_name.strip() or not self.org_name.isprintable():
+            raise OptionError(
+                "org_name", 'is required when dmarc_reports.enabled = true, e.g. "Example Org"'
+            )
+        if not _ADDR_SPEC.match(self.email) or not _DOMAIN.match(self.email.rpartition("@")[2]):
+            raise OptionError(
+                "email",
+                'must be the reports\' sender address, e.g. "dmarc-noreply@example.org", '
+                f'got "{self.email}"',
+            )
+
+    @property
+    def receiver_domain(self) -> str:
+        """Our domain as report file names and subjects give it (RFC 7489 §7.2.1.1)."""
+        return self.email.rpartition("@")[2].lower()
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineConfig:
     policy_timeout: float = 10.0
@@ -472,6 +536,7 @@ class _Root:
     web: WebConfig = field(default_factory=WebConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
     arc_seal: ArcSealConfig = field(default_factory=ArcSealConfig)
+    dmarc_reports: DmarcReportsConfig = field(default_factory=DmarcReportsConfig)
     policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     scores: Mapping[str, float | str] = field(default_factory=dict)
 
@@ -496,6 +561,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
     arc_seal: ArcSealConfig = field(default_factory=ArcSealConfig)
+    dmarc_reports: DmarcReportsConfig = field(default_factory=DmarcReportsConfig)
 
     def resolve_path(self, value: str) -> Path:
         """A config path, relative ones taken from the config file's directory."""
@@ -555,6 +621,7 @@ def config_from_mapping(
         web=root.web,
         milter=root.milter,
         arc_seal=root.arc_seal,
+        dmarc_reports=root.dmarc_reports,
     )
 
 

@@ -150,6 +150,10 @@ async def hand_off(
     started = time.monotonic()
     outcome = await _settle(gen, quarantine, sub, delivery)
     evaluation = outcome.evaluation
+    if gen.reports is not None and evaluation is not None:
+        # After the disposition is settled; a background task, never the reply's delay.
+        with contextlib.suppress(Exception):
+            gen.reports.record(evaluation, outcome.action)
     # After the hand-off: learning never delays the reply (the engine drains it on close).
     learned = gen.engine.learn_from(evaluation) if evaluation is not None else {}
     metrics.MESSAGE_SIZE.observe(len(sub.raw))

@@ -28,6 +28,8 @@ __all__ = [
     "AUTOLEARN",
     "BUILD_INFO",
     "CONFIG_RELOADS",
+    "DMARC_REPORTS",
+    "DMARC_REPORT_RECORDS",
     "DNS_QUERIES",
     "MESSAGES",
     "MESSAGE_SIZE",
@@ -141,6 +143,19 @@ ARC_SEALED = Counter(
     "gateway_arc_sealed",
     "Messages ARC-sealed on the way out (result=sealed|skipped|failed, cv= of the seal)",
     ["result", "cv"],
+    registry=REGISTRY,
+)
+DMARC_REPORT_RECORDS = Counter(
+    "gateway_dmarc_report_records",
+    "Messages recorded for DMARC aggregate reports "
+    "(outcome=stored|dropped (a cap)|excluded|failed (store, DNS)|overload)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+DMARC_REPORTS = Counter(
+    "gateway_dmarc_reports",
+    "DMARC aggregate reports by outcome (sent|failed|skipped) and reason, per destination",
+    ["outcome", "reason"],
     registry=REGISTRY,
 )
 QUARANTINE_MESSAGES = Gauge(
@@ -283,6 +298,8 @@ zero(MESSAGES, action=[a.value for a in Action], frontend=("smtp", "milter"))
 zero(CONFIG_RELOADS, result=("ok", "invalid"))
 zero(DNS_QUERIES, result=("hit", "miss", "nxdomain", "temperror"))
 zero(ARC_SEALED, result=("sealed", "skipped", "failed"), cv=("none", "pass", "fail", "temperror"))
+zero(DMARC_REPORT_RECORDS, outcome=("stored", "dropped", "excluded", "failed", "overload"))
+zero(DMARC_REPORTS, outcome=("sent",), reason=("ok",))
 zero(QUARANTINE_LEARNED, **{"as": ("ham", "spam")})
 zero(QUARANTINE_DIGESTS, outcome=("sent", "failed"))
 zero(WEB_LINKS, outcome=("release", "delete", "tampered", "expired", "gone"))

@@ -37,6 +37,10 @@ from gateway.api import DNSError
 from gateway.arcseal import ARCSealer, load_sealer
 from gateway.budget import DataBudget
 from gateway.config import Config, ConfigError, load_config, parse_hostport
+from gateway.dmarcreports.recorder import ReportRecorder
+from gateway.dmarcreports.schedule import ReportScheduler
+from gateway.dmarcreports.sender import ReportSender
+from gateway.dmarcreports.store import open_report_store
 from gateway.engine import Engine, services_for
 from gateway.handoff import Delivery, Outcome, RelayDelivery, Submission, downstream_reply, hand_off
 from gateway.milter.frontend import MilterFrontend
@@ -82,6 +86,7 @@ class Generation:
     relay: Relay
     settings: ListenerSettings
     sealer: ARCSealer | None = None  # [arc_seal] on: seals what is relayed (docs/arc.md)
+    reports: ReportRecorder | None = None  # [dmarc_reports] on (docs/dmarc-reports.md)
     inflight: int = 0
     retired: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -323,6 +328,8 @@ async def _close_generation(gen: Generation) -> None:
         await gen.engine.close()
     with contextlib.suppress(Exception):
         await gen.relay.close()
+    if gen.reports is not None:
+        await gen.reports.close()  # never raises; pending recordings bounded
 
 
 async def build_generation(path: Path, state: ClosableStateStore | None) -> Generation:
@@ -342,7 +349,11 @@ async def build_generation(path: Path, state: ClosableStateStore | None) -> Gene
         )
     settings = _listener_settings(config)
     relay = Relay(config.relay, config.server.hostname)
-    return Generation(config, engine, relay, settings, sealer)
+    reports = None
+    if config.dmarc_reports.enabled:
+        store = open_report_store(config)
+        reports = ReportRecorder(config.dmarc_reports, store, engine.services.resolver)
+    return Generation(config, engine, relay, settings, sealer, reports)
 
 
 # --- the process ----------------------------------------------------------------
@@ -440,6 +451,7 @@ class RunningGateway:
         self._gauges: asyncio.Task[None] | None = None
         self.purger: RetentionPurger | None = None
         self.digests: DigestSchedule | None = None
+        self.reports: ReportScheduler | None = None  # DMARC aggregate reports, when enabled
 
     def start_housekeeping(self, *, purge: bool = True) -> None:
         """Keep gauges other processes change (``quarantine release/delete``) current;
@@ -453,6 +465,16 @@ class RunningGateway:
             self.purger.start()
             self.digests = DigestSchedule(self.gateway.quarantine, lambda: self.gateway.gen.config)
             self.digests.start()
+            # Idle while dmarc_reports.enabled is false; the store connects on first use.
+            gateway = self.gateway
+            sender = ReportSender(
+                lambda: gateway.gen.config,
+                open_report_store(gateway.gen.config),
+                lambda: gateway.gen.engine.services.resolver,
+                lambda: gateway.gen.relay,
+            )
+            self.reports = ReportScheduler(sender, lambda: gateway.gen.config)
+            self.reports.start()
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -470,6 +492,8 @@ class RunningGateway:
             self.purger.reconfigured()
         if reloaded and self.digests is not None:
             self.digests.reconfigured()
+        if reloaded and self.reports is not None:
+            self.reports.reconfigured()
         return reloaded
 
     async def stop(self, grace: float | None = None) -> None:
@@ -486,7 +510,12 @@ class RunningGateway:
             waits.append(self.purger.stop())
         if self.digests is not None:
             waits.append(self.digests.stop())
+        if self.reports is not None:
+            waits.append(self.reports.stop())
         await asyncio.gather(*waits)
+        if self.reports is not None:
+            with contextlib.suppress(Exception):
+                await self.reports.sender.store.close()
         if self.share is not None:
             await self.share.stop()
         if self.endpoint is not None:

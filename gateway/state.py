@@ -44,6 +44,7 @@ __all__ = [
     "SentinelTarget",
     "open_state",
     "parse_sentinel_url",
+    "redis_client",
 ]
 
 _TIMEOUT = 5.0  # seconds for any one state operation
@@ -267,6 +268,9 @@ def _client(url: str) -> Any:
             "redis://" + url.removeprefix("redis+cluster://"), **common
         )
     return redis.asyncio.Redis.from_url(url, health_check_interval=30, **common)
+
+
+redis_client = _client  # for other stores on the [state] Redis (DMARC reports)
 
 
 class RedisState:

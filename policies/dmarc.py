@@ -28,6 +28,7 @@ import email.utils
 import enum
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,12 +53,16 @@ __all__ = [
     "DMARCRecord",
     "Disposition",
     "DomainEvaluation",
+    "ReportURI",
     "TreeWalk",
     "parse_record",
+    "parse_rua",
     "tree_walk_names",
 ]
 
 MAX_WALK = 8  # RFC 9989 §4.10: at most 8 DNS queries per tree walk
+MAX_RUA = 10  # rua URIs kept per record; a record listing dozens is hostile (the rest counted)
+_MAX_URI = 320  # characters: "mailto:" + a 254-character address + a size suffix
 
 
 class Disposition(enum.Enum):
@@ -86,9 +91,65 @@ class DMARCRecord:
     testing: bool = False  # t=y, or a legacy pct=0 without t
     usable: bool = True  # False: no valid p (or a bad sp/np) and no valid rua: no DMARC
     notes: tuple[str, ...] = ()  # tags we could not use, for the symbol detail
+    pct: int = 100  # historic (RFC 7489 §6.3), kept for the aggregate report's policy_published
+    rua: tuple[ReportURI, ...] = ()  # at most MAX_RUA, in the record's order
+    rua_dropped: int = 0  # URIs past MAX_RUA, or too long to be one
+
+
+@dataclass(frozen=True, slots=True)
+class ReportURI:
+    """One ``rua`` destination (RFC 9990 §2.1; RFC 7489 §6.4 ``!size``)."""
+
+    uri: str  # as published, without the size suffix
+    scheme: str  # lower case; only "mailto" is ever sent to
+    address: str  # mailto: the addr-spec (percent-decoded); "" for other schemes
+    max_size: int | None = None  # bytes, from "!10m"; None = no limit given
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower().rstrip(".")
 
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")  # RFC 3986 scheme ":" something
+_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")  # RFC 5322 dot-atom characters
+_SIZE = re.compile(r"^(\d{1,15})([kmgt]?)$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_rua(value: str, limit: int = MAX_RUA) -> tuple[tuple[ReportURI, ...], int]:
+    """(the first ``limit`` usable URIs of a ``rua`` tag, how many more there were).
+
+    A URI that is not one, or is absurdly long, counts as dropped; a bad ``!size``
+    drops the size (no limit), as the URI itself stays usable.
+    """
+    kept: list[ReportURI] = []
+    dropped = 0
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if len(kept) >= limit or len(part) > _MAX_URI or not _URI.match(part):
+            dropped += 1
+            continue
+        uri, bang, size_text = part.rpartition("!")
+        if not bang or ":" not in uri:
+            uri, size_text = part, ""
+        max_size = None
+        m = _SIZE.match(size_text)
+        if m:
+            max_size = int(m.group(1)) * _UNITS[m.group(2).lower()]
+        scheme, _, rest = uri.partition(":")
+        scheme = scheme.lower()
+        address = ""
+        if scheme == "mailto":
+            address = urllib.parse.unquote(rest.partition("?")[0]).strip()
+            local, _, dom = address.rpartition("@")
+            if not _LOCAL.fullmatch(local) or not valid_domain(ascii_domain(dom)):
+                dropped += 1
+                continue
+            address = f"{local}@{ascii_domain(dom)}"
+        kept.append(ReportURI(uri, scheme, address, max_size))
+    return tuple(kept), dropped
 
 
 def _disposition(value: str | None) -> Disposition | None:
@@ -118,8 +179,8 @@ def parse_record(domain: str, text: str) -> DMARCRecord | None:
     usable = True
     if p is None or ("sp" in tags and sp is None) or ("np" in tags and np is None):
         # RFC 9989 §4.10.1: with a valid rua act as p=none, otherwise no DMARC processing.
-        rua = [u.strip() for u in tags.get("rua", "").split(",")]
-        usable = any(_URI.match(u) for u in rua)
+        uris = [u.strip() for u in tags.get("rua", "").split(",")]
+        usable = any(_URI.match(u) for u in uris)
         notes.append(
             "no valid p/sp/np, read as p=none (rua given)"
             if usable
@@ -134,6 +195,9 @@ def parse_record(domain: str, text: str) -> DMARCRecord | None:
         # pct is historic (RFC 9989 §A.6): pct=0 meant "testing", i.e. t=y.
         testing = True
         notes.append("legacy pct=0 read as t=y")
+    pct_text = tags.get("pct", "100").strip()
+    pct = int(pct_text) if re.fullmatch(r"[0-9]{1,3}", pct_text) and int(pct_text) <= 100 else 100
+    rua, rua_dropped = parse_rua(tags.get("rua", ""))
     return DMARCRecord(
         domain=domain,
         p=p,
@@ -145,6 +209,9 @@ def parse_record(domain: str, text: str) -> DMARCRecord | None:
         testing=testing,
         usable=usable,
         notes=tuple(notes),
+        pct=pct,
+        rua=rua,
+        rua_dropped=rua_dropped,
     )
 
 

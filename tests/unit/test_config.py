@@ -30,6 +30,7 @@ SECTIONS = {
     "web": cfg.WebConfig,
     "milter": cfg.MilterConfig,
     "arc_seal": cfg.ArcSealConfig,
+    "dmarc_reports": cfg.DmarcReportsConfig,
 }
 
 
