@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # imported lazily at run time, so `--help` stays fast
     from gateway.engine import Engine, Evaluation
     from gateway.quarantine import QuarantineItem, QuarantineStore
     from gateway.state import ClosableStateStore
+    from gateway.verdict import Verdict
 
 __all__ = ["main"]
 
@@ -275,6 +276,7 @@ async def _scan(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         doc = {
             "action": verdict.action.value,
+            **_observed_json(verdict),
             "score": _num(verdict.score),
             "symbols": [
                 {
@@ -296,11 +298,32 @@ async def _scan(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _observed_json(verdict: Verdict) -> dict[str, Any]:
+    """Observe mode's keys of ``scan --json``: the observed outcome beside the enforced one."""
+    if verdict.observed is None:
+        return {}
+    return {
+        "observed": {
+            "action": verdict.observed.value,
+            "forced_by": verdict.observed_forced_by,
+            "reason": verdict.observed_reason,
+            "by_policy": {p: a.value for p, a in verdict.observed_by_policy},
+        }
+    }
+
+
 def _print_explanation(config: Config, evaluation: Evaluation, reply: str, out: TextIO) -> None:
     """Like ``spamassassin -t``: the verdict, then every symbol with its points and evidence."""
     v = evaluation.verdict
     t = config.actions
     print(f"Action:     {v.action.value}", file=out)
+    if v.observed is not None:
+        by = f" by {v.observed_forced_by}" if v.observed_forced_by else ""
+        print(f"Observed:   {v.observed.value}{by} (observe mode: not enforced)", file=out)
+        if v.observed_reason:
+            print(f"  because:  {v.observed_reason}", file=out)
+        for policy, action in v.observed_by_policy:
+            print(f"  {policy} alone: {action.value}", file=out)
     print(
         f"Score:      {v.score} (add_header {t.add_header}, quarantine {t.quarantine}, "
         f"reject {t.reject})",

@@ -39,9 +39,9 @@ from gateway.pipeline import Pipeline, PipelineRun, PolicyRun
 from gateway.registry import Plan, plan_policies
 from gateway.replies import Reply, queued, verdict_reply
 from gateway.schema import Problems
-from gateway.verdict import Verdict, decide, verdict_headers
+from gateway.verdict import Observe, Verdict, decide, verdict_headers
 
-__all__ = ["Engine", "Envelope", "Evaluation", "parse_message", "services_for"]
+__all__ = ["Engine", "Envelope", "Evaluation", "observe_scope", "parse_message", "services_for"]
 
 log = logging.getLogger("gateway.engine")
 
@@ -284,6 +284,15 @@ def services_for(config: Config, state: StateStore) -> Services:
     )
 
 
+def observe_scope(config: Config, plan: Plan) -> Observe:
+    """What this config only observes: everything (``[actions] mode``) or some policies."""
+    return Observe(
+        everything=config.actions.mode == "observe",
+        policies=frozenset(p.name for p in plan.policies if p.observe),
+        hard=frozenset({"gateway", *(p.name for p in plan.policies if not p.cls.observable)}),
+    )
+
+
 def _learns(cls: type[Policy]) -> bool:
     """Does the policy decide auto-learning (overrides ``after_verdict``)?"""
     return cls.after_verdict is not Policy.after_verdict
@@ -298,6 +307,7 @@ class Engine:
         self.pipeline = Pipeline(
             plan, default_timeout=config.pipeline.policy_timeout, on_error=on_error
         )
+        self.observe = observe_scope(config, plan)
         self._declared: dict[str, tuple[str, SymbolDef]] = {}
         self._learning: set[asyncio.Task[None]] = set()
         self._pending: dict[str, int] = {}
@@ -330,6 +340,7 @@ class Engine:
             symbols=self._declared,
             auth=auth,
             learners=[p.name for p in self.plan.policies if _learns(p.cls)],
+            observed=sorted(self.observe.policies),
         )
 
     async def close(self) -> None:
@@ -388,6 +399,7 @@ class Engine:
             declared=self._declared or self.declared_symbols(),
             overrides=self.config.scores,
             thresholds=self.config.actions,
+            observe=self.observe,
         )
         autolearn = self._after_verdict(ctx.with_results(run.results), verdict)
         label = autolearn[0][1].label if autolearn else ""
