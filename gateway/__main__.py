@@ -1,4 +1,4 @@
-"""The command line: ``python -m gateway {run,check-config,scan,symbols,quarantine,learn}``.
+"""The command line: ``python -m gateway {run,check-config,scan,symbols,quarantine,learn,replay}``.
 
 Exit codes: 0 ok, 1 problems or failures (invalid config, failed release,
 store unreachable), 2 usage (bad arguments, a command that does not apply to
@@ -599,6 +599,43 @@ async def _learn(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# --- replay --------------------------------------------------------------------
+
+
+def _replay_sources(args: argparse.Namespace) -> list[Any]:
+    from gateway.mailsource import QUARANTINE, Source, label_of
+
+    sources = [Source(p, label_of(p) if p != QUARANTINE else "") for p in args.paths]
+    for spec in args.label:
+        label, sep, path = spec.partition("=")
+        if not sep or label not in ("spam", "ham") or not path:
+            raise CLIError(f"--label {spec}: expected spam=PATH or ham=PATH", EXIT_USAGE)
+        sources.append(Source(path, label))
+    if not sources:
+        raise CLIError("replay needs at least one PATH (or --label spam=PATH)", EXIT_USAGE)
+    return sources
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from gateway.replay import ReplayError, ReplaySetup, replay
+
+    if not 1 <= args.jobs <= 64:
+        raise CLIError(f"--jobs must be 1..64, got {args.jobs}", EXIT_USAGE)
+    setup = ReplaySetup(
+        config_a=args.config,
+        config_b=args.against,
+        dns=args.dns,
+        mail_from=_unbracket(args.mail_from) if args.mail_from is not None else None,
+        rcpt=tuple(args.rcpt),
+        ip=args.ip,
+        helo=args.helo,
+    )
+    try:
+        return replay(setup, _replay_sources(args), jobs=args.jobs, as_json=args.json)
+    except ReplayError as exc:
+        raise _Problems(str(exc).splitlines()) from None
+
+
 # --- web -----------------------------------------------------------------------
 
 
@@ -689,6 +726,7 @@ def _parser() -> argparse.ArgumentParser:
     learn = sub.add_parser(
         "learn", parents=[common], help="train the classifier (the bayes policy)"
     )
+    _replay_parser(sub, common)
     from gateway.web import cli as web_cli
 
     web_cli.add_parser(sub)
@@ -697,6 +735,42 @@ def _parser() -> argparse.ArgumentParser:
         "paths", nargs="+", metavar="FILE_OR_DIR", help="message files, directories, mbox files"
     )
     return parser
+
+
+def _replay_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    replay = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="what this config (and --against another) would do to stored mail",
+        description="Run the full pipeline over stored messages without relaying or storing "
+        "anything, and compare two configs (docs/observe.md).",
+    )
+    replay.add_argument("--against", metavar="B", default=None, help="a second config to compare")
+    replay.add_argument("--json", action="store_true", help="print one JSON object")
+    replay.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    replay.add_argument(
+        "--dns",
+        choices=["live", "offline"],
+        default="offline",
+        help="offline (default): every lookup is skipped, deterministic; live: ask the resolver",
+    )
+    replay.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="spam=PATH",
+        help="a labelled folder (spam= or ham=), for detection and false-positive rates",
+    )
+    replay.add_argument("--mail-from", default=None, help="envelope sender for every message")
+    replay.add_argument("--rcpt", action="append", default=[], help="recipient, repeatable")
+    replay.add_argument("--ip", default=None, help="client IP for every message")
+    replay.add_argument("--helo", default=None, help="HELO name for every message")
+    replay.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="message files, directories, Maildir and mbox folders; quarantine: for the store",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -724,6 +798,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "replay":
+            return _replay(args)
         return asyncio.run(commands[args.command](args, out))
     except _Problems as exc:
         stream = out if args.command == "check-config" else sys.stderr

@@ -15,7 +15,7 @@ import email.utils
 import logging
 import re
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
@@ -284,6 +284,20 @@ def services_for(config: Config, state: StateStore) -> Services:
     )
 
 
+def _without_retry_floors(run: PipelineRun) -> PipelineRun:
+    """``run`` without the tempfail floors of policies that finished (``replay``)."""
+    if not any(r.result.force is Action.TEMPFAIL and r.outcome == "ok" for r in run.runs):
+        return run
+    return PipelineRun(
+        tuple(
+            PolicyRun(r.name, replace(r.result, force=None), r.seconds, r.outcome)
+            if r.result.force is Action.TEMPFAIL and r.outcome == "ok"
+            else r
+            for r in run.runs
+        )
+    )
+
+
 def observe_scope(config: Config, plan: Plan) -> Observe:
     """What this config only observes: everything (``[actions] mode``) or some policies."""
     return Observe(
@@ -299,8 +313,13 @@ def _learns(cls: type[Policy]) -> bool:
 
 
 class Engine:
-    def __init__(self, config: Config, plan: Plan, services: Services) -> None:
+    def __init__(
+        self, config: Config, plan: Plan, services: Services, *, retry_floors: bool = True
+    ) -> None:
+        """``retry_floors=False`` (``replay``): a check that could not answer (a DNS
+        temperror, a rate limit) does not force tempfail; a policy error still does."""
         self.config = config
+        self.retry_floors = retry_floors
         self.plan = plan
         self.services = services
         on_error = Action.TEMPFAIL if config.pipeline.on_policy_error == "tempfail" else None
@@ -386,6 +405,8 @@ class Engine:
             received_at=envelope.received_at or datetime.now(UTC),
         )
         run = await self.pipeline.run(ctx)
+        if not self.retry_floors:
+            run = _without_retry_floors(run)
         if parse_problem is not None:
             # Content we could not inspect is never relayed on a guess: quarantine it.
             flagged = Result(
