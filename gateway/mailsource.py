@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,9 @@ def _files(root: Path) -> Iterator[Path]:
 def _file_items(path: Path, label: str, limit: int) -> Iterator[Item | Problem]:
     name = str(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() for ever
+            yield Problem(name, "not a regular file")
+            return
         with open(path, "rb") as fh:
             head = fh.read(5)
             if head == b"From ":
@@ -146,7 +150,7 @@ def mbox_spans(fh: BinaryIO, chunk: int = _CHUNK) -> Iterator[tuple[int, int]]:
     the file or after a newline (mboxo/mboxrd quote body lines as ``>From``).
     """
     base = 0
-    tail = b""
+    tail = b"\n"  # as if a line ended before the file: a From line at offset 0 counts
     start: int | None = None
     while True:
         data = fh.read(chunk)
@@ -154,8 +158,6 @@ def mbox_spans(fh: BinaryIO, chunk: int = _CHUNK) -> Iterator[tuple[int, int]]:
             break
         window = tail + data
         origin = base - len(tail)
-        if base == 0 and window.startswith(b"From "):
-            start = 0
         pos = window.find(b"\nFrom ")
         while pos >= 0:
             offset = origin + pos + 1

@@ -330,8 +330,9 @@ class Replayer:
             return Row(item.name, item.label, error=f"over server.max_message_size ({limit})")
         if not mailsource.looks_like_mail(raw):
             return Row(item.name, item.label, error="not a mail message (no header field first)")
-        raw = as_received(raw, config.server.hostname)
+        # The envelope from the trace fields first: as_received drops our Received field.
         env = envelope_for(raw, config, self.setup, f"replay{abs(hash(item.name)) % 10**8}", held)
+        raw = as_received(raw, config.server.hostname)
         outcomes = []
         for engine in self._engines:
             ev = await engine.evaluate(env, raw)
