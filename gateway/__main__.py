@@ -13,7 +13,6 @@ import difflib
 import itertools
 import json
 import logging
-import mailbox
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -526,38 +525,26 @@ async def _learn_released(
 # --- learn ---------------------------------------------------------------------
 
 
-def _message_files(paths: Sequence[str]) -> Iterator[Path]:
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for f in sorted(files):
-                    if not f.startswith("."):
-                        yield Path(root) / f
-        elif path.exists():
-            yield path
-        else:
-            raise CLIError(f"{p}: no such file or directory")
-
-
 def _messages(paths: Sequence[str], limit: int, skipped: list[str]) -> Iterator[bytes]:
-    """Single-message files, directories of them (maildir too) and mbox files."""
-    for path in _message_files(paths):
-        with open(path, "rb") as fh:
-            head = fh.read(5)
-        if head == b"From ":
-            for msg in mailbox.mbox(path, create=False):
-                data = msg.as_bytes()
-                if len(data) <= limit:
-                    yield data
-                else:
-                    skipped.append(f"{path}: a message over {limit} bytes")
+    """Single-message files, directories of them (Maildir too) and mbox files, streamed."""
+    from gateway.mailsource import Problem, Source, looks_like_mail, read_file_item, walk
+
+    for p in paths:
+        if not Path(p).exists():
+            raise CLIError(f"{p}: no such file or directory")
+    for item in walk([Source(p) for p in paths], limit):
+        if isinstance(item, Problem):
+            skipped.append(f"{item.name}: {item.reason}")
             continue
-        if path.stat().st_size > limit:
-            skipped.append(f"{path}: over {limit} bytes")
+        try:
+            data = read_file_item(item)
+        except OSError as exc:
+            skipped.append(f"{item.name}: cannot read: {exc.strerror or exc}")
             continue
-        yield path.read_bytes()
+        if not looks_like_mail(data):
+            skipped.append(f"{item.name}: not a mail message (no header field first)")
+            continue
+        yield data
 
 
 async def _learn(args: argparse.Namespace, out: TextIO) -> int:
