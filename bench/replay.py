@@ -2,6 +2,7 @@
 
     python -m bench.replay                    # 1,500 corpus messages, 2 rounds
     python -m bench.replay --limit 3100 --rounds 3 --json
+    python -m bench.replay --memory 100000     # RSS over an mbox of 100,000 messages
 
 1. Unpacks the development corpus (``../shared/corpus/sa-dev.tar.xz``) into a
    temporary directory (it never enters the repository) and keeps the first
@@ -124,6 +125,84 @@ def replay_run(config_path: Path, folder: Path, jobs: int) -> tuple[float, float
     return n / wall, n / float(doc["seconds"]), cpu / n, n
 
 
+_MEMORY_CONFIG = """
+[server]
+listen = "127.0.0.1:0"
+hostname = "mx.example.org"
+accepted_domains = ["example.org"]
+[quarantine]
+path = "quarantine"
+[state]
+path = "state.sqlite"
+[policies.rules]
+[policies.heuristics]
+[policies.urls]
+"""
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def memory(count: int, jobs: int) -> dict[str, Any]:
+    """RSS of the replay's processes while it reads an mbox of ``count`` messages."""
+    with tempfile.TemporaryDirectory(prefix="bench-replay-mem-") as tmp:
+        work = Path(tmp)
+        config = work / "gateway.toml"
+        config.write_text(_MEMORY_CONFIG)
+        box = work / "big.mbox"
+        with open(box, "wb") as fh:
+            for i in range(count):
+                fh.write(
+                    b"From a@sender.test Mon Jan  1 00:00:00 2024\n"
+                    b"Return-Path: <a@sender.test>\nFrom: a@sender.test\nTo: b@example.org\n"
+                    + f"Subject: message {i} free offer\nMessage-ID: <{i}@sender.test>\n\n".encode()
+                    + b"Hello, see http://example.com/x for the details.\n" * 8
+                    + b"\n"
+                )
+        size = box.stat().st_size
+        argv = [sys.executable, "-m", "gateway", "replay", "--config", str(config)]
+        argv += ["--jobs", str(jobs), "--json", str(box)]
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        samples: list[tuple[float, int, int]] = []  # (seconds, main KB, workers KB)
+        while proc.poll() is None:
+            workers = sum(_rss_kb(c) for c in _children(proc.pid))
+            samples.append((time.perf_counter() - started, _rss_kb(proc.pid), workers))
+            time.sleep(0.5)
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"replay failed ({proc.returncode}):\n{err.decode()}")
+        doc = json.loads(out)
+        live = [s for s in samples if s[2] > 0]
+        tenth = live[max(0, len(live) // 10)] if live else (0.0, 0, 0)
+        return {
+            "messages": doc["messages"],
+            "mbox_mb": round(size / 1e6, 1),
+            "seconds": round(time.perf_counter() - started, 1),
+            "main_rss_mb_at_10pct": round(tenth[1] / 1024, 1),
+            "main_rss_mb_peak": round(max(s[1] for s in samples) / 1024, 1),
+            "workers_rss_mb_at_10pct": round(tenth[2] / 1024, 1),
+            "workers_rss_mb_peak": round(max(s[2] for s in samples) / 1024, 1),
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
@@ -131,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--memory", type=int, default=0, metavar="N", help="RSS over N messages")
     args = parser.parse_args(argv)
+    if args.memory:
+        print(json.dumps(memory(args.memory, args.jobs)))
+        return 0
     if not args.corpus.exists():
         raise SystemExit(f"{args.corpus}: corpus not found (see /work/shared/corpus/README.md)")
     rows: list[dict[str, Any]] = []
