@@ -312,3 +312,13 @@ def test_ctrl_c_prints_the_partial_summary_and_exits_130(tmp_path: Path) -> None
     doc = json.loads(out)
     assert doc["interrupted"] is True
     assert 0 < doc["messages"] < 40_000
+
+
+def test_dns_live_asks_the_configs_resolver(tmp_path: Path, dns_server: Any) -> None:
+    a, _ = write_configs(tmp_path)
+    a.write_text(a.read_text() + f'\n[dns]\nnameservers = ["{dns_server.address}"]\n')
+    paths = build_store(tmp_path)
+    doc = run_json("--config", str(a), "--dns", "live", str(paths["ham"]))
+    assert doc["dns"] == "live" and doc["messages"] == 3
+    assert "SPF_TEMPERROR" not in doc["a"]["symbols"]
+    assert sum(n for s, n in doc["a"]["symbols"].items() if s.startswith("SPF_")) == 6
