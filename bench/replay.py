@@ -11,7 +11,8 @@
    (state and quarantine in the temporary directory; the classifier untrained).
 3. Baseline, in this process: one Engine (``--dns offline`` resolver and the
    read-only state replay uses) evaluates the messages one after another, read
-   into memory first: the pipeline's single-message throughput on one core.
+   into memory first with the envelopes replay derives for them: the
+   pipeline's single-message throughput on one core, on the same work.
 4. ``python -m gateway replay --config ... --jobs 2 --json DIR`` as a
    subprocess, timed from start to exit (process start-up, worker spawn and
    engine start-up included), and by its own ``seconds``.
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.quality import DEFAULT_CORPUS, ROOT, crlf, envelope_for, write_config
+from bench.quality import DEFAULT_CORPUS, ROOT, crlf, write_config
 
 
 def corpus_sample(corpus: Path, dest: Path, limit: int) -> list[Path]:
@@ -63,7 +64,8 @@ async def baseline(config_path: Path, files: list[Path]) -> tuple[float, float]:
     from gateway.api import Services
     from gateway.config import load_config
     from gateway.engine import Engine
-    from gateway.replay import OfflineResolver, ReadOnlyState
+    from gateway.replay import OfflineResolver, ReadOnlyState, ReplaySetup, as_received
+    from gateway.replay import envelope_for as replay_envelope
     from gateway.state import open_state
 
     config = load_config(config_path)
@@ -76,13 +78,18 @@ async def baseline(config_path: Path, files: list[Path]) -> tuple[float, float]:
     )
     engine = Engine(config, Engine.make_plan(config), services, retry_floors=False)
     await engine.start()
-    messages = [(f.name, crlf(f.read_bytes())) for f in files]
+    setup = ReplaySetup(config_a=str(config_path))
+    messages = []
+    for f in files:
+        raw = crlf(f.read_bytes())
+        env = replay_envelope(raw, config, setup, f.name[:12])
+        messages.append((env, as_received(raw, config.server.hostname)))
     try:
-        for name, raw in messages[:50]:  # warm-up: first-use costs out of the figure
-            await engine.evaluate(envelope_for(name, raw), raw)
+        for env, raw in messages[:50]:  # warm-up: first-use costs out of the figure
+            await engine.evaluate(env, raw)
         started, cpu = time.perf_counter(), time.process_time()
-        for name, raw in messages:
-            await engine.evaluate(envelope_for(name, raw), raw)
+        for env, raw in messages:
+            await engine.evaluate(env, raw)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         await engine.close()

@@ -28,6 +28,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
@@ -331,7 +332,8 @@ class Replayer:
         if not mailsource.looks_like_mail(raw):
             return Row(item.name, item.label, error="not a mail message (no header field first)")
         # The envelope from the trace fields first: as_received drops our Received field.
-        env = envelope_for(raw, config, self.setup, f"replay{abs(hash(item.name)) % 10**8}", held)
+        queue_id = f"replay{zlib.crc32(item.name.encode('utf-8', 'replace')):08x}"  # stable
+        env = envelope_for(raw, config, self.setup, queue_id, held)
         raw = as_received(raw, config.server.hostname)
         outcomes = []
         for engine in self._engines:
