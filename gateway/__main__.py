@@ -186,6 +186,11 @@ async def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     if problems:
         raise _Problems(problems)
     names = ", ".join(p.name for p in runtime.engine.plan.policies) or "none"
+    observe = runtime.engine.observe
+    if observe.everything:
+        names += '; [actions] mode = "observe": nothing but hard protections acts'
+    elif observe.policies:
+        names += f"; observed only: {', '.join(sorted(observe.policies))}"
     print(f"{config.path}: OK (policies: {names})", file=out)
     return EXIT_OK
 

@@ -133,7 +133,13 @@ def test_check_config_refuses_a_bad_mode_and_observe_values(tmp_path: Path) -> N
     out = gateway("check-config", "--config", str(path))
     assert "policies.ratelimit.observe: ratelimit is a hard protection" in out.stdout.decode()
     path = write_config(tmp_path, '[actions]\nmode = "observe"\n[policies.rules]\nobserve = true\n')
-    assert gateway("check-config", "--config", str(path)).returncode == 0
+    out = gateway("check-config", "--config", str(path))
+    assert out.returncode == 0
+    assert 'mode = "observe": nothing but hard protections acts' in out.stdout.decode()
+    path = write_config(tmp_path, "[policies.rules]\nobserve = true\n")
+    assert (
+        "; observed only: rules)" in gateway("check-config", "--config", str(path)).stdout.decode()
+    )
 
 
 def test_scan_shows_the_enforced_and_the_observed_outcome(tmp_path: Path) -> None:
