@@ -605,7 +605,9 @@ def _run_inline(
         replayer = Replayer(setup)
         await replayer.open()
         try:
-            for batch in batches:
+            # The listing runs in a thread: it walks directories, and ``quarantine:``
+            # drives its own event loop, which cannot run inside this one.
+            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
                 for row in await replayer.evaluate(batch):
                     summary.add(row)
                 progress.update(summary)
