@@ -578,6 +578,7 @@ class _Progress:
 def _worker(setup: ReplaySetup, tasks: Any, results: Any) -> None:
     """A worker process: build the engines, evaluate batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # and stops us with SIGTERM
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s %(message)s")
     loop = asyncio.new_event_loop()
     replayer = Replayer(setup)
@@ -698,6 +699,10 @@ def check_configs(setup: ReplaySetup) -> Config:
     return first
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def replay(
     setup: ReplaySetup,
     sources: Sequence[Source],
@@ -714,6 +719,7 @@ def replay(
     started = time.monotonic()
     batches = _batches(items_of(sources, config), summary)
     code = 0
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C
     try:
         if jobs <= 1:
             _run_inline(setup, batches, summary, progress)
@@ -723,6 +729,7 @@ def replay(
         summary.interrupted = True
         code = 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         summary.seconds = time.monotonic() - started
         progress.done()
     if as_json:
