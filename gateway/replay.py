@@ -728,6 +728,11 @@ def replay(
     except KeyboardInterrupt:
         summary.interrupted = True
         code = 130
+    except ReplayError as exc:  # a worker died or could not start: report what was done
+        summary.problem("replay", str(exc))
+        summary.interrupted = True
+        print(f"gateway: {exc}", file=err)
+        code = 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         summary.seconds = time.monotonic() - started

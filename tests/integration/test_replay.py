@@ -323,3 +323,42 @@ def test_dns_live_asks_the_configs_resolver(tmp_path: Path, dns_server: Any) -> 
     assert doc["dns"] == "live" and doc["messages"] == 3
     assert "SPF_TEMPERROR" not in doc["a"]["symbols"]
     assert sum(n for s, n in doc["a"]["symbols"].items() if s.startswith("SPF_")) == 6
+
+
+def test_a_dead_worker_stops_the_run_with_what_was_done_and_why(tmp_path: Path) -> None:
+    a, _ = write_configs(tmp_path)
+    box = tmp_path / "many.mbox"
+    with open(box, "wb") as fh:
+        for i in range(40_000):
+            fh.write(b"From a@b.test Mon Jan  1 00:00:00 2024\n" + msg(f"message {i}") + b"\n")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "replay",
+            "--config",
+            str(a),
+            "--jobs",
+            "2",
+            "--json",
+            str(box),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    children: list[str] = []
+    deadline = time.monotonic() + 30
+    while len(children) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    time.sleep(2.0)
+    os.kill(int(children[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "a replay worker exited (code -9)" in err
+    doc = json.loads(out)
+    assert doc["interrupted"] is True
+    assert doc["problems"][-1]["path"] == "replay"
