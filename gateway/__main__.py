@@ -1,4 +1,4 @@
-"""The command line: ``python -m gateway {run,check-config,scan,symbols,quarantine,learn,...}``.
+"""The command line: ``python -m gateway {run,check-config,scan,quarantine,replay,...}``.
 
 Exit codes: 0 ok, 1 problems or failures (invalid config, failed release,
 store unreachable), 2 usage (bad arguments, a command that does not apply to
@@ -13,7 +13,6 @@ import difflib
 import itertools
 import json
 import logging
-import mailbox
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -29,6 +28,7 @@ if TYPE_CHECKING:  # imported lazily at run time, so `--help` stays fast
     from gateway.engine import Engine, Evaluation
     from gateway.quarantine import QuarantineItem, QuarantineStore
     from gateway.state import ClosableStateStore
+    from gateway.verdict import Verdict
 
 __all__ = ["main"]
 
@@ -186,6 +186,11 @@ async def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     if problems:
         raise _Problems(problems)
     names = ", ".join(p.name for p in runtime.engine.plan.policies) or "none"
+    observe = runtime.engine.observe
+    if observe.everything:
+        names += '; [actions] mode = "observe": nothing but hard protections acts'
+    elif observe.policies:
+        names += f"; observed only: {', '.join(sorted(observe.policies))}"
     print(f"{config.path}: OK (policies: {names})", file=out)
     return EXIT_OK
 
@@ -275,6 +280,7 @@ async def _scan(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         doc = {
             "action": verdict.action.value,
+            **_observed_json(verdict),
             "score": _num(verdict.score),
             "symbols": [
                 {
@@ -296,11 +302,32 @@ async def _scan(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _observed_json(verdict: Verdict) -> dict[str, Any]:
+    """Observe mode's keys of ``scan --json``: the observed outcome beside the enforced one."""
+    if verdict.observed is None:
+        return {}
+    return {
+        "observed": {
+            "action": verdict.observed.value,
+            "forced_by": verdict.observed_forced_by,
+            "reason": verdict.observed_reason,
+            "by_policy": {p: a.value for p, a in verdict.observed_by_policy},
+        }
+    }
+
+
 def _print_explanation(config: Config, evaluation: Evaluation, reply: str, out: TextIO) -> None:
     """Like ``spamassassin -t``: the verdict, then every symbol with its points and evidence."""
     v = evaluation.verdict
     t = config.actions
     print(f"Action:     {v.action.value}", file=out)
+    if v.observed is not None:
+        by = f" by {v.observed_forced_by}" if v.observed_forced_by else ""
+        print(f"Observed:   {v.observed.value}{by} (observe mode: not enforced)", file=out)
+        if v.observed_reason:
+            print(f"  because:  {v.observed_reason}", file=out)
+        for policy, action in v.observed_by_policy:
+            print(f"  {policy} alone: {action.value}", file=out)
     print(
         f"Score:      {v.score} (add_header {t.add_header}, quarantine {t.quarantine}, "
         f"reject {t.reject})",
@@ -539,38 +566,26 @@ async def _learn_released(
 # --- learn ---------------------------------------------------------------------
 
 
-def _message_files(paths: Sequence[str]) -> Iterator[Path]:
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for f in sorted(files):
-                    if not f.startswith("."):
-                        yield Path(root) / f
-        elif path.exists():
-            yield path
-        else:
-            raise CLIError(f"{p}: no such file or directory")
-
-
 def _messages(paths: Sequence[str], limit: int, skipped: list[str]) -> Iterator[bytes]:
-    """Single-message files, directories of them (maildir too) and mbox files."""
-    for path in _message_files(paths):
-        with open(path, "rb") as fh:
-            head = fh.read(5)
-        if head == b"From ":
-            for msg in mailbox.mbox(path, create=False):
-                data = msg.as_bytes()
-                if len(data) <= limit:
-                    yield data
-                else:
-                    skipped.append(f"{path}: a message over {limit} bytes")
+    """Single-message files, directories of them (Maildir too) and mbox files, streamed."""
+    from gateway.mailsource import Problem, Source, looks_like_mail, read_file_item, walk
+
+    for p in paths:
+        if not Path(p).exists():
+            raise CLIError(f"{p}: no such file or directory")
+    for item in walk([Source(p) for p in paths], limit):
+        if isinstance(item, Problem):
+            skipped.append(f"{item.name}: {item.reason}")
             continue
-        if path.stat().st_size > limit:
-            skipped.append(f"{path}: over {limit} bytes")
+        try:
+            data = read_file_item(item)
+        except OSError as exc:
+            skipped.append(f"{item.name}: cannot read: {exc.strerror or exc}")
             continue
-        yield path.read_bytes()
+        if not looks_like_mail(data):
+            skipped.append(f"{item.name}: not a mail message (no header field first)")
+            continue
+        yield data
 
 
 async def _learn(args: argparse.Namespace, out: TextIO) -> int:
@@ -610,6 +625,43 @@ async def _learn(args: argparse.Namespace, out: TextIO) -> int:
         file=out,
     )
     return EXIT_OK
+
+
+# --- replay --------------------------------------------------------------------
+
+
+def _replay_sources(args: argparse.Namespace) -> list[Any]:
+    from gateway.mailsource import QUARANTINE, Source, label_of
+
+    sources = [Source(p, label_of(p) if p != QUARANTINE else "") for p in args.paths]
+    for spec in args.label:
+        label, sep, path = spec.partition("=")
+        if not sep or label not in ("spam", "ham") or not path:
+            raise CLIError(f"--label {spec}: expected spam=PATH or ham=PATH", EXIT_USAGE)
+        sources.append(Source(path, label))
+    if not sources:
+        raise CLIError("replay needs at least one PATH (or --label spam=PATH)", EXIT_USAGE)
+    return sources
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from gateway.replay import ReplayError, ReplaySetup, replay
+
+    if not 1 <= args.jobs <= 64:
+        raise CLIError(f"--jobs must be 1..64, got {args.jobs}", EXIT_USAGE)
+    setup = ReplaySetup(
+        config_a=args.config,
+        config_b=args.against,
+        dns=args.dns,
+        mail_from=_unbracket(args.mail_from) if args.mail_from is not None else None,
+        rcpt=tuple(args.rcpt),
+        ip=args.ip,
+        helo=args.helo,
+    )
+    try:
+        return replay(setup, _replay_sources(args), jobs=args.jobs, as_json=args.json)
+    except ReplayError as exc:
+        raise _Problems(str(exc).splitlines()) from None
 
 
 # --- web -----------------------------------------------------------------------
@@ -727,6 +779,7 @@ def _parser() -> argparse.ArgumentParser:
     learn = sub.add_parser(
         "learn", parents=[common], help="train the classifier (the bayes policy)"
     )
+    _replay_parser(sub, common)
     from gateway.web import cli as web_cli
 
     web_cli.add_parser(sub)
@@ -738,6 +791,42 @@ def _parser() -> argparse.ArgumentParser:
         "paths", nargs="+", metavar="FILE_OR_DIR", help="message files, directories, mbox files"
     )
     return parser
+
+
+def _replay_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    replay = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="what this config (and --against another) would do to stored mail",
+        description="Run the full pipeline over stored messages without relaying or storing "
+        "anything, and compare two configs (docs/observe.md).",
+    )
+    replay.add_argument("--against", metavar="B", default=None, help="a second config to compare")
+    replay.add_argument("--json", action="store_true", help="print one JSON object")
+    replay.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    replay.add_argument(
+        "--dns",
+        choices=["live", "offline"],
+        default="offline",
+        help="offline (default): every lookup is skipped, deterministic; live: ask the resolver",
+    )
+    replay.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="spam=PATH",
+        help="a labelled folder (spam= or ham=), for detection and false-positive rates",
+    )
+    replay.add_argument("--mail-from", default=None, help="envelope sender for every message")
+    replay.add_argument("--rcpt", action="append", default=[], help="recipient, repeatable")
+    replay.add_argument("--ip", default=None, help="client IP for every message")
+    replay.add_argument("--helo", default=None, help="HELO name for every message")
+    replay.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="message files, directories, Maildir and mbox folders; quarantine: for the store",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -766,6 +855,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "replay":
+            return _replay(args)
         return asyncio.run(commands[args.command](args, out))
     except _Problems as exc:
         stream = out if args.command == "check-config" else sys.stderr

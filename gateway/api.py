@@ -389,6 +389,8 @@ class Policy:
     - ``auth_results``: the RFC 8601 methods it reports in ``Result.auth`` and
       the results each may take; ``gateway_auth_results_total`` exports them at
       zero from start-up, so dashboards and alerts see 0 rather than no data.
+    - ``observable``: False for a protection that must act even in observe mode
+      (the rate limit): its floors always act and ``observe = true`` is refused.
     """
 
     name: ClassVar[str] = ""
@@ -397,6 +399,7 @@ class Policy:
     after: ClassVar[tuple[str, ...]] = ()
     after_optional: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[Any]] = NoOptions
+    observable: ClassVar[bool] = True
 
     def __init__(self, options: Any) -> None:
         self.options = options

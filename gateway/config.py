@@ -258,6 +258,9 @@ class ActionsConfig:
     add_header: float = 5.0
     quarantine: float = 10.0
     reject: float = 15.0
+    # "observe": verdicts are computed, logged and counted, the mail is relayed anyway
+    # (hard protections still act: docs/observe.md).
+    mode: Literal["enforce", "observe"] = "enforce"
 
     def __post_init__(self) -> None:
         if not self.add_header <= self.quarantine <= self.reject:

@@ -15,7 +15,7 @@ import email.utils
 import logging
 import re
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
@@ -39,9 +39,9 @@ from gateway.pipeline import Pipeline, PipelineRun, PolicyRun
 from gateway.registry import Plan, plan_policies
 from gateway.replies import Reply, queued, verdict_reply
 from gateway.schema import Problems
-from gateway.verdict import Verdict, decide, verdict_headers
+from gateway.verdict import Observe, Verdict, decide, verdict_headers
 
-__all__ = ["Engine", "Envelope", "Evaluation", "parse_message", "services_for"]
+__all__ = ["Engine", "Envelope", "Evaluation", "observe_scope", "parse_message", "services_for"]
 
 log = logging.getLogger("gateway.engine")
 
@@ -284,20 +284,49 @@ def services_for(config: Config, state: StateStore) -> Services:
     )
 
 
+def _without_retry_floors(run: PipelineRun) -> PipelineRun:
+    """``run`` without the tempfail floors of policies that finished (``replay``)."""
+    if not any(r.result.force is Action.TEMPFAIL and r.outcome == "ok" for r in run.runs):
+        return run
+    return PipelineRun(
+        tuple(
+            PolicyRun(r.name, replace(r.result, force=None), r.seconds, r.outcome)
+            if r.result.force is Action.TEMPFAIL and r.outcome == "ok"
+            else r
+            for r in run.runs
+        )
+    )
+
+
+def observe_scope(config: Config, plan: Plan) -> Observe:
+    """What this config only observes: everything (``[actions] mode``) or some policies."""
+    return Observe(
+        everything=config.actions.mode == "observe",
+        policies=frozenset(p.name for p in plan.policies if p.observe),
+        hard=frozenset({"gateway", *(p.name for p in plan.policies if not p.cls.observable)}),
+    )
+
+
 def _learns(cls: type[Policy]) -> bool:
     """Does the policy decide auto-learning (overrides ``after_verdict``)?"""
     return cls.after_verdict is not Policy.after_verdict
 
 
 class Engine:
-    def __init__(self, config: Config, plan: Plan, services: Services) -> None:
+    def __init__(
+        self, config: Config, plan: Plan, services: Services, *, retry_floors: bool = True
+    ) -> None:
+        """``retry_floors=False`` (``replay``): a check that could not answer (a DNS
+        temperror, a rate limit) does not force tempfail; a policy error still does."""
         self.config = config
+        self.retry_floors = retry_floors
         self.plan = plan
         self.services = services
         on_error = Action.TEMPFAIL if config.pipeline.on_policy_error == "tempfail" else None
         self.pipeline = Pipeline(
             plan, default_timeout=config.pipeline.policy_timeout, on_error=on_error
         )
+        self.observe = observe_scope(config, plan)
         self._declared: dict[str, tuple[str, SymbolDef]] = {}
         self._learning: set[asyncio.Task[None]] = set()
         self._pending: dict[str, int] = {}
@@ -330,6 +359,7 @@ class Engine:
             symbols=self._declared,
             auth=auth,
             learners=[p.name for p in self.plan.policies if _learns(p.cls)],
+            observed=sorted(self.observe.policies),
         )
 
     async def close(self) -> None:
@@ -375,6 +405,8 @@ class Engine:
             received_at=envelope.received_at or datetime.now(UTC),
         )
         run = await self.pipeline.run(ctx)
+        if not self.retry_floors:
+            run = _without_retry_floors(run)
         if parse_problem is not None:
             # Content we could not inspect is never relayed on a guess: quarantine it.
             flagged = Result(
@@ -388,6 +420,7 @@ class Engine:
             declared=self._declared or self.declared_symbols(),
             overrides=self.config.scores,
             thresholds=self.config.actions,
+            observe=self.observe,
         )
         autolearn = self._after_verdict(ctx.with_results(run.results), verdict)
         label = autolearn[0][1].label if autolearn else ""

@@ -101,6 +101,8 @@ def record_evaluation(evaluation: Evaluation) -> None:
         metrics.AUTH_RESULTS.labels(
             method=metrics.label(auth.method), result=metrics.label(auth.result)
         ).inc()
+    for policy, action in evaluation.verdict.observed_by_policy:
+        metrics.OBSERVED_ACTIONS.labels(action=action.value, policy=policy).inc()
 
 
 def downstream_reply(code: int, text: str, default_status: str) -> Reply:
@@ -173,6 +175,7 @@ async def hand_off(
             "size": len(sub.raw),
             "tls": env.tls.version if env.tls else None,
             "action": outcome.action,
+            **_observed_fields(evaluation),
             "score": float(evaluation.verdict.score) if evaluation else None,
             "symbols": {s.name: float(s.score) for s in evaluation.verdict.symbols}
             if evaluation
@@ -190,6 +193,19 @@ async def hand_off(
         },
     )
     return outcome
+
+
+def _observed_fields(evaluation: Evaluation | None) -> dict[str, Any]:
+    """Observe mode's part of the log line: what would have happened, and who decided it."""
+    if evaluation is None or evaluation.verdict.observed is None:
+        return {}
+    v = evaluation.verdict
+    return {
+        "observed_action": v.observed.value if v.observed else None,
+        "observed_forced_by": v.observed_forced_by,
+        "observed_reason": v.observed_reason,
+        "observed_by_policy": {p: a.value for p, a in v.observed_by_policy},
+    }
 
 
 async def _settle(

@@ -35,6 +35,7 @@ __all__ = [
     "MESSAGE_SIZE",
     "MILTER_CONNECTIONS",
     "MILTER_ERRORS",
+    "OBSERVED_ACTIONS",
     "POLICY_DURATION",
     "POLICY_RUNS",
     "PROXY_CONNECTIONS",
@@ -65,6 +66,13 @@ MESSAGES = Counter(
     "gateway_messages",
     "Messages by final action (relay, add_header, quarantine, reject, tempfail) and front end",
     ["action", "frontend"],
+    registry=REGISTRY,
+)
+OBSERVED_ACTIONS = Counter(
+    "gateway_observed_actions",
+    "Observe mode: the action each message would have had, by observed policy "
+    '("all" in [actions] mode = "observe"); beside gateway_messages_total, what did happen',
+    ["action", "policy"],
     registry=REGISTRY,
 )
 AUTH_RESULTS = Counter(
@@ -295,6 +303,7 @@ def zero(metric: Counter | Gauge | Histogram, **values: Iterable[str]) -> None:
 
 
 zero(MESSAGES, action=[a.value for a in Action], frontend=("smtp", "milter"))
+zero(OBSERVED_ACTIONS, action=[a.value for a in Action], policy=("all",))
 zero(CONFIG_RELOADS, result=("ok", "invalid"))
 zero(DNS_QUERIES, result=("hit", "miss", "nxdomain", "temperror"))
 zero(ARC_SEALED, result=("sealed", "skipped", "failed"), cv=("none", "pass", "fail", "temperror"))
@@ -320,13 +329,17 @@ def export_policies(
     symbols: Iterable[str],
     auth: Mapping[str, Iterable[str]],
     learners: Iterable[str] = (),
+    observed: Iterable[str] = (),
 ) -> None:
     """Zero series for one configuration's policies (at start and after a reload).
 
     ``policies``: the enabled policy names (latency, outcomes); ``symbols``: every
     symbol they may emit; ``auth``: RFC 8601 method -> the results it may report
-    (``Policy.auth_results``); ``learners``: policies that auto-learn.
+    (``Policy.auth_results``); ``learners``: policies that auto-learn;
+    ``observed``: policies in observe mode (``observe = true``).
     """
+    for name in observed:
+        zero(OBSERVED_ACTIONS, action=[a.value for a in Action], policy=(name,))
     for name in policies:
         POLICY_DURATION.labels(policy=name)
         zero(POLICY_RUNS, policy=(name,), outcome=_POLICY_OUTCOMES)

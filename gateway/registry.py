@@ -2,7 +2,7 @@
 
 Built-in and third-party policies register the same way, in the entry-point
 group ``gateway.policies``. A ``[policies.<name>]`` table enables one; its
-``enabled`` and ``timeout`` keys are the gateway's, every other key goes to the
+``enabled``, ``timeout`` and ``observe`` keys are the gateway's, every other key goes to the
 policy's ``Options`` dataclass. A missing dependency or a cycle is a config
 error that says how to fix it, never a run-time surprise.
 """
@@ -72,6 +72,7 @@ class EnabledPolicy:
     cls: type[Policy]
     options: Any
     timeout: float | None
+    observe: bool = False  # its symbols and floors are observed only (docs/observe.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,15 +123,26 @@ def plan_policies(
                 f"{key}.timeout", f"must be a number of seconds > 0, got {describe(timeout)}"
             )
             timeout = None
+        observe = table.pop("observe", False)
+        if not isinstance(observe, bool):
+            problems.add(f"{key}.observe", f"must be true or false, got {describe(observe)}")
+            observe = False
         cls = _load(available[name], name, problems)
         if cls is None:
             continue
         # A disabled table is checked too: a typo shows now, not the day it is enabled.
+        if observe and not cls.observable:
+            problems.add(
+                f"{key}.observe",
+                f"{name} is a hard protection that always acts, even in observe mode; "
+                "remove observe = true (docs/observe.md)",
+            )
+            observe = False
         options = build(cls.Options, table, key, problems)
         if options is None or not on:
             continue
         enabled[name] = EnabledPolicy(
-            name, cls, options, float(timeout) if timeout is not None else None
+            name, cls, options, float(timeout) if timeout is not None else None, observe
         )
     sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
     for name, ep in enabled.items():

@@ -2,11 +2,17 @@
 
 Each symbol's score is rounded to hundredths *before* summing, so the numbers
 shown in ``X-Spam-Symbols`` add up exactly to ``score=`` in ``X-Spam-Status``.
+
+Observe mode (docs/observe.md): the verdict is computed in full (the
+*observed* action), then again with the symbols and floors of observed
+policies (every policy, in ``[actions] mode = "observe"``) left out: that is
+the *enforced* action. Hard protections (:data:`HARD_SYMBOLS`, the gateway's
+own findings, policies that declare ``observable = False``) always act.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 
@@ -16,7 +22,48 @@ from gateway.api import Action, AuthResult, SymbolDef
 from gateway.config import ActionsConfig
 from gateway.pipeline import PipelineRun
 
-__all__ = ["ScoredSymbol", "Verdict", "decide", "fold_header", "verdict_headers"]
+__all__ = [
+    "HARD_SYMBOLS",
+    "OBSERVE_ALL",
+    "Observe",
+    "ScoredSymbol",
+    "Verdict",
+    "decide",
+    "fold_header",
+    "verdict_headers",
+]
+
+# Findings that act even when observed: the test string operators send to check the
+# path end to end, and checks that could not finish (a crash is never an unscanned relay).
+HARD_SYMBOLS = frozenset(
+    {"GTUBE", "POLICY_ERROR", "POLICY_TIMEOUT", "MIME_UNPARSEABLE", "MIME_TOO_COMPLEX"}
+)
+OBSERVE_ALL = "all"  # the ``policy`` label of global observe mode
+
+
+@dataclass(frozen=True, slots=True)
+class Observe:
+    """What is observed only: every policy (``everything``) or the named ones.
+
+    ``hard`` names policies that are never observed (``Policy.observable = False``)
+    and ``gateway``, the engine's own findings.
+    """
+
+    everything: bool = False
+    policies: frozenset[str] = frozenset()
+    hard: frozenset[str] = frozenset({"gateway"})
+
+    @property
+    def active(self) -> bool:
+        return self.everything or bool(self.policies)
+
+    def observes(self, policy: str) -> bool:
+        if policy in self.hard:
+            return False
+        return self.everything or policy in self.policies
+
+
+ENFORCE = Observe()
 
 _CENT = Decimal("0.01")
 
@@ -43,10 +90,20 @@ class Verdict:
     reason: str
     forced_by: str | None
     auth: tuple[AuthResult, ...]
+    # Observe mode: the action with every policy acting (None when nothing is observed),
+    # what decided it, the score that counted for ``action``, and per observed policy
+    # the action it alone would have added (policy "all" in global observe mode).
+    observed: Action | None = None
+    observed_forced_by: str | None = None
+    observed_reason: str = ""
+    enforced_score: Decimal | None = None
+    observed_by_policy: tuple[tuple[str, Action], ...] = ()
 
     @property
     def is_spam(self) -> bool:
-        return self.score >= self.required or self.action in (
+        """Spam as the enforced action sees it: an observed policy never flags mail."""
+        counted = self.score if self.enforced_score is None else self.enforced_score
+        return counted >= self.required or self.action in (
             Action.ADD_HEADER,
             Action.QUARANTINE,
             Action.REJECT,
@@ -56,28 +113,39 @@ class Verdict:
         return sorted(s.name for s in self.symbols)
 
 
+_Floor = tuple[Action, str, str, str, bool]  # (action, forced_by, reason, owner, hard)
+
+
 def decide(
     run: PipelineRun,
     *,
     declared: Mapping[str, tuple[str, SymbolDef]],
     overrides: Mapping[str, float | Action],
     thresholds: ActionsConfig,
+    observe: Observe = ENFORCE,
 ) -> Verdict:
-    """Weigh every symbol, apply thresholds, then raise to the strongest floor."""
+    """Weigh every symbol, apply thresholds, then raise to the strongest floor.
+
+    With ``observe`` active, ``action`` is what the non-observed part decides and
+    ``observed`` what everything would have decided.
+    """
     scored: list[ScoredSymbol] = []
-    floors: list[tuple[Action, str, str]] = []  # (action, forced_by, reason)
+    floors: list[_Floor] = []
     auth: list[AuthResult] = []
     for prun in run.runs:
         res = prun.result
         auth.extend(res.auth)
         if res.force is not None:
-            floors.append((res.force, prun.name, res.reason or f"policy {prun.name}"))
+            hard = any(sym.name in HARD_SYMBOLS for sym in res.symbols)
+            reason = res.reason or f"policy {prun.name}"
+            floors.append((res.force, prun.name, reason, prun.name, hard))
         for sym in res.symbols:
             _owner, sdef = declared.get(sym.name, (prun.name, SymbolDef(0.0, "undeclared symbol")))
             override = overrides.get(sym.name)
             if isinstance(override, Action):
                 reason = sdef.description + (f": {sym.detail}" if sym.detail else "")
-                floors.append((override, f"scores.{sym.name}", reason))
+                hard = sym.name in HARD_SYMBOLS
+                floors.append((override, f"scores.{sym.name}", reason, prun.name, hard))
                 value = sdef.score * sym.weight
             elif override is not None:
                 value = override
@@ -86,26 +154,68 @@ def decide(
             scored.append(
                 ScoredSymbol(sym.name, _round(value), prun.name, sym.detail, sdef.description)
             )
-    total = sum((s.score for s in scored), Decimal("0.00"))
-    by_score = thresholds.for_score(float(total))
-    action, forced_by, reason = by_score, None, ""
-    for floor, who, why in floors:
+    ordered = tuple(sorted(scored, key=lambda s: (-s.score, s.name)))
+    full = _outcome(ordered, floors, thresholds, lambda _policy: True)
+    total = full[3]
+    if not observe.active:
+        action, forced_by, reason, _ = full
+        observed: Action | None = None
+        enforced_score: Decimal | None = None
+        by_policy: tuple[tuple[str, Action], ...] = ()
+    else:
+        action, forced_by, reason, enforced_score = _outcome(
+            ordered, floors, thresholds, lambda policy: not observe.observes(policy)
+        )
+        observed = full[0]
+        if observe.everything:
+            by_policy = ((OBSERVE_ALL, observed),)
+        else:
+            by_policy = tuple(
+                (name, _outcome(ordered, floors, thresholds, _alone(observe, name))[0])
+                for name in sorted(observe.policies)
+            )
+    return Verdict(
+        action=action,
+        score=total,
+        required=_round(thresholds.add_header),
+        symbols=ordered,
+        reason=_one_line(reason),
+        forced_by=forced_by,
+        auth=tuple(auth),
+        observed=observed,
+        observed_forced_by=full[1] if observed is not None else None,
+        observed_reason=_one_line(full[2]) if observed is not None else "",
+        enforced_score=enforced_score,
+        observed_by_policy=by_policy,
+    )
+
+
+def _alone(observe: Observe, name: str) -> Callable[[str], bool]:
+    """What acts when observed policy ``name`` alone were enforced."""
+    return lambda policy: policy == name or not observe.observes(policy)
+
+
+def _outcome(
+    scored: tuple[ScoredSymbol, ...],
+    floors: list[_Floor],
+    thresholds: ActionsConfig,
+    acts: Callable[[str], bool],
+) -> tuple[Action, str | None, str, Decimal]:
+    """(action, forced_by, reason, score) counting only what ``acts(policy)`` lets act."""
+    counted = [s for s in scored if acts(s.policy)]
+    total = sum((s.score for s in counted), Decimal("0.00"))
+    action, forced_by, reason = thresholds.for_score(float(total)), None, ""
+    for floor, who, why, owner, hard in floors:
+        if not (hard or acts(owner)):
+            continue
         # A floor at the score's own action says more than a sum of scores ("virus X").
         tie = floor is action and forced_by is None and action is not Action.RELAY
         if floor.rank > action.rank or tie:
             action, forced_by, reason = floor, who, why
     if forced_by is None and action is not Action.RELAY:
-        top = sorted((s for s in scored if s.score > 0), key=lambda s: (-s.score, s.name))[:3]
+        top = [s for s in counted if s.score > 0][:3]
         reason = f"spam score {total} (" + ", ".join(s.name for s in top) + ")"
-    return Verdict(
-        action=action,
-        score=total,
-        required=_round(thresholds.add_header),
-        symbols=tuple(sorted(scored, key=lambda s: (-s.score, s.name))),
-        reason=_one_line(reason),
-        forced_by=forced_by,
-        auth=tuple(auth),
-    )
+    return action, forced_by, reason, total
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -172,4 +282,6 @@ def verdict_headers(verdict: Verdict, hostname: str, autolearn: str = "") -> lis
         out.append(fold_header("X-Spam-Symbols", listing))
     if verdict.is_spam:
         out.append("X-Spam-Flag: YES")
+    if verdict.observed is not None:
+        out.append(f"X-Spam-Action-Observed: {verdict.observed.value}")
     return out

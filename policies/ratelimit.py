@@ -56,6 +56,7 @@ class RateLimitOptions:
 
 class RateLimitPolicy(Policy):
     name = "ratelimit"
+    observable = False  # a flood is a protocol-level protection: it acts in observe mode too
     symbols = {
         "RATELIMIT_CLIENT_IP": SymbolDef(0.0, "client IP sent more messages than its limit (451)"),
         "RATELIMIT_SENDER_DOMAIN": SymbolDef(
