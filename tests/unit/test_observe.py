@@ -17,6 +17,7 @@ DECLARED = {
     "OLD_HIT": ("old", SymbolDef(2.0, "the old policy found something")),
     "GTUBE": ("rules", SymbolDef(20.0, "GTUBE test string")),
     "POLICY_ERROR": ("gateway", SymbolDef(0.0, "a policy failed")),
+    "AV_VIRUS": ("antivirus", SymbolDef(0.0, "clamd found malware")),
 }
 
 
@@ -82,8 +83,13 @@ def test_hard_protections_act_in_observe_mode() -> None:
     )
     limited = run(("ratelimit", Result(force=Action.TEMPFAIL, reason="rate limit")))
     everything = Observe(everything=True, hard=frozenset({"gateway", "ratelimit"}))
-    for pipeline, action in ((gtube, Action.REJECT), (crashed, Action.TEMPFAIL)):
-        for observe in (everything, Observe(policies=frozenset({"rules", "trial"}))):
+    virus = run(
+        ("antivirus", Result(symbols=(Symbol("AV_VIRUS"),), force=Action.REJECT, reason="virus"))
+    )
+    cases = ((gtube, Action.REJECT), (crashed, Action.TEMPFAIL), (virus, Action.REJECT))
+    for pipeline, action in cases:
+        trial = frozenset({"rules", "trial", "antivirus"})
+        for observe in (everything, Observe(policies=trial)):
             v = decide(
                 pipeline,
                 declared=DECLARED,
