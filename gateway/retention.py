@@ -17,7 +17,6 @@ releases skipped: :meth:`~gateway.quarantine.QuarantineStore.purge`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 
 from gateway import metrics
 from gateway.config import QuarantineConfig
+from gateway.housekeeping import Housekeeper
 from gateway.quarantine import QuarantineStore, retention_cutoff
 
 __all__ = ["RetentionPurger"]
@@ -34,10 +34,9 @@ log = logging.getLogger("gateway.retention")
 
 _FIRST_DELAY = 60.0  # seconds after start at most: starting (or a restart loop) is not slowed
 _BATCH = 500  # messages per store call: a stop waits for one batch, never a whole backlog
-_STOP_TIMEOUT = 30.0  # seconds stop() waits for the batch in progress before cancelling
 
 
-class RetentionPurger:
+class RetentionPurger(Housekeeper):
     """Purges ``store`` on the schedule of the current config (read at every wake-up)."""
 
     def __init__(
@@ -47,45 +46,20 @@ class RetentionPurger:
         *,
         batch: int = _BATCH,
     ) -> None:
+        super().__init__()
         self.store = store
         self.config = config
         self.batch = batch
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def reconfigured(self) -> None:
-        """The config changed (SIGHUP): re-read the interval now, not after the old one."""
-        self._wake.set()
-
-    async def stop(self) -> None:
-        """Finish the batch in progress (bounded), then end; never leaves a store call behind."""
-        self._stopping = True
-        self._wake.set()
-        if self._task is None:
-            return
-        done, _ = await asyncio.wait([self._task], timeout=_STOP_TIMEOUT)
-        if not done:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         last = time.monotonic()
         first = True
         while not self._stopping:
-            self._wake.clear()
             interval = self.config().purge_interval
             due = None
             if interval > 0:
                 due = last + (min(interval, _FIRST_DELAY) if first else interval)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(None if due is None else due - time.monotonic()):
-                    await self._wake.wait()
-            if self._stopping or due is None or time.monotonic() < due:
+            if not await self.sleep_until(None if due is None else due - time.monotonic()):
                 continue  # stopping, or woken by a reload: recompute the schedule
             await self.purge()
             last = time.monotonic()

@@ -11,8 +11,6 @@ stops the server. A reload (SIGHUP) re-reads the config at once.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,17 +18,17 @@ from collections.abc import Callable
 from gateway.config import Config
 from gateway.dmarcreports.recorder import interval_start
 from gateway.dmarcreports.sender import ReportSender
+from gateway.housekeeping import Housekeeper
 
 __all__ = ["ReportScheduler"]
 
 log = logging.getLogger("gateway.dmarcreports")
 
 _FIRST_DELAY = 60.0  # seconds after start: catching up never slows a start or a restart loop
-_STOP_TIMEOUT = 30.0
 _RETRY_DELAY = 3600.0  # seconds before retrying reports that failed temporarily
 
 
-class ReportScheduler:
+class ReportScheduler(Housekeeper):
     def __init__(
         self,
         sender: ReportSender,
@@ -38,29 +36,10 @@ class ReportScheduler:
         *,
         first_delay: float = _FIRST_DELAY,
     ) -> None:
+        super().__init__()
         self.sender = sender
         self.config = config
         self.first_delay = first_delay
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def reconfigured(self) -> None:
-        self._wake.set()
-
-    async def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._task is None:
-            return
-        done, _ = await asyncio.wait([self._task], timeout=_STOP_TIMEOUT)
-        if not done:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def next_run(self, now: float) -> float:
         """``send_delay`` after the end of the interval in progress (or of the last one)."""
@@ -71,16 +50,9 @@ class ReportScheduler:
     async def _run(self) -> None:
         due = time.time() + self.first_delay
         while not self._stopping:
-            self._wake.clear()
             enabled = self.config().dmarc_reports.enabled
-            with contextlib.suppress(TimeoutError):
-                timeout = max(0.0, due - time.time()) if enabled else None
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            if self._stopping:
-                break
-            if not enabled or time.time() < due:
-                continue  # woken by a reload: recompute
+            if not await self.sleep_until(due - time.time() if enabled else None):
+                continue  # stopping, or woken by a reload: recompute
             retry = True
             try:
                 outcomes = await self.sender.send_due()

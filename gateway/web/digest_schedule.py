@@ -13,14 +13,13 @@ logged and counted; it never stops the server.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
 from gateway.config import Config
+from gateway.housekeeping import Housekeeper
 from gateway.quarantine import QuarantineStore
 from gateway.web.digest import DigestRun, send_digests
 from gateway.web.links import link_key
@@ -30,7 +29,6 @@ __all__ = ["DigestSchedule", "next_due"]
 log = logging.getLogger("gateway.digest")
 
 _WINDOW = timedelta(hours=24)  # a daily digest lists the day's held mail
-_STOP_TIMEOUT = 30.0
 
 
 def next_due(now: datetime, hhmm: str) -> datetime:
@@ -40,44 +38,20 @@ def next_due(now: datetime, hhmm: str) -> datetime:
     return due if due > now else due + timedelta(days=1)
 
 
-class DigestSchedule:
+class DigestSchedule(Housekeeper):
     """Sends the day's digests at the current config's ``web.digest_time``."""
 
     def __init__(self, store: QuarantineStore, config: Callable[[], Config]) -> None:
+        super().__init__()
         self.store = store
         self.config = config
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def reconfigured(self) -> None:
-        """The config changed (SIGHUP): recompute the next digest time now."""
-        self._wake.set()
-
-    async def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._task is None:
-            return
-        done, _ = await asyncio.wait([self._task], timeout=_STOP_TIMEOUT)
-        if not done:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         while not self._stopping:
-            self._wake.clear()
             hhmm = self.config().web.digest_time
             due = next_due(datetime.now(UTC), hhmm) if hhmm else None
             delay = None if due is None else (due - datetime.now(UTC)).total_seconds()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
-            if self._stopping or due is None or datetime.now(UTC) < due:
+            if not await self.sleep_until(delay) or due is None:
                 continue  # stopping, or woken by a reload: recompute
             await self.run_once(due.date())
 
