@@ -137,10 +137,6 @@ def _queue_empty(postfix: PostfixInstance) -> bool:
     return True
 
 
-def _tree_cpu(pid: int) -> float:
-    return cpu_seconds(pid)
-
-
 def _wait_listening(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -164,16 +160,16 @@ def run_round(
     seconds: float,
 ) -> Round:
     r = Round(target)
-    p0 = _tree_cpu(postfix_pid)
-    f0 = sum(_tree_cpu(p) for p in filter_pids)
+    p0 = cpu_seconds(postfix_pid)
+    f0 = sum(cpu_seconds(p) for p in filter_pids)
     t0 = time.perf_counter()
     asyncio.run(_load(port, wires, concurrency, seconds, r))
     r.seconds = time.perf_counter() - t0
     end = time.monotonic() + 120
     while not _queue_empty(postfix) and time.monotonic() < end:
         time.sleep(0.1)
-    r.postfix_cpu = _tree_cpu(postfix_pid) - p0
-    r.filter_cpu = sum(_tree_cpu(p) for p in filter_pids) - f0
+    r.postfix_cpu = cpu_seconds(postfix_pid) - p0
+    r.filter_cpu = sum(cpu_seconds(p) for p in filter_pids) - f0
     return r
 
 
