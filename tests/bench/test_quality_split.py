@@ -205,3 +205,20 @@ def test_bench_quality_runs_each_split_end_to_end(corpus: Path, tmp_path: Path, 
         low, high = cls["ci95"]["wilson"]
         assert low <= cls["flagged_rate"] <= high
     assert {r["split"] for r in rows} == {kind}
+
+
+@pytest.mark.parametrize("kind", ["grouped", "time", "random"])
+def test_the_development_split_lies_inside_the_training_half(corpus: Path, kind: str) -> None:
+    """--develop tunes on the training half only: the outer test half is never in it."""
+    from bench.quality import development_split, make_split
+
+    infos = load_infos(corpus)
+    outer = make_split(kind, infos, 1, 0.5, group_messages(infos))
+    inner = development_split(kind, infos, outer, 1, 0.5)
+    names = {c: {p.name for p in outer.train[c]} for c in CLASSES}
+    tested = {p.name for c in CLASSES for p in outer.test[c]}
+    for c in CLASSES:
+        inside = {p.name for p in inner.train[c] + inner.test[c]}
+        assert inside <= names[c] and not inside & tested
+        assert inner.test[c], c
+    assert inner.kind.startswith(kind) and "development" in inner.kind
