@@ -69,14 +69,7 @@ async def release_message(
     config = ctx.config()
     item, raw = await held(ctx, id)
     if rcpts is not None:
-        mine = {r.lower() for r in item.rcpt_tos}
-        strangers = [r for r in rcpts if r.lower() not in mine]
-        if strangers or not rcpts:
-            raise ActionError(
-                400,
-                f"not recipients of {id}: {', '.join(strangers) or '(none given)'}; "
-                f"it waits for {', '.join(item.rcpt_tos)}",
-            )
+        _check_rcpts(item, rcpts)
     try:
         result = await ctx.release(config, ctx.quarantine, item, raw, rcpts)
     except ReleaseBusy as exc:
@@ -96,24 +89,50 @@ async def release_message(
 
 
 async def delete_message(
-    ctx: WebContext, id: str, *, as_spam: bool = False, block_sender: bool = False
+    ctx: WebContext,
+    id: str,
+    rcpts: Sequence[str] | None = None,
+    *,
+    as_spam: bool = False,
+    block_sender: bool = False,
 ) -> Deleted:
-    """Remove ``id`` without delivering; "as spam" teaches the classifier."""
+    """Remove ``id`` without delivering, for ``rcpts`` (default all: the whole message);
+    "as spam" teaches the classifier. The message goes when no recipient is left."""
     config = ctx.config()
     item, raw = await held(ctx, id)
+    if rcpts is not None:
+        _check_rcpts(item, rcpts)
     try:
         if not await ctx.quarantine.claim(id, _DELETE_CLAIM):
             raise ActionError(409, f"{id} is being released right now; look again in a minute")
         learned = False
         if as_spam:
             learned = await _learn(ctx, id, raw, spam=True)
-        await ctx.quarantine.delete(id)
+        if rcpts is None:
+            await ctx.quarantine.delete(id)
+        elif await ctx.quarantine.drop_recipients(id, rcpts):
+            await ctx.quarantine.unclaim(id)  # still held for the others
     except QuarantineError as exc:
         raise ActionError(503, f"the quarantine is unavailable: {exc}") from None
     metrics.WEB_ACTIONS.labels("delete_spam" if as_spam else "delete").inc()
-    log.info("quarantine_deleted", extra={"id": id, "as_spam": as_spam, "via": "web"})
+    log.info(
+        "quarantine_deleted",
+        extra={"id": id, "as_spam": as_spam, "rcpts": list(rcpts or item.rcpt_tos), "via": "web"},
+    )
     listed = await list_sender(ctx, item, config.web.block_list) if block_sender else ""
     return Deleted(id, learned, listed)
+
+
+def _check_rcpts(item: QuarantineItem, rcpts: Sequence[str]) -> None:
+    """ActionError 400 unless ``rcpts`` are some of ``item``'s recipients."""
+    mine = {r.lower() for r in item.rcpt_tos}
+    strangers = [r for r in rcpts if r.lower() not in mine]
+    if strangers or not rcpts:
+        raise ActionError(
+            400,
+            f"not recipients of {item.id}: {', '.join(strangers) or '(none given)'}; "
+            f"it waits for {', '.join(item.rcpt_tos)}",
+        )
 
 
 async def _learn(ctx: WebContext, id: str, raw: bytes, *, spam: bool) -> bool:

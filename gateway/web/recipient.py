@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.quarantine import QuarantineError, QuarantineItem
-from gateway.web.actions import ActionError, release_message
+from gateway.web.actions import ActionError, delete_message, release_message
 from gateway.web.context import WebContext, context_of
 from gateway.web.links import Link, LinkError, LinkGone, authorize, mark_used, verify
 from gateway.web.pages import render_page
@@ -34,8 +34,6 @@ from gateway.web.paths import RECIPIENT_PREFIX
 __all__ = ["add_routes"]
 
 log = logging.getLogger("gateway.web")
-
-_DELETE_CLAIM = 60.0  # seconds a recipient's delete holds the message
 
 
 def _render(request: web.Request, status: int = 200, **values: Any) -> web.Response:
@@ -54,32 +52,33 @@ def _refused(request: web.Request, exc: LinkError) -> web.Response:
     return _render(request, exc.status, problem=problem)
 
 
-async def _checked(request: web.Request) -> tuple[Link, QuarantineItem, bytes]:
-    """The link of the URL and the message it may act on; LinkError when it may not."""
+async def _checked(request: web.Request) -> tuple[Link, QuarantineItem] | web.Response:
+    """The link of the URL and the message it may act on, or the page refusing it."""
     ctx = context_of(request)
-    link = verify(ctx.link_key, request.match_info["token"])
-    item, raw = await authorize(ctx.quarantine, link)
-    return link, item, raw
-
-
-async def _confirm(request: web.Request) -> web.Response:
     try:
-        link, item, _ = await _checked(request)
+        link = verify(ctx.link_key, request.match_info["token"])
+        item, _ = await authorize(ctx.quarantine, link)
     except LinkError as exc:
         return _refused(request, exc)
     except QuarantineError as exc:
         return _render(request, 503, problem=f"The quarantine is unavailable: {exc}. Try later.")
+    return link, item
+
+
+async def _confirm(request: web.Request) -> web.Response:
+    checked = await _checked(request)
+    if isinstance(checked, web.Response):
+        return checked
+    link, item = checked
     return _render(request, item=item, link=link, token=request.match_info["token"])
 
 
 async def _act(request: web.Request) -> web.Response:
     ctx = context_of(request)
-    try:
-        link, item, _ = await _checked(request)
-    except LinkError as exc:
-        return _refused(request, exc)
-    except QuarantineError as exc:
-        return _render(request, 503, problem=f"The quarantine is unavailable: {exc}. Try later.")
+    checked = await _checked(request)
+    if isinstance(checked, web.Response):
+        return checked
+    link, item = checked
     rcpt = next(r for r in item.rcpt_tos if r.lower() == link.rcpt.lower())
     when = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     try:
@@ -88,7 +87,7 @@ async def _act(request: web.Request) -> web.Response:
             done = f"The message is on its way to {rcpt}."
             used = f"released at {when}"
         else:
-            await _delete_for(ctx, item, rcpt)
+            await delete_message(ctx, item.id, [rcpt])
             done = f"The message was deleted for {rcpt}."
             used = f"deleted at {when}"
     except ActionError as exc:
@@ -100,21 +99,6 @@ async def _act(request: web.Request) -> web.Response:
         extra={"id": item.id, "rcpt": rcpt, "action": link.action, "via": "digest"},
     )
     return _render(request, item=item, done=done)
-
-
-async def _delete_for(ctx: WebContext, item: QuarantineItem, rcpt: str) -> None:
-    """Drop ``rcpt``'s copy: the whole message when it was the last one waiting."""
-    store = ctx.quarantine
-    try:
-        if not await store.claim(item.id, _DELETE_CLAIM):
-            raise ActionError(409, "This message is being released right now; try in a minute.")
-        remaining = await store.drop_recipients(item.id, [rcpt])
-        if remaining:
-            await store.unclaim(item.id)
-    except QuarantineError as exc:
-        raise ActionError(503, f"The quarantine is unavailable: {exc}. Try later.") from None
-    metrics.WEB_ACTIONS.labels("delete").inc()
-    log.info("quarantine_deleted", extra={"id": item.id, "rcpt": rcpt, "via": "digest"})
 
 
 def add_routes(app: web.Application, ctx: WebContext) -> None:
