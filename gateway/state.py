@@ -273,6 +273,28 @@ def _client(url: str) -> Any:
 redis_client = _client  # for other stores on the [state] Redis (DMARC reports)
 
 
+async def run_redis(op: Callable[[], Awaitable[Any]], what: str, url: str) -> Any:
+    """``op()`` under a deadline; any Redis failure a StateUnavailableError naming ``what``
+    at ``url`` (credentials left out). Building a pipeline may already connect (Cluster)."""
+    import re
+
+    import redis.exceptions
+
+    try:
+        async with asyncio.timeout(_TIMEOUT * 2):
+            return await op()
+    except (
+        redis.exceptions.RedisError,
+        redis.exceptions.RedisClusterException,  # not a RedisError
+        OSError,
+        TimeoutError,
+    ) as exc:
+        where = re.sub(r"//[^@/]*@", "//", url)  # no credentials in messages
+        raise StateUnavailableError(
+            f"{what} at {where} failed: {type(exc).__name__}: {str(exc) or 'timed out'}"
+        ) from exc
+
+
 class RedisState:
     """Redis (redis.asyncio): counters shared by every gateway of a cluster."""
 
@@ -285,28 +307,8 @@ class RedisState:
         self._redis: Any = _client(url)
         self._scripted = not isinstance(self._redis, redis.asyncio.cluster.RedisCluster)
 
-    def _where(self) -> str:
-        import re
-
-        return re.sub(r"//[^@/]*@", "//", self.url)  # no credentials in messages
-
     async def _run(self, op: Callable[[], Awaitable[Any]]) -> Any:
-        """``op()`` under a deadline; building a pipeline may already connect (Cluster)."""
-        import redis.exceptions
-
-        try:
-            async with asyncio.timeout(_TIMEOUT * 2):
-                return await op()
-        except (
-            redis.exceptions.RedisError,
-            redis.exceptions.RedisClusterException,  # not a RedisError
-            OSError,
-            TimeoutError,
-        ) as exc:
-            raise StateUnavailableError(
-                f"Redis state at {self._where()} failed: {type(exc).__name__}: "
-                f"{str(exc) or 'timed out'}"
-            ) from exc
+        return await run_redis(op, "Redis state", self.url)
 
     def _shard(self, table: str, key: str) -> str:
         return f"{self.prefix}c:{table}:{zlib.crc32(key.encode()) % _SHARDS:02x}"

@@ -35,6 +35,7 @@ from gateway.api import StateUnavailableError
 from gateway.config import Config
 from gateway.dmarcreports.rows import PolicyPublished, Row
 from gateway.sqlitewal import enable_wal
+from gateway.state import run_redis
 
 __all__ = [
     "DomainReport",
@@ -451,24 +452,7 @@ class RedisReportStore:
         return f"{self.prefix}dmarc:{{{interval}}}:{part}"
 
     async def _run(self, op: Callable[[], Awaitable[Any]]) -> Any:
-        import re
-
-        import redis.exceptions
-
-        try:
-            async with asyncio.timeout(_TIMEOUT * 2):
-                return await op()
-        except (
-            redis.exceptions.RedisError,
-            redis.exceptions.RedisClusterException,
-            OSError,
-            TimeoutError,
-        ) as exc:
-            where = re.sub(r"//[^@/]*@", "//", self.url)
-            raise StateUnavailableError(
-                f"DMARC report store at {where} failed: {type(exc).__name__}: "
-                f"{str(exc) or 'timed out'}"
-            ) from exc
+        return await run_redis(op, "DMARC report store", self.url)
 
     async def add(
         self,
