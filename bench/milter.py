@@ -50,7 +50,6 @@ from bench.run import (
     Client,
     SMTPFailed,
     Wire,
-    _reply,
     cpu_seconds,
     dns_records,
     free_port,
@@ -83,18 +82,9 @@ class Round:
 
 
 async def _send(client: Client, msg: Wire) -> str:
-    """One transaction; the class of the final reply to DATA ("2xx", "4xx", "5xx")."""
-    reader, writer = client.reader, client.writer
-    assert reader is not None and writer is not None
-    for command, expected in ((msg.mail, 250), (msg.rcpt, 250), (b"DATA\r\n", 354)):
-        writer.write(command)
-        code = await _reply(reader)
-        if code != expected:
-            writer.write(b"RSET\r\n")
-            await _reply(reader)
-            return f"{code // 100}xx@{command[:4].decode().strip()}"
-    writer.write(msg.data)
-    return f"{await _reply(reader) // 100}xx"
+    """One transaction; the class of its final reply ("2xx", "4xx@MAIL", "5xx" ...)."""
+    code, step = await client.transact(msg)
+    return f"{code // 100}xx" + (f"@{step}" if step else "")
 
 
 async def _load(port: int, wires: list[Wire], concurrency: int, seconds: float, r: Round) -> None:

@@ -269,17 +269,26 @@ class Client:
         if await _reply(self.reader) != 250:
             raise SMTPFailed("EHLO refused")
 
-    async def send(self, msg: Wire) -> None:
+    async def transact(self, msg: Wire) -> tuple[int, str]:
+        """One transaction: the reply code that ended it and the step ("MAIL", "RCPT",
+        "DATA" refused before the message; "" for the reply to the message itself)."""
         reader, writer = self.reader, self.writer
         assert reader is not None and writer is not None
         for command, expected in ((msg.mail, 250), (msg.rcpt, 250), (b"DATA\r\n", 354)):
             writer.write(command)
-            if await _reply(reader) != expected:
+            code = await _reply(reader)
+            if code != expected:
                 writer.write(b"RSET\r\n")
                 await _reply(reader)
-                raise SMTPFailed(command[:4].decode())
+                return code, command[:4].decode().strip()
         writer.write(msg.data)
-        if await _reply(reader) != 250:
+        return await _reply(reader), ""
+
+    async def send(self, msg: Wire) -> None:
+        code, step = await self.transact(msg)
+        if step:
+            raise SMTPFailed(step)
+        if code != 250:
             raise SMTPFailed("DATA refused")
 
     async def close(self) -> None:
