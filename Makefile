@@ -73,7 +73,8 @@ configs:
 # The web UI's screenshots in docs/web.md, taken by the browser end-to-end test.
 screenshots: venv
 	GATEWAY_SCREENSHOTS=docs/img $(VPY) -m pytest -q \
-	  "tests/integration/test_web_browser.py::test_log_in_find_read_why_release_and_it_arrives[local]"
+	  "tests/integration/test_web_browser.py::test_log_in_find_read_why_release_and_it_arrives[local]" \
+	  "tests/integration/test_web_browser.py::test_a_recipient_releases_through_a_digest_link_without_logging_in[local]"
 
 clean:
 	rm -rf var/demo .pytest_cache

@@ -235,6 +235,10 @@ def test_a_recipient_releases_through_a_digest_link_without_logging_in(
     assert page.inner_text("h1.subject") == "<script>window.__xss=1</script>Your invoice"
     assert page.evaluate("typeof window.__xss") == "undefined"
     assert sink.messages == []
+    shots = os.environ.get("GATEWAY_SCREENSHOTS")
+    if shots and not backend:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(shots) / "web-recipient.png"), full_page=True)
     # ... then the recipient's click releases it, with no login anywhere.
     page.click("button[value=release]")
     assert "on its way to bob@example.org" in page.inner_text("p.done")
