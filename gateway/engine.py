@@ -32,6 +32,7 @@ from gateway.api import (
     Symbol,
     SymbolDef,
     TLSInfo,
+    VerdictView,
 )
 from gateway.config import Config
 from gateway.dns import CachingResolver
@@ -343,6 +344,12 @@ class Engine:
             raise ConfigError(problems.lines)
         return plan
 
+    @staticmethod
+    def preload(plan: Plan) -> None:
+        """Each enabled policy's process-wide set-up, once, before forking workers."""
+        for p in plan.policies:
+            p.cls.preload(p.options)
+
     async def start(self) -> None:
         await self.pipeline.start(self.services)
         self._declared = self.declared_symbols()
@@ -430,11 +437,15 @@ class Engine:
     def _after_verdict(self, ctx: Context, verdict: Verdict) -> tuple[tuple[str, AutoLearn], ...]:
         """Each policy's :meth:`Policy.after_verdict`; one that raises is logged and skipped."""
         out: list[tuple[str, AutoLearn]] = []
+        view: VerdictView = verdict.enforced(self.observe) if self.observe.active else verdict
         for name, policy in self.pipeline.policies.items():
             if type(policy).after_verdict is Policy.after_verdict:
                 continue
+            if self.observe.everything:  # nothing is enforced: nothing to learn from
+                out.append((name, AutoLearn("no", "observe mode: verdicts are not learned")))
+                continue
             try:
-                decision = policy.after_verdict(ctx, verdict)
+                decision = policy.after_verdict(ctx, view)
             except Exception as exc:
                 log.exception(
                     "after_verdict_failed",

@@ -119,6 +119,24 @@ class Verdict:
     def symbol_names(self) -> list[str]:
         return sorted(s.name for s in self.symbols)
 
+    def enforced(self, observe: Observe) -> EnforcedView:
+        """The verdict without the observed policies' symbols: what auto-learning may
+        judge. A policy on trial must not train the classifier, or its mistakes would
+        change enforced scores later (docs/observe.md)."""
+        counted = self.score if self.enforced_score is None else self.enforced_score
+        kept = tuple(s for s in self.symbols if not observe.observes(s.policy))
+        return EnforcedView(self.action, counted, kept, self.forced_by)
+
+
+@dataclass(frozen=True, slots=True)
+class EnforcedView:
+    """A :class:`gateway.api.VerdictView` of the enforced part of a verdict."""
+
+    action: Action
+    score: Decimal
+    symbols: tuple[ScoredSymbol, ...]
+    forced_by: str | None
+
 
 _Floor = tuple[Action, str, str, str, bool]  # (action, forced_by, reason, owner, hard)
 

@@ -198,3 +198,34 @@ async def test_autolearn_counts_go_to_redis_when_that_is_the_state_store(
         assert await learned(tmp_path, config) == (1, 1)
     finally:
         redis.stop()
+
+
+async def test_an_observed_policy_does_not_train_the_classifier(
+    tmp_path: Path, sink: SinkServer, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The rules on trial give SPAM 13 points; enforced, the gateway sees 0 points and
+    # learns what it would learn without them: a trial must not change later scores.
+    config = overrides(tmp_path, sink, dns_server)
+    config["policies"]["rules"]["observe"] = True
+    with caplog.at_level(logging.INFO, logger="gateway.handoff"):
+        async with running_gateway(config, workdir=tmp_path) as gw:
+            await send(gw.smtp_port, SPAM)
+    records = [r for r in caplog.records if r.getMessage() == "message_processed"]
+    assert [r.action for r in records] == ["relay"]  # type: ignore[attr-defined]
+    assert autolearn(records) == ["ham"]
+    assert records[0].autolearn_detail.startswith("score 0.00 without bayes")  # type: ignore[attr-defined]
+    assert b"X-Spam-Action-Observed: quarantine" in sink.messages[0].data
+    assert await learned(tmp_path) == (0, 1)
+
+
+async def test_nothing_is_learned_in_global_observe_mode(
+    tmp_path: Path, sink: SinkServer, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = overrides(tmp_path, sink, dns_server, **{"actions.mode": "observe"})
+    with caplog.at_level(logging.INFO, logger="gateway.handoff"):
+        async with running_gateway(config, workdir=tmp_path) as gw:
+            await send(gw.smtp_port, SPAM, HAM)
+    records = [r for r in caplog.records if r.getMessage() == "message_processed"]
+    assert autolearn(records) == ["no", "no"]
+    assert records[0].autolearn_detail == "observe mode: verdicts are not learned"  # type: ignore[attr-defined]
+    assert len(sink.messages) == 2 and await learned(tmp_path) == (0, 0)
