@@ -404,6 +404,14 @@ class Policy:
     def __init__(self, options: Any) -> None:
         self.options = options
 
+    @classmethod
+    def preload(cls, options: Any) -> None:
+        """Process-wide set-up every instance's ``start`` would repeat (a model, a
+        table), done once in a parent before it forks workers (``replay --jobs``), so
+        each worker starts with it. Keep it fork-safe: no thread, socket or open file
+        may outlive the call. Optional; the default does nothing.
+        """
+
     async def start(self, services: Services) -> None:
         """Called once before the first message: open stores, load files."""
 

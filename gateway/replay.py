@@ -53,8 +53,9 @@ __all__ = [
 log = logging.getLogger("gateway.replay")
 
 FLAGGED = frozenset({"add_header", "quarantine", "reject"})  # as bench.quality counts them
-_BATCH = 16  # messages per task sent to a worker (evaluated concurrently there)
-_IN_FLIGHT = 4  # batches queued per worker
+_BATCH = 8  # messages per task sent to a worker (evaluated concurrently there)
+_IN_FLIGHT = 3  # batches queued per worker: enough to never wait, few enough that the
+# last batches end together (the tail is at most this many batches on one worker)
 _MAX_CHANGED = 10_000  # changed messages kept for the report; the count goes on
 _MAX_PROBLEMS = 1_000  # problems kept for the report, likewise
 _MESSAGE_TIMEOUT = 120.0  # seconds for one message under both configs
@@ -683,17 +684,23 @@ def _run_parallel(
         results.cancel_join_thread()
 
 
-def check_configs(setup: ReplaySetup) -> Config:
-    """Config A (returned) and B load and their policy tables are valid; else ReplayError."""
+def check_configs(setup: ReplaySetup, *, preload: bool = False) -> Config:
+    """Config A (returned) and B load and their policy tables are valid; else ReplayError.
+
+    With ``preload``, each policy's process-wide set-up is done here, in the parent,
+    so the workers forked next start with it instead of each repeating it.
+    """
     from gateway.engine import Engine
 
     first: Config | None = None
     for path in filter(None, (setup.config_a, setup.config_b)):
         try:
             config = load_config(path)
-            Engine.make_plan(config)
+            plan = Engine.make_plan(config)
         except ConfigError as exc:
             raise ReplayError("\n".join(exc.problems)) from None
+        if preload:
+            Engine.preload(plan)
         first = first or config
     assert first is not None
     return first
@@ -713,7 +720,7 @@ def replay(
     as_json: bool = False,
 ) -> int:
     """Run the replay and print its report; 0, or 130 when interrupted (partial report)."""
-    config = check_configs(setup)
+    config = check_configs(setup, preload=jobs > 1)
     summary = Summary(against=setup.config_b is not None)
     progress = _Progress(err)
     started = time.monotonic()

@@ -9,6 +9,7 @@ being read today.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import re
 import unicodedata
@@ -164,6 +165,15 @@ class HeuristicsPolicy(Policy):
             for b, ds in options.brands.items()
         ]
         self._ok_languages = frozenset(options.ok_languages)
+
+    @classmethod
+    def preload(cls, options: HeuristicsOptions) -> None:
+        # The public suffix table (the brands' domains need it) and the language
+        # model are per process: a parent that loads them forks workers that have them.
+        registrable_domain("example.com")
+        if options.ok_languages:
+            with contextlib.suppress(_language.LanguageModelError):  # start() reports it
+                _language.load()
 
     async def start(self, services: Services) -> None:
         if self._ok_languages:

@@ -112,3 +112,19 @@ def test_totals_stay_bounded_however_many_messages_change() -> None:
         "b": {"flagged": 12_500, "total": 12_500},
     }
     assert doc["symbol_changes"] == [{"symbol": "Y", "a": 0, "b": 25_000}]
+
+
+def test_preload_loads_what_forked_workers_would_each_load_again() -> None:
+    from gateway.engine import Engine
+    from policies import _language
+
+    config = config_from_mapping(
+        {
+            "server": {"hostname": "mx.example.org", "accepted_domains": ["example.org"]},
+            "policies": {"heuristics": {"ok_languages": ["en"]}},
+        },
+        Path("gateway.toml"),
+    )
+    _language._model = None
+    Engine.preload(Engine.make_plan(config))
+    assert _language._model is not None  # in the parent, before replay forks
