@@ -1,21 +1,26 @@
 """Postfix with ``smtpd_milters`` pointing at the gateway (``gateway run``, milter only).
 
 The Postfix config is ``deploy/postfix/milter/`` with its ports swapped for free
-ones. Skips (fails under CI=true) without Postfix or root.
+ones. Skips (fails under CI=true) without Postfix or root. A second stack,
+``observe_stack``, runs in observe mode (docs/observe.md): global, or with
+``[policies.rules] observe = true`` after a SIGHUP reload.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import json
+import signal
 import smtplib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import dkim
 import pytest
@@ -57,15 +62,23 @@ class Stack:
     port: int
 
 
-@pytest.fixture(scope="module")
-def stack(dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+RULES = (
+    '[[rule]]\nname = "TEST_QUARANTINE_ME"\ntype = "body"\npattern = "QUARANTINE-ME"\n'
+    'score = 12.0\ndescription = "test marker: scores into the quarantine band"\n'
+    '[[rule]]\nname = "TEST_REJECT_ME"\ntype = "body"\npattern = "REJECT-ME"\n'
+    'score = 20.0\ndescription = "test marker: scores into the reject band"\n'
+)
+
+
+@contextlib.contextmanager
+def running_stack(
+    dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory, extra: Mapping[str, Any]
+) -> Iterator[Stack]:
+    """Postfix with the gateway as its milter; ``extra`` overrides on top of the defaults."""
     require_tool("postfix", "apt-get install postfix")
     require_root("starting a Postfix master needs root (it drops to the postfix user)")
-    rules = tmp_path_factory.mktemp("rules") / "quarantine.toml"
-    rules.write_text(
-        '[[rule]]\nname = "TEST_QUARANTINE_ME"\ntype = "body"\npattern = "QUARANTINE-ME"\n'
-        'score = 12.0\ndescription = "test marker: scores into the quarantine band"\n'
-    )
+    rules = tmp_path_factory.mktemp("rules") / "test-rules.toml"
+    rules.write_text(RULES)
     back, public = free_port(), free_port()
     overrides = {
         "server.listen": "",  # a milter-only node
@@ -74,6 +87,7 @@ def stack(dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory) -> It
         "relay.verify_recipients": False,
         "dns.nameservers": [dns_server.address],
         "policies.rules": {"files": [str(rules)]},
+        **extra,
     }
     with GatewayProcess(overrides) as gw:
         ports = {"public": public, "gateway": 0, "back": back}
@@ -87,6 +101,21 @@ def stack(dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory) -> It
             + snippet("milter", "master.cf", **ports),
         ) as postfix:
             yield Stack(postfix, gw, public)
+
+
+@pytest.fixture(scope="module")
+def stack(dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(dns_server, tmp_path_factory, {}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def observe_stack(
+    dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The one extra stack: global observe mode; ``observing`` switches it by SIGHUP."""
+    with running_stack(dns_server, tmp_path_factory, {"actions.mode": "observe"}) as running:
+        yield running
 
 
 def send(stack: Stack, raw: bytes, sender: str = "alice@sender.test", xclient: str = "") -> None:
@@ -220,6 +249,130 @@ def test_one_hundred_concurrent_postfix_sessions(stack: Stack) -> None:
     stack.postfix.wait_for_mail(before + count, timeout=60)
     box = b"".join(stack.postfix.mailbox())
     assert all(f"BURST-{i:03d}".encode() in box for i in range(count))
+
+
+# -- observe mode through the milter (docs/observe.md) --------------------------
+
+
+def observing(stack: Stack, mode: Literal["global", "rules"]) -> None:
+    """Put the observe stack in ``global`` observe mode or observe ``rules`` only (SIGHUP)."""
+    gw = stack.gateway
+    rules = {**gw.overrides["policies.rules"], "observe": mode == "rules"}
+    wanted = {"actions.mode": "observe" if mode == "global" else "enforce", "policies.rules": rules}
+    if all(gw.overrides.get(k) == v for k, v in wanted.items()):
+        return
+    reloads = len(gw.events("config_reloaded"))
+    gw.rewrite_config(wanted)
+    gw.signal(signal.SIGHUP)
+    reloaded = gw.wait_for_event("config_reloaded", timeout=20, after=reloads)
+    assert reloaded is not None, "\n".join(gw.log_lines()[-20:])
+
+
+def observed_count(stack: Stack, action: str, policy: str) -> float:
+    value = stack.gateway.metric("gateway_observed_actions_total", action=action, policy=policy)
+    return value or 0.0
+
+
+def milter_count(stack: Stack, action: str) -> float:
+    value = stack.gateway.metric("gateway_messages_total", action=action, frontend="milter")
+    return value or 0.0
+
+
+def top_fields(stored: bytes) -> list[bytes]:
+    """The delivered copy's header lines above Postfix's own ``Received:``: ours."""
+    return stored[: stored.index(b"Received:")].splitlines()
+
+
+def test_global_observe_delivers_through_postfix_what_would_have_been_refused(
+    observe_stack: Stack,
+) -> None:
+    stack = observe_stack
+    observing(stack, "global")
+    expected = {"reject": 0.0, "quarantine": 0.0, "add_header": 0.0, "relay": 0.0}
+    before = {action: observed_count(stack, action, "all") for action in expected}
+    relayed = milter_count(stack, "relay")
+    forged = b"X-Spam-Action-Observed: relay\r\n"  # a client's own is dropped by the milter
+    cases = (  # body marker, the action it would have had, sender (to find its log line)
+        (b"REJECT-ME OBS-REJECT", "reject", "observe-reject@sender.test"),
+        (b"QUARANTINE-ME OBS-QUARANTINE", "quarantine", "observe-quarantine@sender.test"),
+        (b"Lunch on Friday? OBS-CLEAN", "relay", "observe-clean@sender.test"),
+    )
+    for body, action, sender in cases:
+        send(stack, message(f"observe {action}", body + b"\r\n", sender, forged), sender)
+        expected[action] += 1
+    for body, action, sender in cases:
+        stored = delivered(stack, body.split()[-1])
+        msg = email.message_from_bytes(stored, policy=email.policy.compat32)
+        assert msg.get_all("X-Spam-Action-Observed") == [action], stored
+        assert f"X-Spam-Action-Observed: {action}".encode() in top_fields(stored)
+        # Nothing is enforced: the score is shown, but nothing flags the message as spam.
+        assert msg["X-Spam-Status"].startswith("No, score="), msg["X-Spam-Status"]
+        assert msg["X-Spam-Flag"] is None
+        if action != "relay":
+            assert f"TEST_{action.upper()}_ME=".encode() in stored
+        event = stack.gateway.wait_for_event("message_processed", match={"mail_from": sender})
+        assert event is not None and event["frontend"] == "milter", event
+        assert event["action"] == "relay" and event["observed_action"] == action, event
+        assert event["observed_by_policy"] == {"all": action}, event
+    for action, n in expected.items():
+        assert observed_count(stack, action, "all") == before[action] + n, action
+    assert milter_count(stack, "relay") == relayed + len(cases)
+
+
+def test_global_observe_still_refuses_gtube_through_postfix(observe_stack: Stack) -> None:
+    """GTUBE is a hard protection: Postfix's client still gets the gateway's 550."""
+    stack = observe_stack
+    observing(stack, "global")
+    observed, rejected = observed_count(stack, "reject", "all"), milter_count(stack, "reject")
+    code, text = refused(stack, message("observe gtube", GTUBE + b" OBS-GTUBE\r\n"))
+    assert code == 550 and text.startswith("5.7.1 Message rejected:") and "GTUBE" in text, text
+    assert milter_count(stack, "reject") == rejected + 1
+    assert observed_count(stack, "reject", "all") == observed + 1  # also what it would have had
+    assert not [m for m in stack.postfix.mailbox() if b"OBS-GTUBE" in m]
+
+
+def test_one_observed_policy_is_delivered_through_postfix_while_the_others_act(
+    observe_stack: Stack, dns_server: DNSServer
+) -> None:
+    """``[policies.rules] observe = true``: its reject is delivered, DMARC's still refused."""
+    stack = observe_stack
+    observing(stack, "rules")
+    actions = ("reject", "relay")
+    before = {action: observed_count(stack, action, "rules") for action in actions}
+    everything = observed_count(stack, "reject", "all")
+    rejected = milter_count(stack, "reject")
+    sender = "observe-rules@sender.test"
+    send(stack, message("rules observed", b"REJECT-ME OBS-RULEREJECT\r\n", sender), sender)
+    send(stack, message("rules clean", b"Lunch on Friday? OBS-RULECLEAN\r\n"))
+    stored = delivered(stack, b"OBS-RULEREJECT")
+    msg = email.message_from_bytes(stored, policy=email.policy.compat32)
+    assert msg.get_all("X-Spam-Action-Observed") == ["reject"], stored
+    assert b"X-Spam-Action-Observed: reject" in top_fields(stored)
+    assert msg["X-Spam-Status"].startswith("No, score="), msg["X-Spam-Status"]
+    assert "TEST_REJECT_ME=20.00" in msg["X-Spam-Symbols"]
+    clean = email.message_from_bytes(delivered(stack, b"OBS-RULECLEAN"))
+    assert clean.get_all("X-Spam-Action-Observed") == ["relay"]
+    event = stack.gateway.wait_for_event("message_processed", match={"mail_from": sender})
+    assert event is not None and event["action"] == "relay", event
+    assert event["observed_by_policy"] == {"rules": "reject"}, event
+    # GTUBE (a rules symbol, but a hard one) and DMARC (an enforced policy) still refuse.
+    code, text = refused(stack, message("rules gtube", GTUBE + b"\r\n"))
+    assert code == 550 and "GTUBE" in text, text
+    dns_server.set("milter-observe.other.test", ("TXT", "v=spf1 ip4:198.51.100.1 -all"))
+    dns_server.set("_dmarc.milter-observe.other.test", ("TXT", "v=DMARC1; p=reject"))
+    spoofed = "alice@milter-observe.other.test"
+    code, text = refused(
+        stack,
+        message("rules dmarc", b"Pay now.\r\n", sender=spoofed),
+        spoofed,
+        xclient="ADDR=192.0.2.10 NAME=[UNAVAILABLE] HELO=mail.milter-observe.other.test",
+    )
+    assert code == 550 and "DMARC" in text, text
+    assert milter_count(stack, "reject") == rejected + 2
+    # Counted per observed policy: rules alone would have rejected three of the four.
+    assert observed_count(stack, "reject", "rules") == before["reject"] + 3
+    assert observed_count(stack, "relay", "rules") == before["relay"] + 1
+    assert observed_count(stack, "reject", "all") == everything  # not in global mode now
 
 
 def test_gateway_stopped_means_postfix_answers_4xx(stack: Stack) -> None:
