@@ -437,13 +437,16 @@ class Engine:
     def _after_verdict(self, ctx: Context, verdict: Verdict) -> tuple[tuple[str, AutoLearn], ...]:
         """Each policy's :meth:`Policy.after_verdict`; one that raises is logged and skipped."""
         out: list[tuple[str, AutoLearn]] = []
+        learners = (
+            (name, policy)
+            for name, policy in self.pipeline.policies.items()
+            if _learns(type(policy))
+        )
+        if self.observe.everything:  # nothing is enforced: nothing to learn from
+            no = AutoLearn("no", "observe mode: verdicts are not learned")
+            return tuple((name, no) for name, _ in learners)
         view: VerdictView = verdict.enforced(self.observe) if self.observe.active else verdict
-        for name, policy in self.pipeline.policies.items():
-            if type(policy).after_verdict is Policy.after_verdict:
-                continue
-            if self.observe.everything:  # nothing is enforced: nothing to learn from
-                out.append((name, AutoLearn("no", "observe mode: verdicts are not learned")))
-                continue
+        for name, policy in learners:
             try:
                 decision = policy.after_verdict(ctx, view)
             except Exception as exc:

@@ -107,10 +107,14 @@ class Verdict:
     observed_by_policy: tuple[tuple[str, Action], ...] = ()
 
     @property
+    def counted_score(self) -> Decimal:
+        """The score that counted for ``action``: without observed policies' symbols."""
+        return self.score if self.enforced_score is None else self.enforced_score
+
+    @property
     def is_spam(self) -> bool:
         """Spam as the enforced action sees it: an observed policy never flags mail."""
-        counted = self.score if self.enforced_score is None else self.enforced_score
-        return counted >= self.required or self.action in (
+        return self.counted_score >= self.required or self.action in (
             Action.ADD_HEADER,
             Action.QUARANTINE,
             Action.REJECT,
@@ -123,9 +127,8 @@ class Verdict:
         """The verdict without the observed policies' symbols: what auto-learning may
         judge. A policy on trial must not train the classifier, or its mistakes would
         change enforced scores later (docs/observe.md)."""
-        counted = self.score if self.enforced_score is None else self.enforced_score
         kept = tuple(s for s in self.symbols if not observe.observes(s.policy))
-        return EnforcedView(self.action, counted, kept, self.forced_by)
+        return EnforcedView(self.action, self.counted_score, kept, self.forced_by)
 
 
 @dataclass(frozen=True, slots=True)
