@@ -147,6 +147,20 @@ def delivered(stack: Stack, marker: bytes, timeout: float = 20.0) -> bytes:
     raise AssertionError(f"no delivered message with {marker!r}:\n{stack.postfix.log()}")
 
 
+def refused_spoofed(
+    stack: Stack, dns_server: DNSServer, domain: str, subject: str
+) -> tuple[str, tuple[int, str]]:
+    """(sender, reply) for mail from ``domain`` (SPF -all, DMARC p=reject) sent by
+    192.0.2.10, which its SPF record does not allow; XCLIENT makes Postfix (and so
+    the milter macros) see that address."""
+    dns_server.set(domain, ("TXT", "v=spf1 ip4:198.51.100.1 -all"))
+    dns_server.set(f"_dmarc.{domain}", ("TXT", "v=DMARC1; p=reject"))
+    sender = f"alice@{domain}"
+    raw = message(subject, b"Pay now.\r\n", sender=sender)
+    xclient = f"ADDR=192.0.2.10 NAME=[UNAVAILABLE] HELO=mail.{domain}"
+    return sender, refused(stack, raw, sender, xclient=xclient)
+
+
 def test_clean_mail_is_delivered_by_postfix_with_the_gateways_headers(stack: Stack) -> None:
     forged = b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=sender.test\r\n"
     send(stack, message("clean", b"Hi Bob. CLEAN-1\r\n", extra=forged))
@@ -173,15 +187,7 @@ def test_dmarc_reject_from_a_non_loopback_client_set_by_xclient(
     stack: Stack, dns_server: DNSServer
 ) -> None:
     """XCLIENT makes Postfix (and so the milter macros) see 192.0.2.10: SPF fails for it."""
-    dns_server.set("milter-dmarc.other.test", ("TXT", "v=spf1 ip4:198.51.100.1 -all"))
-    dns_server.set("_dmarc.milter-dmarc.other.test", ("TXT", "v=DMARC1; p=reject"))
-    sender = "alice@milter-dmarc.other.test"
-    code, text = refused(
-        stack,
-        message("dmarc", b"Pay now.\r\n", sender=sender),
-        sender,
-        xclient="ADDR=192.0.2.10 NAME=[UNAVAILABLE] HELO=mail.milter-dmarc.other.test",
-    )
+    sender, (code, text) = refused_spoofed(stack, dns_server, "milter-dmarc.other.test", "dmarc")
     assert code == 550, text
     event = stack.gateway.wait_for_event("message_processed", match={"mail_from": sender})
     assert event is not None and event["client_ip"] == "192.0.2.10", event
@@ -358,15 +364,7 @@ def test_one_observed_policy_is_delivered_through_postfix_while_the_others_act(
     # GTUBE (a rules symbol, but a hard one) and DMARC (an enforced policy) still refuse.
     code, text = refused(stack, message("rules gtube", GTUBE + b"\r\n"))
     assert code == 550 and "GTUBE" in text, text
-    dns_server.set("milter-observe.other.test", ("TXT", "v=spf1 ip4:198.51.100.1 -all"))
-    dns_server.set("_dmarc.milter-observe.other.test", ("TXT", "v=DMARC1; p=reject"))
-    spoofed = "alice@milter-observe.other.test"
-    code, text = refused(
-        stack,
-        message("rules dmarc", b"Pay now.\r\n", sender=spoofed),
-        spoofed,
-        xclient="ADDR=192.0.2.10 NAME=[UNAVAILABLE] HELO=mail.milter-observe.other.test",
-    )
+    _, (code, text) = refused_spoofed(stack, dns_server, "milter-observe.other.test", "rules dmarc")
     assert code == 550 and "DMARC" in text, text
     assert milter_count(stack, "reject") == rejected + 2
     # Counted per observed policy: rules alone would have rejected three of the four.
