@@ -37,6 +37,7 @@ from email.message import EmailMessage, Message
 from typing import Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import charset_normalizer
 import idna
 import tldextract
 from selectolax.lexbor import LexborHTMLParser
@@ -79,6 +80,7 @@ MAX_URLS = 200  # URLs kept
 MAX_URL_CANDIDATES = 2000  # bare-URL matches in text looked at (repeats included)
 MAX_URL_LENGTH = 2048  # longer URLs are cut before parsing
 MAX_REDIRECT_DEPTH = 3  # nested redirectors unwrapped
+GUESS_SAMPLE = 16 * 1024  # bytes of an unlabelled 8-bit part its charset is guessed from
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +254,7 @@ def _parse(ctx: Context) -> _Parsed:
             break
         data, truncated = _decoded_bytes(part, head.cte, min(MAX_PART_TEXT, budget))
         budget -= len(data)
-        charset = _charset(head.params.get("charset", ""))
+        charset = _charset(head.params.get("charset", ""), data)
         text = data.decode(charset, errors="replace")
         if head.ctype == "text/html":
             rendered, found = _render_html(text, MAX_LINKS - len(links))
@@ -267,13 +269,43 @@ def _parse(ctx: Context) -> _Parsed:
     return _Parsed(tuple(parts), tuple(links), structure)
 
 
-def _charset(name: str) -> str:
+def _charset(name: str, data: bytes = b"") -> str:
+    """The codec to decode a text part with: its declared charset, or a guess.
+
+    Undeclared (or US-ASCII) 8-bit text that is not UTF-8 is common in old and
+    foreign mail (Shift_JIS, GB2312, KOI8-R, windows-1252 with no label).
+    Decoded as UTF-8 it turns to replacement characters that neither the
+    language check nor the classifier can read, so its charset is guessed
+    from a bounded sample.
+    """
     try:
         codec = codecs.lookup(name.strip().strip('"') or "us-ascii").name
     except LookupError:
         return "utf-8"
-    # Mislabelled 8-bit text is common; UTF-8 is a superset of ASCII.
-    return "utf-8" if codec == "ascii" else codec
+    if codec != "ascii":
+        return codec
+    if data.isascii() or _is_utf8(data):
+        return "utf-8"  # Mislabelled 8-bit text is common; UTF-8 is a superset of ASCII.
+    return _guess_charset(data[:GUESS_SAMPLE])
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data[:GUESS_SAMPLE].decode("utf-8")
+    except UnicodeDecodeError as e:
+        # A multi-byte sequence cut by the sample's end is still UTF-8.
+        return e.start >= min(len(data), GUESS_SAMPLE) - 3 and e.reason == "unexpected end of data"
+    return True
+
+
+def _guess_charset(sample: bytes) -> str:
+    best = charset_normalizer.from_bytes(sample).best()
+    if best is None:
+        return "windows-1252"  # decodes every byte; the Latin-1 superset old mail uses
+    try:
+        return codecs.lookup(best.encoding).name
+    except LookupError:
+        return "windows-1252"
 
 
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="

@@ -66,6 +66,45 @@ def test_attachments_are_skipped_and_charsets_decoded() -> None:
     assert [p.text for p in text_parts(ctx)] == ["Café", "plain"]
 
 
+def _unlabelled(body: bytes, ctype: str = "text/plain") -> bytes:
+    return b"From: a@example.net\r\nContent-Type: " + ctype.encode() + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize(
+    ("text", "codec", "ctype"),
+    [
+        (
+            "お世話になっております。本日は特別なご案内をお送りします。無料で登録できます。",
+            "shift_jis",
+            "text/plain",
+        ),
+        (
+            "Здравствуйте! Предлагаем вам уникальную возможность заработать деньги дома. "
+            "Звоните нам сегодня, количество мест ограничено. Подробности на сайте.",
+            "koi8-r",
+            "text/plain",
+        ),
+        (
+            "您好。我们公司专业提供各种发票。价格优惠。欢迎来电咨询。",
+            "gb2312",
+            "text/plain; charset=us-ascii",
+        ),
+    ],
+)
+def test_unlabelled_8bit_text_gets_its_charset_guessed(text: str, codec: str, ctype: str) -> None:
+    """Undeclared 8-bit text decoded as UTF-8 would be replacement characters."""
+    (part,) = text_parts(make_context(_unlabelled(text.encode(codec), ctype)))
+    assert part.text == text and "\ufffd" not in part.text
+
+
+def test_unlabelled_utf8_stays_utf8_even_when_the_sample_cuts_a_character() -> None:
+    text = "x" * (content.GUESS_SAMPLE - 1) + "é" * 10
+    (part,) = text_parts(make_context(_unlabelled(text.encode())))
+    assert part.charset == "utf-8" and part.text == text
+    (part,) = text_parts(make_context(_unlabelled(b"plain ascii")))
+    assert part.charset == "utf-8"
+
+
 def test_decoded_text_is_bounded_and_marked_truncated() -> None:
     big = base64.encodebytes(b"x" * (content.MAX_PART_TEXT + 1000)).decode()
     ctx = make_context(f"From: a@example.net\nContent-Transfer-Encoding: base64\n\n{big}")
