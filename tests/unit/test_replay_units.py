@@ -4,6 +4,8 @@ offline DNS and read-only state, and totals that stay bounded."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,10 @@ def test_preload_loads_what_forked_workers_would_each_load_again() -> None:
     _language._model = None
     Engine.preload(Engine.make_plan(config))
     assert _language._model is not None  # in the parent, before replay forks
+
+
+def test_start_up_does_not_import_the_doh_stack() -> None:
+    """dnspython would import httpx2/h2 for DoH, which no resolver here uses (40 ms a start)."""
+    code = "import sys, gateway.engine; print(sorted({'httpx2', 'h2'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
