@@ -95,13 +95,27 @@ class Rule:
 
 # -- meta expressions ---------------------------------------------------------
 
-_TOKEN = re.compile(r"\s*(?:(&&|\|\||!|\(|\))|([A-Za-z_][A-Za-z0-9_]*))")
+_TOKEN = re.compile(r"\s*(?:(&&|\|\||>=|<=|==|!=|[!()+<>])|([A-Za-z_][A-Za-z0-9_]*)|([0-9]{1,4}))")
+_COMPARE: dict[str, Callable[[int, int], bool]] = {
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    "<": lambda a, b: a < b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
 
-Expr = Callable[[Mapping[str, bool]], bool]
+Expr = Callable[[Mapping[str, bool]], int]
 
 
 def _parse_expression(text: str) -> tuple[Expr, frozenset[str]]:
-    """``A && (B || !C)`` -> an evaluator and the names it reads. No eval()."""
+    """``A && (B || !C)`` or ``(A + B + C) >= 2`` -> an evaluator and the names it reads.
+
+    As in SpamAssassin's meta rules, a rule name counts 1 when it fired and 0
+    when not, ``+`` adds, a comparison with a whole number is 1 or 0, and the
+    rule fires when the expression is not 0: "at least two of these phrases"
+    is ``(__A + __B + __C) >= 2``, without writing out every pair. No eval().
+    """
     tokens: list[str] = []
     pos = 0
     text = text.strip()
@@ -109,7 +123,7 @@ def _parse_expression(text: str) -> tuple[Expr, frozenset[str]]:
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
             raise ValueError(f"unexpected {text[pos:].strip()[:20]!r} at position {pos}")
-        tokens.append(m.group(1) or m.group(2))
+        tokens.append(m.group(1) or m.group(2) or m.group(3))
         pos = m.end()
         while pos < len(text) and text[pos].isspace():
             pos += 1
@@ -133,16 +147,37 @@ def _parse_expression(text: str) -> tuple[Expr, frozenset[str]]:
         while peek() == "||":
             take()
             right = p_and(depth)
-            left = (lambda a, b: lambda v: a(v) or b(v))(left, right)
+            left = (lambda a, b: lambda v: int(bool(a(v) or b(v))))(left, right)
         return left
 
     def p_and(depth: int) -> Expr:
-        left = p_not(depth)
+        left = p_compare(depth)
         while peek() == "&&":
             take()
-            right = p_not(depth)
-            left = (lambda a, b: lambda v: a(v) and b(v))(left, right)
+            right = p_compare(depth)
+            left = (lambda a, b: lambda v: int(bool(a(v) and b(v))))(left, right)
         return left
+
+    def p_compare(depth: int) -> Expr:
+        left = p_sum(depth)
+        op = peek()
+        if op in _COMPARE:
+            take()
+            number = take()
+            if not number.isdigit():
+                raise ValueError(f"{op} must be followed by a whole number, got {number!r}")
+            test, bound = _COMPARE[op], int(number)
+            return lambda v: int(test(left(v), bound))
+        return left
+
+    def p_sum(depth: int) -> Expr:
+        terms = [p_not(depth)]
+        while peek() == "+":
+            take()
+            terms.append(p_not(depth))
+        if len(terms) == 1:
+            return terms[0]
+        return lambda v: sum(t(v) for t in terms)
 
     def p_not(depth: int) -> Expr:
         if depth > 32:
@@ -150,16 +185,18 @@ def _parse_expression(text: str) -> tuple[Expr, frozenset[str]]:
         tok = take()
         if tok == "!":
             inner = p_not(depth + 1)
-            return lambda v: not inner(v)
+            return lambda v: int(not inner(v))
         if tok == "(":
             inner = p_or(depth + 1)
             if take() != ")":
                 raise ValueError("missing ')'")
             return inner
-        if tok in ("&&", "||", ")"):
+        if tok.isdigit():
+            raise ValueError(f"a number ({tok}) may only follow a comparison such as >=")
+        if not (tok[0].isalpha() or tok[0] == "_"):
             raise ValueError(f"unexpected {tok!r}")
         names.add(tok)
-        return lambda v: v.get(tok, False)
+        return lambda v: int(v.get(tok, False))
 
     if not tokens:
         raise ValueError("expression is empty")
@@ -320,6 +357,12 @@ class RuleSet:
         self._raw = _Family([c for c in compiled if c.rule.type is RuleType.RAW])
         self._uri = _Family([c for c in compiled if c.rule.type is RuleType.URI])
         self._meta = [c for c in compiled if c.rule.type is RuleType.META]
+        # Counting metas ("(A + B + C) >= 2") explain themselves by the names that fired.
+        self._counted = {
+            c.rule.name: sorted(_parse_expression(c.rule.expression)[1])
+            for c in self._meta
+            if "+" in c.rule.expression
+        }
 
     def symbols(self) -> dict[str, SymbolDef]:
         return {r.name: SymbolDef(r.score, r.description) for r in self.rules if r.reported}
@@ -355,7 +398,12 @@ class RuleSet:
         for c in self._meta:
             assert c.expr is not None
             if c.expr({name: True for name in hits}):
-                hits[c.rule.name] = c.rule.expression
+                counted = self._counted.get(c.rule.name)
+                if counted is None:
+                    hits[c.rule.name] = c.rule.expression
+                else:
+                    fired = [n for n in counted if n in hits]
+                    hits[c.rule.name] = f"{len(fired)} of {len(counted)}: {', '.join(fired)}"
         return hits
 
     @staticmethod

@@ -273,17 +273,58 @@ async def test_hostile_input_against_a_catastrophic_pattern_stays_linear(tmp_pat
         ("!A || B && C", {"A": True, "B": True, "C": True}, True),
         ("!(A || B)", {}, True),
         ("!!A", {"A": True}, True),
+        # SpamAssassin's counting metas: a name is 1 or 0, + adds, a comparison is 1 or 0.
+        ("(A + B + C) >= 2", {"A": True, "C": True}, True),
+        ("(A + B + C) >= 2", {"B": True}, False),
+        ("A + B > 1", {"A": True, "B": True}, True),
+        ("A + !B == 2", {"A": True}, True),
+        ("(A + B) >= 1 && !C", {"B": True, "C": True}, False),
+        ("A || B + C >= 2", {"B": True}, False),
+        ("A + B", {"B": True}, True),
+        ("A + B < 1", {}, True),
     ],
 )
 def test_meta_expressions_follow_boolean_precedence(
     expression: str, values: dict[str, bool], expected: bool
 ) -> None:
     expr, names = _parse_expression(expression)
-    assert expr(values) is expected
+    assert bool(expr(values)) is expected
     assert names <= {"A", "B", "C"}
 
 
-@pytest.mark.parametrize("bad", ["A &&& B", "__import__('os')", "A B", "(A", "A)", "", "A || "])
+async def test_a_counting_meta_rule_names_the_sub_rules_that_fired(tmp_path: Path) -> None:
+    policy = await started(
+        tmp_path,
+        rule("__KIN", type="body", pattern="next of kin", score=None)
+        + rule("__SUM", type="body", pattern="million", score=None)
+        + rule("__OIL", type="body", pattern="crude oil", score=None)
+        + rule("FRAUD_2", type="meta", expression="(__KIN + __SUM + __OIL) >= 2", score=2.5),
+        builtin=False,
+    )
+    two = await policy.check(make_context("From: a@example.net\n\nnext of kin, 5 million"))
+    assert [(s.name, s.detail) for s in two.symbols] == [("FRAUD_2", "2 of 3: __KIN, __SUM")]
+    one = await policy.check(make_context("From: a@example.net\n\ncrude oil prices"))
+    assert one.symbols == ()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "A &&& B",
+        "__import__('os')",
+        "A B",
+        "(A",
+        "A)",
+        "",
+        "A || ",
+        "A + ",
+        "A >= B",
+        "2 >= A",
+        "A >= 2 >= 1",
+        "A >= 99999",
+        "A * 2",
+    ],
+)
 def test_meta_expressions_reject_anything_but_names_and_operators(bad: str) -> None:
     with pytest.raises(ValueError):
         _parse_expression(bad)
