@@ -308,8 +308,8 @@ class BayesPolicy(Policy):
     # add_header (5.0): the classifier may flag on its own, never more;
     # nothing here comes near reject (15.0).
     symbols = {
-        "BAYES_00": SymbolDef(-2.5, "classifier: spam probability below 1%"),
-        "BAYES_05": SymbolDef(-1.0, "classifier: spam probability 1% to 5%"),
+        "BAYES_00": SymbolDef(-1.5, "classifier: spam probability below 1%"),
+        "BAYES_05": SymbolDef(-0.5, "classifier: spam probability 1% to 5%"),
         "BAYES_20": SymbolDef(-0.3, "classifier: spam probability 5% to 20%"),
         "BAYES_40": SymbolDef(0.0, "classifier: spam probability 20% to 40%"),
         "BAYES_50": SymbolDef(0.5, "classifier: unsure, spam probability 40% to 60%"),
