@@ -81,6 +81,7 @@ MAX_URL_CANDIDATES = 2000  # bare-URL matches in text looked at (repeats include
 MAX_URL_LENGTH = 2048  # longer URLs are cut before parsing
 MAX_REDIRECT_DEPTH = 3  # nested redirectors unwrapped
 GUESS_SAMPLE = 16 * 1024  # bytes of an unlabelled 8-bit part its charset is guessed from
+MAX_GUESSES = 4  # parts a message whose charset is guessed (up to ~3 ms each); then UTF-8
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,12 +250,19 @@ def _parse(ctx: Context) -> _Parsed:
     parts: list[TextPart] = []
     links: list[HTMLLink] = []
     budget = MAX_TOTAL_TEXT
+    guesses = 0
     for part, head, alt in leaves:
         if budget <= 0:
             break
         data, truncated = _decoded_bytes(part, head.cte, min(MAX_PART_TEXT, budget))
         budget -= len(data)
-        charset = _charset(head.params.get("charset", ""), data)
+        charset = _charset(head.params.get("charset", ""))
+        if charset == "ascii":  # none declared, or US-ASCII
+            if guesses < MAX_GUESSES and not _is_utf8(data):
+                guesses += 1
+                charset = _guess_charset(data[:GUESS_SAMPLE])
+            else:
+                charset = "utf-8"  # mislabelled 8-bit text is common; UTF-8 is a superset
         text = data.decode(charset, errors="replace")
         if head.ctype == "text/html":
             rendered, found = _render_html(text, MAX_LINKS - len(links))
@@ -269,27 +277,25 @@ def _parse(ctx: Context) -> _Parsed:
     return _Parsed(tuple(parts), tuple(links), structure)
 
 
-def _charset(name: str, data: bytes = b"") -> str:
-    """The codec to decode a text part with: its declared charset, or a guess.
+def _charset(name: str) -> str:
+    """The codec a part declares: ``ascii`` for none or US-ASCII, UTF-8 for an unknown one.
 
     Undeclared (or US-ASCII) 8-bit text that is not UTF-8 is common in old and
     foreign mail (Shift_JIS, GB2312, KOI8-R, windows-1252 with no label).
     Decoded as UTF-8 it turns to replacement characters that neither the
-    language check nor the classifier can read, so its charset is guessed
-    from a bounded sample.
+    language check nor the classifier can read, so :func:`_parse` guesses its
+    charset from a bounded sample (at most ``MAX_GUESSES`` parts a message).
     """
     try:
-        codec = codecs.lookup(name.strip().strip('"') or "us-ascii").name
+        return codecs.lookup(name.strip().strip('"') or "us-ascii").name
     except LookupError:
         return "utf-8"
-    if codec != "ascii":
-        return codec
-    if data.isascii() or _is_utf8(data):
-        return "utf-8"  # Mislabelled 8-bit text is common; UTF-8 is a superset of ASCII.
-    return _guess_charset(data[:GUESS_SAMPLE])
 
 
 def _is_utf8(data: bytes) -> bool:
+    """Whether the sample is ASCII or UTF-8 (a character cut by the sample's end allowed)."""
+    if data.isascii():
+        return True
     try:
         data[:GUESS_SAMPLE].decode("utf-8")
     except UnicodeDecodeError as e:
@@ -301,7 +307,7 @@ def _is_utf8(data: bytes) -> bool:
 def _guess_charset(sample: bytes) -> str:
     best = charset_normalizer.from_bytes(sample).best()
     if best is None:
-        return "windows-1252"  # decodes every byte; the Latin-1 superset old mail uses
+        return "windows-1252"  # the Latin-1 superset old mail uses; 5 unassigned bytes replaced
     try:
         return codecs.lookup(best.encoding).name
     except LookupError:

@@ -105,6 +105,18 @@ def test_unlabelled_utf8_stays_utf8_even_when_the_sample_cuts_a_character() -> N
     assert part.charset == "utf-8"
 
 
+def test_charset_guesses_are_bounded_per_message() -> None:
+    """Hostile input: many unlabelled 8-bit parts cost at most MAX_GUESSES guesses."""
+    koi8 = "Здравствуйте! Предлагаем вам уникальную возможность заработать деньги дома. "
+    body = (koi8 * 3).encode("koi8-r").decode("latin-1")
+    n = content.MAX_GUESSES + 2
+    parts = text_parts(
+        make_context(mime(*[f"Content-Type: text/plain\n\n{body}"] * n).encode("latin-1"))
+    )
+    assert [p.charset for p in parts[: content.MAX_GUESSES]] == ["koi8-r"] * content.MAX_GUESSES
+    assert {p.charset for p in parts[content.MAX_GUESSES :]} == {"utf-8"}
+
+
 def test_decoded_text_is_bounded_and_marked_truncated() -> None:
     big = base64.encodebytes(b"x" * (content.MAX_PART_TEXT + 1000)).decode()
     ctx = make_context(f"From: a@example.net\nContent-Transfer-Encoding: base64\n\n{big}")
