@@ -260,6 +260,14 @@ def test_tokens_cover_subject_sender_urls_mailer_and_body_words() -> None:
     assert expected <= toks
 
 
+def test_amounts_of_money_become_their_order_of_magnitude() -> None:
+    body = "Earn $5,000 a week, or \u00a3 45.50 a day, from $0.99 - US$25,000,000 waiting. 30$ no"
+    head = "From: a@b.example\r\nSubject: hi\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    raw = f"{head}\r\n{body}\r\n"
+    money = {t for t in tokens_of(raw) if t.startswith("money:")}
+    assert money == {"money:4", "money:2", "money:1", "money:>6"}
+
+
 def test_tokens_leave_out_the_delivery_path_and_recipient_addresses() -> None:
     """Received, Return-Path, Delivered-To and To addresses describe the collector, not the mail."""
     joined = " ".join(tokens_of(SAMPLE))
