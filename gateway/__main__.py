@@ -613,6 +613,10 @@ async def _learn(args: argparse.Namespace, out: TextIO) -> int:
                 break
             read += len(chunk)
             learned += await learn(chunk, spam)
+        retrain: Callable[[], Coroutine[Any, Any, str | None]] | None = getattr(
+            policy, "retrain", None
+        )
+        retrained = await retrain() if retrain is not None else None
     except StateUnavailableError as exc:
         raise CLIError(f"cannot reach the state store: {exc}") from None
     finally:
@@ -624,6 +628,8 @@ async def _learn(args: argparse.Namespace, out: TextIO) -> int:
         f"({read - learned} already known as {args.kind})",
         file=out,
     )
+    if retrained:
+        print(retrained, file=out)
     return EXIT_OK
 
 

@@ -209,6 +209,18 @@ class StateStore(Protocol):
         """Record one event for ``key`` and return the count in the sliding window."""
         ...
 
+    async def put_blobs(self, table: str, items: Mapping[str, bytes]) -> None:
+        """Store (replace) byte strings by key in ``table`` (a classifier's training set)."""
+        ...
+
+    async def get_blobs(self, table: str, keys: list[str]) -> dict[str, bytes]:
+        """The byte strings of ``keys`` that exist in ``table``."""
+        ...
+
+    async def blob_keys(self, table: str) -> list[str]:
+        """Every key of ``table``'s byte strings."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Services:

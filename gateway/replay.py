@@ -104,6 +104,15 @@ class ReadOnlyState:
     async def hit(self, key: str, window: float, now: float | None = None) -> int:
         return 1
 
+    async def put_blobs(self, table: str, items: Mapping[str, bytes]) -> None:
+        return None
+
+    async def get_blobs(self, table: str, keys: list[str]) -> dict[str, bytes]:
+        return await self._store.get_blobs(table, keys)
+
+    async def blob_keys(self, table: str) -> list[str]:
+        return await self._store.blob_keys(table)
+
 
 @dataclass(frozen=True, slots=True)
 class ReplaySetup:

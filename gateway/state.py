@@ -95,6 +95,12 @@ CREATE TABLE IF NOT EXISTS hits (
     expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS hits_key_at ON hits (key, at);
+CREATE TABLE IF NOT EXISTS blobs (
+    tbl TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (tbl, key)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS hits_expires ON hits (expires);
 """
 
@@ -175,6 +181,40 @@ class LocalState:
                 raise
         return int(count)
 
+    def _put_blobs_sync(self, table: str, items: Mapping[str, bytes]) -> None:
+        with self._lock:
+            db = self._open()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO blobs (tbl, key, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (tbl, key) DO UPDATE SET value = excluded.value",
+                    [(table, k, bytes(v)) for k, v in items.items()],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _get_blobs_sync(self, table: str, keys: list[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        with self._lock:
+            db = self._open()
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for key, value in db.execute(
+                    f"SELECT key, value FROM blobs WHERE tbl = ? AND key IN ({marks})",  # noqa: S608
+                    (table, *chunk),
+                ):
+                    out[key] = bytes(value)
+        return out
+
+    def _blob_keys_sync(self, table: str) -> list[str]:
+        with self._lock:
+            db = self._open()
+            return [k for (k,) in db.execute("SELECT key FROM blobs WHERE tbl = ?", (table,))]
+
     def _close_sync(self) -> None:
         with self._lock:
             if self._db is not None:
@@ -212,6 +252,23 @@ class LocalState:
         return int(
             await self._call(self._hit_sync, key, window, time.time() if now is None else now)
         )
+
+    async def put_blobs(self, table: str, items: Mapping[str, bytes]) -> None:
+        _check_table(table)
+        if items:
+            await self._call(self._put_blobs_sync, table, dict(items))
+
+    async def get_blobs(self, table: str, keys: list[str]) -> dict[str, bytes]:
+        _check_table(table)
+        if not keys:
+            return {}
+        result: dict[str, bytes] = await self._call(self._get_blobs_sync, table, list(keys))
+        return result
+
+    async def blob_keys(self, table: str) -> list[str]:
+        _check_table(table)
+        result: list[str] = await self._call(self._blob_keys_sync, table)
+        return result
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close_sync)
@@ -386,6 +443,63 @@ class RedisState:
 
         replies = await self._run(op)
         return int(replies[2])
+
+    def _blob_shard(self, table: str, key: str) -> str:
+        return f"{self.prefix}b:{table}:{zlib.crc32(key.encode()) % _SHARDS:02x}"
+
+    async def put_blobs(self, table: str, items: Mapping[str, bytes]) -> None:
+        """One HSET per shard, all in one pipeline."""
+        _check_table(table)
+        if not items:
+            return
+        shards: dict[str, dict[str, bytes]] = {}
+        for key, value in items.items():
+            shards.setdefault(self._blob_shard(table, key), {})[key] = bytes(value)
+
+        async def op() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            for shard, mapping in shards.items():
+                pipe.hset(shard, mapping=mapping)
+            return await pipe.execute()
+
+        await self._run(op)
+
+    async def get_blobs(self, table: str, keys: list[str]) -> dict[str, bytes]:
+        """One HMGET per shard, all in one pipeline."""
+        _check_table(table)
+        if not keys:
+            return {}
+        shards: dict[str, list[str]] = {}
+        for key in dict.fromkeys(keys):
+            shards.setdefault(self._blob_shard(table, key), []).append(key)
+
+        async def op() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            for shard, members in shards.items():
+                pipe.hmget(shard, members)
+            return await pipe.execute()
+
+        replies = await self._run(op)
+        out: dict[str, bytes] = {}
+        for members, values in zip(shards.values(), replies, strict=True):
+            for key, value in zip(members, values, strict=True):
+                if value is not None:
+                    out[key] = value if isinstance(value, bytes) else str(value).encode()
+        return out
+
+    async def blob_keys(self, table: str) -> list[str]:
+        """HKEYS of every shard, in one pipeline."""
+        _check_table(table)
+        names = [f"{self.prefix}b:{table}:{i:02x}" for i in range(_SHARDS)]
+
+        async def op() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            for name in names:
+                pipe.hkeys(name)
+            return await pipe.execute()
+
+        replies = await self._run(op)
+        return [k.decode() if isinstance(k, bytes) else str(k) for keys in replies for k in keys]
 
     async def ping(self) -> bool:
         """Readiness: Redis answers."""

@@ -45,6 +45,7 @@ import email.policy
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -63,6 +64,7 @@ from gateway.api import (
     SymbolDef,
     VerdictView,
 )
+from policies._logistic import Model, TrainingOptions, decode_message, encode_message, train
 from policies._tokens import TokenizerOptions, hash_token, message_tokens
 
 __all__ = [
@@ -77,7 +79,10 @@ __all__ = [
 log = logging.getLogger("policies.bayes")
 
 TOTALS_KEY = "!totals"  # not 16 hex characters: never a token hash
+MODEL_KEY = "!logistic"  # (version of the stored logistic model, 0), beside the totals
+MODEL_BLOB = "logistic"
 LEARN_BATCH = 500  # messages per state-store round trip while learning
+RETRAIN_BATCH = 1_000  # stored training messages fetched per round trip
 
 _PARSER = email.parser.BytesParser(policy=email.policy.default)
 
@@ -130,6 +135,7 @@ class BayesOptions:
     autolearn_min_body_points: float = 3.0  # ... and this much from body symbols
     autolearn_skip_policies: tuple[str, ...] = ("lists",)  # a symbol of these: never learned
     autolearn_max_pending: int = 100  # background learns at once; more are skipped (counted)
+    logistic: bool = False  # also a logistic model over the tokens, averaged in (docs/quality.md)
 
     def __post_init__(self) -> None:
         if not self.table or not self.table.replace("_", "").isalnum():
@@ -337,6 +343,9 @@ class BayesPolicy(Policy):
         )
         self._services: Services | None = None
         self._autolearning: set[str] = set()  # message keys being auto-learned right now
+        self._model: Model | None = None  # the logistic model, as of _model_version
+        self._model_version = 0
+        self._model_lock = asyncio.Lock()
 
     async def start(self, services: Services) -> None:
         self._services = services
@@ -354,7 +363,10 @@ class BayesPolicy(Policy):
         tokens = ctx.memo(self._hashed_tokens)
         try:
             async with asyncio.timeout(opts.state_timeout):
-                counts = await self._state.get_many(opts.table, [TOTALS_KEY, *tokens])
+                counts = await self._state.get_many(opts.table, [TOTALS_KEY, MODEL_KEY, *tokens])
+                version = counts.pop(MODEL_KEY, (0, 0))[0]
+                if opts.logistic and version != self._model_version:
+                    await self._load_model(version)
         except (StateUnavailableError, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {opts.state_timeout}s"
             log.warning(
@@ -375,7 +387,24 @@ class BayesPolicy(Policy):
             max_clues=opts.max_clues,
         )
         detail = f"{probability:.4f} ({clues} clues)"
+        model = self._model if opts.logistic else None
+        if model is not None and model.weights:
+            fisher, logistic = probability, model.probability(tokens)
+            probability = (fisher + logistic) / 2
+            detail = (
+                f"{probability:.4f} (Fisher {fisher:.4f}, {clues} clues; logistic {logistic:.4f})"
+            )
         return Result(symbols=tuple(Symbol(name, detail=detail) for name in buckets(probability)))
+
+    async def _load_model(self, version: int) -> None:
+        """Fetch the stored logistic model when its version changed (once, however many ask)."""
+        async with self._model_lock:
+            if version == self._model_version:
+                return
+            found = await self._state.get_blobs(f"{self.options.table}_model", [MODEL_BLOB])
+            data = found.get(MODEL_BLOB)
+            self._model = Model.decode(data) if data is not None else None
+            self._model_version = version
 
     def _hashed_tokens(self, ctx: Context) -> list[str]:
         """The message's hashed tokens, memoized per message for :meth:`after_verdict`."""
@@ -434,6 +463,43 @@ class BayesPolicy(Policy):
         log.info("bayes_learned", extra={"policy": self.name, "spam": spam, "messages": changed})
         return changed
 
+    async def retrain(self) -> str | None:
+        """Fit the logistic model to every learned message and store it; what was done.
+
+        ``gateway learn`` calls it after learning; auto-learned and released
+        messages join the model at the next retrain. None when ``logistic``
+        is off. Raises StateUnavailableError.
+        """
+        opts = self.options
+        if not opts.logistic:
+            return None
+        table = f"{opts.table}_msgs"
+        keys = await self._state.blob_keys(table)
+        messages = []
+        for i in range(0, len(keys), RETRAIN_BATCH):
+            found = await self._state.get_blobs(table, keys[i : i + RETRAIN_BATCH])
+            messages += [m for m in map(decode_message, found.values()) if m is not None]
+        nspam = sum(1 for _, spam in messages if spam)
+        nham = len(messages) - nspam
+        if nspam < opts.min_spam or nham < opts.min_ham:
+            return (
+                f"logistic model not trained: {nspam} spam and {nham} ham kept, "
+                f"needs {opts.min_spam} and {opts.min_ham}"
+            )
+        started = time.perf_counter()
+        model = await asyncio.to_thread(train, messages, TrainingOptions())
+        await self._state.put_blobs(f"{opts.table}_model", {MODEL_BLOB: model.encode()})
+        await self._state.incr_many(opts.table, {MODEL_KEY: (1, 0)})
+        seconds = time.perf_counter() - started
+        log.info(
+            "bayes_logistic_trained",
+            extra={"policy": self.name, "spam": nspam, "ham": nham, "seconds": round(seconds, 2)},
+        )
+        return (
+            f"logistic model trained on {nspam} spam and {nham} ham "
+            f"({len(model.weights)} tokens, {seconds:.1f}s)"
+        )
+
     def _learnable(self, raw: bytes) -> _Learnable:
         message = _parse(raw)
         services = self._services
@@ -480,6 +546,11 @@ class BayesPolicy(Policy):
             changed += 1
         if not changed:
             return 0
+        if self.options.logistic:  # the training set, before the counts: a retrain sees both
+            await self._state.put_blobs(
+                f"{table}_msgs",
+                {m.key: encode_message(m.tokens, spam) for m in batch if m.key in seen_deltas},
+            )
         await self._state.incr_many(
             table, {k: (v[0], v[1]) for k, v in deltas.items() if v != [0, 0]}
         )

@@ -501,3 +501,40 @@ async def test_learning_garbage_and_empty_messages_does_not_fail(
     )
     garbage = [b"", b"\x00\xff\xfe not a message", nested.encode()]
     assert await policy.learn(garbage, spam=True) == 3
+
+
+async def test_the_logistic_model_is_trained_by_retrain_and_averaged_in(
+    state: ClosableStateStore,
+) -> None:
+    """``logistic = true``: learned messages are kept, ``retrain`` fits and stores the model,
+    and every classifying process picks it up by its version (docs/quality.md, round 4)."""
+    policy = await trained(state, logistic=True)
+    assert len(await state.blob_keys("bayes_msgs")) == 60
+    spam = make_message(random.Random(9), True, 999)
+    before = {s.name: s.detail for s in (await policy.check(make_context(spam))).symbols}
+    assert "logistic" not in next(iter(before.values()))  # no model until a retrain
+    said = await policy.retrain()
+    assert said is not None and said.startswith("logistic model trained on 30 spam and 30 ham")
+    other = await started(state, min_spam=10, min_ham=10, logistic=True)  # another node
+    for p in (policy, other):
+        result = await p.check(make_context(spam))
+        (name, *_), detail = [s.name for s in result.symbols], result.symbols[0].detail
+        assert name in ("BAYES_95", "BAYES_99") and "logistic" in detail, detail
+    await policy.retrain()  # a new version: re-read once
+    assert "logistic" in (await other.check(make_context(spam))).symbols[0].detail
+
+
+async def test_the_logistic_model_waits_for_enough_of_both_classes_and_is_off_by_default(
+    state: ClosableStateStore,
+) -> None:
+    policy = await started(state, min_spam=10, min_ham=10, logistic=True)
+    rng = random.Random(6)
+    await policy.learn((make_message(rng, True, i) for i in range(12)), spam=True)
+    said = await policy.retrain()
+    assert said == "logistic model not trained: 12 spam and 0 ham kept, needs 10 and 10"
+    off = await trained(state, table="plain")
+    assert await off.retrain() is None
+    assert await state.blob_keys("plain_msgs") == []
+    assert (
+        "logistic" not in (await off.check(make_context(b"Subject: x\r\n\r\nhi"))).symbols[0].detail
+    )

@@ -121,3 +121,27 @@ def test_scan_reports_the_learned_probability_after_training(tmp_path: Path, con
     names = {s["name"]: s for s in json.loads(out.stdout)["symbols"]}
     assert "BAYES_99" in names
     assert float(names["BAYES_99"]["detail"].split()[0]) >= 0.99
+
+
+def test_learn_retrains_the_logistic_model_and_scan_shows_both_learners(
+    tmp_path: Path, config: Path
+) -> None:
+    config.write_text(config.read_text() + "logistic = true\n", encoding="utf-8")
+    rng = random.Random(5)
+    said = {}
+    for label, spam in (("spam", True), ("ham", False)):
+        folder = tmp_path / label
+        folder.mkdir()
+        for i in range(8):
+            (folder / f"{i}.eml").write_bytes(message(spam, i, rng))
+        out = gateway("learn", label, "--config", str(config), str(folder))
+        assert out.returncode == 0, out.stderr
+        said[label] = out.stdout
+    assert "logistic model not trained: 8 spam and 0 ham kept, needs 5 and 5" in said["spam"]
+    assert "logistic model trained on 8 spam and 8 ham" in said["ham"]
+    new = tmp_path / "new.eml"
+    new.write_bytes(message(True, 1000, rng))
+    out = gateway("scan", "--config", str(config), "--json", str(new))
+    assert out.returncode == 0, out.stderr
+    bayes = [s for s in json.loads(out.stdout)["symbols"] if s["name"].startswith("BAYES_")]
+    assert "Fisher" in bayes[0]["detail"] and "logistic" in bayes[0]["detail"], bayes

@@ -89,12 +89,24 @@ def test_read_only_state_reads_and_never_writes() -> None:
             Store.writes += 1
             return 99
 
+        async def put_blobs(self, *a: object) -> None:
+            Store.writes += 1
+
+        async def get_blobs(self, table: str, keys: list[str]) -> dict[str, bytes]:
+            return {k: b"model" for k in keys}
+
+        async def blob_keys(self, table: str) -> list[str]:
+            return ["m1"]
+
     state = ReadOnlyState(Store())  # type: ignore[arg-type]
 
     async def go() -> None:
         assert await state.get_many("bayes", ["a"]) == {"a": (1, 2)}
         await state.incr_many("bayes", {"a": (1, 0)})
         assert await state.hit("rl:ip:1", 60.0) == 1
+        await state.put_blobs("bayes_msgs", {"m2": b"x"})
+        assert await state.get_blobs("bayes_model", ["logistic"]) == {"logistic": b"model"}
+        assert await state.blob_keys("bayes_msgs") == ["m1"]
 
     asyncio.run(go())
     assert Store.writes == 0

@@ -253,3 +253,21 @@ async def test_plain_command_increments_used_for_cluster_match_the_scripted_ones
         if keys:
             await admin.delete(*keys)
         await admin.aclose()
+
+
+async def test_blobs_are_stored_replaced_listed_and_kept_per_table(
+    store: ClosableStateStore,
+) -> None:
+    """The classifier's training set: byte strings by key, any bytes, replaced on write."""
+    data = bytes(range(256)) * 40
+    await store.put_blobs("msgs", {"k1": b"\x00first", "k2": data})
+    await store.put_blobs("msgs", {"k1": b"second"})
+    await store.put_blobs("other", {"k1": b"elsewhere"})
+    assert await store.get_blobs("msgs", ["k1", "k2", "missing"]) == {"k1": b"second", "k2": data}
+    assert sorted(await store.blob_keys("msgs")) == ["k1", "k2"]
+    assert await store.blob_keys("empty") == []
+    assert await store.get_blobs("msgs", []) == {}
+    many = {f"m{i}": i.to_bytes(4, "big") for i in range(1200)}  # past one SQL chunk
+    await store.put_blobs("big", many)
+    assert await store.get_blobs("big", list(many)) == many
+    assert len(await store.blob_keys("big")) == 1200
