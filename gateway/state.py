@@ -130,20 +130,24 @@ class LocalState:
             self._db = db
         return self._db
 
-    def _incr_sync(self, table: str, deltas: Mapping[str, tuple[int, int]]) -> None:
+    def _write_sync(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """One statement over many rows, in one transaction."""
         with self._lock:
             db = self._open()
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany(
-                    "INSERT INTO counters (tbl, key, a, b) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (tbl, key) DO UPDATE SET a = a + excluded.a, b = b + excluded.b",
-                    [(table, k, int(a), int(b)) for k, (a, b) in deltas.items()],
-                )
+                db.executemany(sql, rows)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+    def _incr_sync(self, table: str, deltas: Mapping[str, tuple[int, int]]) -> None:
+        self._write_sync(
+            "INSERT INTO counters (tbl, key, a, b) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (tbl, key) DO UPDATE SET a = a + excluded.a, b = b + excluded.b",
+            [(table, k, int(a), int(b)) for k, (a, b) in deltas.items()],
+        )
 
     def _get_sync(self, table: str, keys: list[str]) -> dict[str, tuple[int, int]]:
         out: dict[str, tuple[int, int]] = {}
@@ -182,19 +186,11 @@ class LocalState:
         return int(count)
 
     def _put_blobs_sync(self, table: str, items: Mapping[str, bytes]) -> None:
-        with self._lock:
-            db = self._open()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "INSERT INTO blobs (tbl, key, value) VALUES (?, ?, ?) "
-                    "ON CONFLICT (tbl, key) DO UPDATE SET value = excluded.value",
-                    [(table, k, bytes(v)) for k, v in items.items()],
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        self._write_sync(
+            "INSERT INTO blobs (tbl, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (tbl, key) DO UPDATE SET value = excluded.value",
+            [(table, k, bytes(v)) for k, v in items.items()],
+        )
 
     def _get_blobs_sync(self, table: str, keys: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}

@@ -105,8 +105,9 @@ def test_learning_the_same_messages_again_changes_nothing(tmp_path: Path, config
     assert totals(tmp_path) == (1, 0)
 
 
-def test_scan_reports_the_learned_probability_after_training(tmp_path: Path, config: Path) -> None:
-    rng = random.Random(4)
+def learn_eight_of_each(tmp_path: Path, config: Path, rng: random.Random) -> dict[str, str]:
+    """``gateway learn`` on a folder of 8 spam, then one of 8 ham; what each printed."""
+    said = {}
     for label, spam in (("spam", True), ("ham", False)):
         folder = tmp_path / label
         folder.mkdir()
@@ -114,6 +115,13 @@ def test_scan_reports_the_learned_probability_after_training(tmp_path: Path, con
             (folder / f"{i}.eml").write_bytes(message(spam, i, rng))
         out = gateway("learn", label, "--config", str(config), str(folder))
         assert out.returncode == 0, out.stderr
+        said[label] = out.stdout
+    return said
+
+
+def test_scan_reports_the_learned_probability_after_training(tmp_path: Path, config: Path) -> None:
+    rng = random.Random(4)
+    learn_eight_of_each(tmp_path, config, rng)
     new = tmp_path / "new.eml"
     new.write_bytes(message(True, 1000, rng))
     out = gateway("scan", "--config", str(config), "--json", str(new))
@@ -128,15 +136,7 @@ def test_learn_retrains_the_logistic_model_and_scan_shows_both_learners(
 ) -> None:
     config.write_text(config.read_text() + "logistic = true\n", encoding="utf-8")
     rng = random.Random(5)
-    said = {}
-    for label, spam in (("spam", True), ("ham", False)):
-        folder = tmp_path / label
-        folder.mkdir()
-        for i in range(8):
-            (folder / f"{i}.eml").write_bytes(message(spam, i, rng))
-        out = gateway("learn", label, "--config", str(config), str(folder))
-        assert out.returncode == 0, out.stderr
-        said[label] = out.stdout
+    said = learn_eight_of_each(tmp_path, config, rng)
     assert "logistic model not trained: 8 spam and 0 ham kept, needs 5 and 5" in said["spam"]
     assert "logistic model trained on 8 spam and 8 ham" in said["ham"]
     new = tmp_path / "new.eml"
