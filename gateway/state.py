@@ -95,13 +95,13 @@ CREATE TABLE IF NOT EXISTS hits (
     expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS hits_key_at ON hits (key, at);
+CREATE INDEX IF NOT EXISTS hits_expires ON hits (expires);
 CREATE TABLE IF NOT EXISTS blobs (
     tbl TEXT NOT NULL,
     key TEXT NOT NULL,
     value BLOB NOT NULL,
     PRIMARY KEY (tbl, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS hits_expires ON hits (expires);
 """
 
 

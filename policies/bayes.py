@@ -25,6 +25,11 @@ by every node), as (spam, ham) message counts per hashed token in table
 ``bayes`` plus a totals row; learned message ids in ``bayes_seen`` make
 re-learning a message a no-op and learning it as the other class a move.
 
+With ``logistic = true`` (off by default) a second learner, logistic
+regression over the same hashed tokens (policies/_logistic.py), is retrained
+by ``gateway learn`` (:meth:`BayesPolicy.retrain`) and the bucket's
+probability is the average of the two; the detail says both.
+
 Auto-learn (off by default, SpamAssassin's ``bayes_auto_learn``): after the
 verdict, a message that scored at least ``autolearn_spam_score`` is learned
 as spam and one below ``autolearn_ham_score`` as ham, in the background
