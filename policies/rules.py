@@ -23,6 +23,7 @@ See docs/policies/spam.md for every key.
 from __future__ import annotations
 
 import enum
+import operator
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -97,12 +98,12 @@ class Rule:
 
 _TOKEN = re.compile(r"\s*(?:(&&|\|\||>=|<=|==|!=|[!()+<>])|([A-Za-z_][A-Za-z0-9_]*)|([0-9]{1,4}))")
 _COMPARE: dict[str, Callable[[int, int], bool]] = {
-    ">=": lambda a, b: a >= b,
-    "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b,
-    "<": lambda a, b: a < b,
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
+    "!=": operator.ne,
 }
 
 Expr = Callable[[Mapping[str, bool]], int]
@@ -231,7 +232,9 @@ _KEYS = {
 }
 
 
-def _rule_from_table(table: Any, file: str, index: int) -> tuple[Rule, Any, Expr | None]:
+def _rule_from_table(
+    table: Any, file: str, index: int
+) -> tuple[Rule, Any, Expr | None, frozenset[str]]:
     if not isinstance(table, dict):
         raise RuleError(file, f"#{index + 1}", "must be a table ([[rule]])")
     name = table.get("name")
@@ -269,6 +272,7 @@ def _rule_from_table(table: Any, file: str, index: int) -> tuple[Rule, Any, Expr
         raise fail("negate must be true or false")
     compiled: Any = None
     expr: Expr | None = None
+    reads: frozenset[str] = frozenset()
     pattern = table.get("pattern", "")
     hdr = table.get("header", "")
     exists = table.get("exists")
@@ -279,7 +283,7 @@ def _rule_from_table(table: Any, file: str, index: int) -> tuple[Rule, Any, Expr
         if pattern or hdr:
             raise fail("meta rules take expression, not pattern or header")
         try:
-            expr, _ = _parse_expression(expression)
+            expr, reads = _parse_expression(expression)
         except ValueError as exc:
             raise fail(f"bad expression: {exc}") from None
     else:
@@ -318,7 +322,7 @@ def _rule_from_table(table: Any, file: str, index: int) -> tuple[Rule, Any, Expr
         expression=expression if isinstance(expression, str) else "",
         action=action,
     )
-    return rule, compiled, expr
+    return rule, compiled, expr, reads
 
 
 def _read(path: Path, label: str) -> list[Any]:
@@ -344,6 +348,7 @@ class _Compiled:
     rule: Rule
     regex: Any  # re2 pattern, None for exists/meta
     expr: Expr | None
+    reads: frozenset[str] = frozenset()  # meta rules: the names the expression reads
 
 
 class RuleSet:
@@ -359,9 +364,7 @@ class RuleSet:
         self._meta = [c for c in compiled if c.rule.type is RuleType.META]
         # Counting metas ("(A + B + C) >= 2") explain themselves by the names that fired.
         self._counted = {
-            c.rule.name: sorted(_parse_expression(c.rule.expression)[1])
-            for c in self._meta
-            if "+" in c.rule.expression
+            c.rule.name: sorted(c.reads) for c in self._meta if "+" in c.rule.expression
         }
 
     def symbols(self) -> dict[str, SymbolDef]:
@@ -483,12 +486,12 @@ def load_rules(files: list[tuple[Path, str]], disabled: frozenset[str] = frozens
     for path, label in files:
         seen: set[str] = set()
         for i, table in enumerate(_read(path, label)):
-            rule, regex, expr = _rule_from_table(table, label, i)
+            rule, regex, expr, reads = _rule_from_table(table, label, i)
             if rule.name in seen:
                 raise RuleError(label, rule.name, "defined twice in this file")
             seen.add(rule.name)
             by_name.pop(rule.name, None)
-            by_name[rule.name] = _Compiled(rule, regex, expr)
+            by_name[rule.name] = _Compiled(rule, regex, expr, reads)
     for name in disabled:
         by_name.pop(name, None)
     return RuleSet(_order(by_name, disabled))
@@ -498,7 +501,7 @@ def _order(by_name: dict[str, _Compiled], disabled: frozenset[str]) -> list[_Com
     """Plain rules first, then meta rules so each comes after the metas it reads."""
     plain = [c for c in by_name.values() if c.rule.type is not RuleType.META]
     metas = {n: c for n, c in by_name.items() if c.rule.type is RuleType.META}
-    reads = {n: _parse_expression(c.rule.expression)[1] for n, c in metas.items()}
+    reads = {n: c.reads for n, c in metas.items()}
     for n, names in reads.items():
         for ref in sorted(names):
             if ref not in by_name and ref not in disabled:
