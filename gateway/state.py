@@ -440,8 +440,11 @@ class RedisState:
         replies = await self._run(op)
         return int(replies[2])
 
+    def _blob_hash(self, table: str, shard: int) -> str:
+        return f"{self.prefix}b:{table}:{shard:02x}"
+
     def _blob_shard(self, table: str, key: str) -> str:
-        return f"{self.prefix}b:{table}:{zlib.crc32(key.encode()) % _SHARDS:02x}"
+        return self._blob_hash(table, zlib.crc32(key.encode()) % _SHARDS)
 
     async def put_blobs(self, table: str, items: Mapping[str, bytes]) -> None:
         """One HSET per shard, all in one pipeline."""
@@ -486,7 +489,7 @@ class RedisState:
     async def blob_keys(self, table: str) -> list[str]:
         """HKEYS of every shard, in one pipeline."""
         _check_table(table)
-        names = [f"{self.prefix}b:{table}:{i:02x}" for i in range(_SHARDS)]
+        names = [self._blob_hash(table, i) for i in range(_SHARDS)]
 
         async def op() -> Any:
             pipe = self._redis.pipeline(transaction=False)

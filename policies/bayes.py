@@ -368,7 +368,8 @@ class BayesPolicy(Policy):
         tokens = ctx.memo(self._hashed_tokens)
         try:
             async with asyncio.timeout(opts.state_timeout):
-                counts = await self._state.get_many(opts.table, [TOTALS_KEY, MODEL_KEY, *tokens])
+                totals = [TOTALS_KEY, MODEL_KEY] if opts.logistic else [TOTALS_KEY]
+                counts = await self._state.get_many(opts.table, [*totals, *tokens])
                 version = counts.pop(MODEL_KEY, (0, 0))[0]
                 if opts.logistic and version != self._model_version:
                     await self._load_model(version)
