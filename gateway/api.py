@@ -140,12 +140,18 @@ class AuthResult:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """What a policy found. ``force`` is a floor for the final action."""
+    """What a policy found. ``force`` is a floor for the final action.
+
+    ``cap`` is a ceiling for what the *score* decides (an allowlisted sender:
+    however many heuristics fire, at most ``add_header``); another policy's
+    ``force`` still applies above it (GTUBE, a virus, a blocked attachment).
+    """
 
     symbols: tuple[Symbol, ...] = ()
     force: Action | None = None
     reason: str = ""
     auth: tuple[AuthResult, ...] = ()
+    cap: Action | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,6 +142,7 @@ class EnforcedView:
 
 
 _Floor = tuple[Action, str, str, str, bool]  # (action, forced_by, reason, owner, hard)
+_Cap = tuple[Action, str]  # (ceiling of the score's action, owner)
 
 
 def decide(
@@ -159,10 +160,13 @@ def decide(
     """
     scored: list[ScoredSymbol] = []
     floors: list[_Floor] = []
+    caps: list[_Cap] = []
     auth: list[AuthResult] = []
     for prun in run.runs:
         res = prun.result
         auth.extend(res.auth)
+        if res.cap is not None:
+            caps.append((res.cap, prun.name))
         if res.force is not None:
             hard = any(sym.name in HARD_SYMBOLS for sym in res.symbols)
             reason = res.reason or f"policy {prun.name}"
@@ -183,7 +187,7 @@ def decide(
                 ScoredSymbol(sym.name, _round(value), prun.name, sym.detail, sdef.description)
             )
     ordered = tuple(sorted(scored, key=lambda s: (-s.score, s.name)))
-    full = _outcome(ordered, floors, thresholds, lambda _policy: True)
+    full = _outcome(ordered, floors, caps, thresholds, lambda _policy: True)
     total = full[3]
     if not observe.active:
         action, forced_by, reason, _ = full
@@ -192,14 +196,14 @@ def decide(
         by_policy: tuple[tuple[str, Action], ...] = ()
     else:
         action, forced_by, reason, enforced_score = _outcome(
-            ordered, floors, thresholds, lambda policy: not observe.observes(policy)
+            ordered, floors, caps, thresholds, lambda policy: not observe.observes(policy)
         )
         observed = full[0]
         if observe.everything:
             by_policy = ((OBSERVE_ALL, observed),)
         else:
             by_policy = tuple(
-                (name, _outcome(ordered, floors, thresholds, _alone(observe, name))[0])
+                (name, _outcome(ordered, floors, caps, thresholds, _alone(observe, name))[0])
                 for name in sorted(observe.policies)
             )
     return Verdict(
@@ -226,13 +230,22 @@ def _alone(observe: Observe, name: str) -> Callable[[str], bool]:
 def _outcome(
     scored: tuple[ScoredSymbol, ...],
     floors: list[_Floor],
+    caps: list[_Cap],
     thresholds: ActionsConfig,
     acts: Callable[[str], bool],
 ) -> tuple[Action, str | None, str, Decimal]:
-    """(action, forced_by, reason, score) counting only what ``acts(policy)`` lets act."""
+    """(action, forced_by, reason, score) counting only what ``acts(policy)`` lets act.
+
+    The score's action is held down to the lowest acting cap before the floors
+    raise it: a cap limits what a sum of heuristics can do, never a forced floor.
+    """
     counted = [s for s in scored if acts(s.policy)]
     total = sum((s.score for s in counted), Decimal("0.00"))
     action, forced_by, reason = thresholds.for_score(float(total)), None, ""
+    held_by = ""
+    for cap, owner in caps:
+        if acts(owner) and cap.rank < action.rank:
+            action, held_by = cap, owner
     for floor, who, why, owner, hard in floors:
         if not (hard or acts(owner)):
             continue
@@ -243,6 +256,8 @@ def _outcome(
     if forced_by is None and action is not Action.RELAY:
         top = [s for s in counted if s.score > 0][:3]
         reason = f"spam score {total} (" + ", ".join(s.name for s in top) + ")"
+        if held_by:
+            reason += f", held at {action.value} by policy {held_by}"
     return action, forced_by, reason, total
 
 

@@ -15,9 +15,10 @@ entries never match, and ``authenticated = false`` is the explicit choice to
 trust unauthenticated senders). Client IP entries need no authentication.
 
 An allowlisted, authenticated sender gets a large negative score
-(:data:`RECOMMENDED_ALLOW_SCORE`, -100) so that heuristics never reject it;
-forced actions of other policies (GTUBE, a blocked attachment, DMARC
-p=reject) still apply.
+(:data:`RECOMMENDED_ALLOW_SCORE`, -100) and ``max_action = "add_header"``:
+the score alone can then at most mark the message, however many heuristics
+fire (a sum of scores is no guarantee once rules are added); forced actions
+of other policies (GTUBE, a blocked attachment, DMARC p=reject) still apply.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class ListSpec:
     description: str = ""
     action: Literal["", "add_header", "quarantine", "reject"] = ""  # forced floor on a match
     authenticated: bool = True  # addresses/domains match only a DMARC-passing From
+    # On a match the score alone decides at most this ("add_header": an allowlisted
+    # sender is never quarantined or rejected by heuristics, whatever they sum to).
+    max_action: Literal["", "relay", "add_header", "quarantine"] = ""
 
     def __post_init__(self) -> None:
         if not _SYMBOL.match(self.symbol):
@@ -207,6 +211,7 @@ class ListsPolicy(Policy):
         )
         symbols: list[Symbol] = []
         force: Action | None = None
+        cap: Action | None = None
         reason = ""
         for spec, entries in zip(self.options.lists, self._entries, strict=True):
             detail = ""
@@ -224,6 +229,8 @@ class ListsPolicy(Policy):
             if not detail:
                 continue
             symbols.append(Symbol(spec.symbol, detail=detail))
+            if spec.max_action and (cap is None or Action(spec.max_action).rank < cap.rank):
+                cap = Action(spec.max_action)
             if spec.action:
                 action = Action(spec.action)
                 if action.at_least(force) is action and action is not force:
@@ -231,4 +238,4 @@ class ListsPolicy(Policy):
                         action,
                         spec.description or f"sender is on the {spec.symbol} list",
                     )
-        return Result(symbols=tuple(symbols), force=force, reason=reason)
+        return Result(symbols=tuple(symbols), force=force, reason=reason, cap=cap)
