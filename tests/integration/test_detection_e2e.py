@@ -1,4 +1,4 @@
-"""Round 4 of detection (issue 17) through the running gateway over SMTP on loopback.
+"""Rounds 4 and 5 of detection (issue 17) through the running gateway over SMTP on loopback.
 
 `python -m gateway run` with the shipped config (rules, heuristics with
 ``ok_languages = ["en"]``, the classifier) relays to a real downstream SMTP
@@ -74,6 +74,49 @@ def test_an_advance_fee_letter_is_graded_and_an_unlabelled_koi8_body_is_read(
     # Decoded as KOI8-R, not as UTF-8 replacement characters: the language is seen.
     assert "BODY_UNWANTED_LANGUAGE" in header(russian.data, "X-Spam-Symbols")
     assert russian.data.endswith(koi8.split(b"\r\n\r\n", 1)[1])  # relayed byte for byte
+
+
+FORGED_OE = (
+    b"From: deals@example.net\r\nTo: bob@example.org\r\nSubject: new antenna\r\n"
+    b"Message-ID: <000e07e11d4d$5435c7c0$1dc53aa4@mtubfx>\r\n"
+    b"X-Mailer: Microsoft Outlook Express 6.00.2600.0000\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: text/html; charset=us-ascii\r\n\r\n"
+    b"<html><body><p>A better antenna for your phone, see it at the shop.</p></body></html>\r\n"
+)
+
+
+def test_a_forged_outlook_express_is_named_and_an_allowlist_ceiling_holds_its_score(
+    tmp_path: Path, sink: SinkServer, dns_server: DNSServer
+) -> None:
+    """Round 5: the mail program's missing headers are named; and with those symbols
+    scored far past the reject threshold, mail from an allowlisted client with
+    ``max_action = "add_header"`` is relayed and marked, not rejected."""
+    (tmp_path / "gw").mkdir()
+    (tmp_path / "gw" / "allow.txt").write_text("127.0.0.1\n")
+    allow = {
+        "file": "allow.txt",
+        "symbol": "ALLOWLIST_CLIENT",
+        "score": -1.0,  # small on purpose: the ceiling, not the score, must hold
+        "max_action": "add_header",
+        "authenticated": False,
+    }
+    unnamed = FORGED_OE.replace(b"X-Mailer: Microsoft Outlook Express 6.00.2600.0000\r\n", b"")
+    plain = gateway(tmp_path / "a", sink, dns_server)
+    with plain, smtplib.SMTP("127.0.0.1", plain.smtp_port, timeout=15) as client:
+        client.sendmail("deals@example.net", ["bob@example.org"], FORGED_OE)
+        client.sendmail("deals@example.net", ["bob@example.org"], unnamed)
+    named, anonymous = (header(m.data, "X-Spam-Symbols") for m in sink.messages)
+    assert "HDR_OE_NO_MIMEOLE=2.00" in named and "HTML_OE_NO_MSHTML=1.00" in named, named
+    assert "HDR_MSGID_OE_FORGED" not in named  # the Message-ID's shape fits the named program
+    assert "HDR_MSGID_OE_FORGED=2.00" in anonymous, anonymous
+    boosted = {"scores.HDR_OE_NO_MIMEOLE": 30.0, "policies.lists.lists": [allow]}
+    listed = gateway(tmp_path, sink, dns_server, **boosted)
+    with listed, smtplib.SMTP("127.0.0.1", listed.smtp_port, timeout=15) as client:
+        client.sendmail("deals@example.net", ["bob@example.org"], FORGED_OE)
+    relayed = sink.messages[2].data
+    assert "ALLOWLIST_CLIENT" in header(relayed, "X-Spam-Symbols")
+    assert header(relayed, "X-Spam-Flag") == "X-Spam-Flag: YES"
+    assert relayed.endswith(FORGED_OE.split(b"\r\n\r\n", 1)[1])
 
 
 def test_learn_retrains_the_logistic_model_that_the_running_gateway_then_uses(

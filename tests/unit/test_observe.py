@@ -160,3 +160,25 @@ def test_scan_shows_the_enforced_and_the_observed_outcome(tmp_path: Path) -> Non
     assert doc["observed"]["action"] == "reject"
     assert doc["observed"]["by_policy"] == {"rules": "reject"}
     assert doc["headers"][-1] == "X-Spam-Action-Observed: reject"
+
+
+def test_a_cap_holds_the_score_but_not_a_floor_and_only_while_its_policy_acts() -> None:
+    declared = {**DECLARED, "ALLOWLIST_SENDER": ("lists", SymbolDef(-1.0, "allowlisted"))}
+    spammy = ("trial", Result(symbols=(Symbol("TRIAL_SPAM", weight=3.0),)))  # 21.0: reject
+    allow = ("lists", Result(symbols=(Symbol("ALLOWLIST_SENDER"),), cap=Action.ADD_HEADER))
+    held = decide(run(spammy, allow), declared=declared, overrides={}, thresholds=ActionsConfig())
+    assert held.action is Action.ADD_HEADER
+    assert held.score == Decimal("20.00")
+    assert held.reason.endswith("held at add_header by policy lists")
+    gtube = ("rules", Result(symbols=(Symbol("GTUBE"),), force=Action.REJECT, reason="GTUBE"))
+    forced = decide(run(gtube, allow), declared=declared, overrides={}, thresholds=ActionsConfig())
+    assert forced.action is Action.REJECT and forced.forced_by == "rules"
+    observed = decide(
+        run(spammy, allow),
+        declared=declared,
+        overrides={},
+        thresholds=ActionsConfig(),
+        observe=Observe(policies=frozenset({"lists"})),
+    )
+    assert observed.action is Action.REJECT  # an observed list holds nothing back
+    assert observed.observed is Action.ADD_HEADER
