@@ -315,9 +315,10 @@ class BayesPolicy(Policy):
 
     name = "bayes"
     # Scores chosen on the benchmark (docs/quality.md): strong ham evidence
-    # subtracts, spam evidence adds. BAYES_99 (p >= 0.99) alone reaches
-    # add_header (5.0): the classifier may flag on its own, never more;
-    # nothing here comes near reject (15.0).
+    # subtracts, spam evidence adds. The classifier never flags on its own
+    # (BAYES_99 + BAYES_999 = 4.9, under add_header's 5.0): on senders it never
+    # saw it is confidently wrong about commercial newsletters, so some other
+    # policy must agree (issue 17, round 5). Nothing comes near reject (15.0).
     symbols = {
         "BAYES_00": SymbolDef(-1.5, "classifier: spam probability below 1%"),
         "BAYES_05": SymbolDef(-0.5, "classifier: spam probability 1% to 5%"),
@@ -326,10 +327,10 @@ class BayesPolicy(Policy):
         "BAYES_50": SymbolDef(0.5, "classifier: unsure, spam probability 40% to 60%"),
         "BAYES_60": SymbolDef(2.5, "classifier: spam probability 60% to 80%"),
         "BAYES_80": SymbolDef(4.0, "classifier: spam probability 80% to 95%"),
-        "BAYES_95": SymbolDef(4.9, "classifier: spam probability 95% to 99%"),
-        "BAYES_99": SymbolDef(5.0, "classifier: spam probability 99% or more"),
+        "BAYES_95": SymbolDef(4.3, "classifier: spam probability 95% to 99%"),
+        "BAYES_99": SymbolDef(4.5, "classifier: spam probability 99% or more"),
         "BAYES_999": SymbolDef(
-            0.5, "classifier: spam probability 99.9% or more (in addition to BAYES_99)"
+            0.4, "classifier: spam probability 99.9% or more (in addition to BAYES_99)"
         ),
         "BAYES_UNTRAINED": SymbolDef(
             0.0, "classifier: too few messages learned yet; learn with `gateway learn`"

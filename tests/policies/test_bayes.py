@@ -201,14 +201,14 @@ def test_buckets_map_probabilities_to_spamassassin_symbols(
     assert buckets(p) == names
 
 
-def test_no_bayes_symbol_reaches_the_reject_threshold_and_only_certainty_flags_alone() -> None:
+def test_the_classifier_alone_never_flags_and_no_bucket_comes_near_reject() -> None:
     score = {name: d.score for name, d in BayesPolicy.symbols.items()}
-    assert score["BAYES_99"] + score["BAYES_999"] < 15.0
+    assert score["BAYES_99"] + score["BAYES_999"] < 5.0  # another policy must agree
     order = ["BAYES_00", "BAYES_05", "BAYES_20", "BAYES_40", "BAYES_50", "BAYES_60"]
     order += ["BAYES_80", "BAYES_95", "BAYES_99"]
     assert [score[n] for n in order] == sorted(score[n] for n in order)
     assert score["BAYES_00"] < 0 < score["BAYES_60"]
-    assert score["BAYES_95"] < 5.0 <= score["BAYES_99"]
+    assert score["BAYES_95"] < score["BAYES_99"]
 
 
 # -- tokenizer --------------------------------------------------------------------
