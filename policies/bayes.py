@@ -141,6 +141,9 @@ class BayesOptions:
     autolearn_skip_policies: tuple[str, ...] = ("lists",)  # a symbol of these: never learned
     autolearn_max_pending: int = 100  # background learns at once; more are skipped (counted)
     logistic: bool = False  # also a logistic model over the tokens, averaged in (docs/quality.md)
+    # A retrain fits at most this many learned messages (a sample by message hash): bounded
+    # memory (~3 KB each) and time however long the site has been learning.
+    logistic_max_messages: int = 20_000
 
     def __post_init__(self) -> None:
         if not self.table or not self.table.replace("_", "").isalnum():
@@ -165,6 +168,10 @@ class BayesOptions:
                 "autolearn_ham_score",
                 f"must be below autolearn_spam_score ({self.autolearn_spam_score}), "
                 f"got {self.autolearn_ham_score}",
+            )
+        if not 2 <= self.logistic_max_messages <= 1_000_000:
+            raise OptionError(
+                "logistic_max_messages", f"must be 2..1000000, got {self.logistic_max_messages}"
             )
         if not 1 <= self.autolearn_max_pending <= 100_000:
             raise OptionError(
@@ -481,7 +488,9 @@ class BayesPolicy(Policy):
         if not opts.logistic:
             return None
         table = f"{opts.table}_msgs"
-        keys = await self._state.blob_keys(table)
+        kept = await self._state.blob_keys(table)
+        # Message keys are hashes: the first N in order are a sample of every age and class.
+        keys = sorted(kept)[: opts.logistic_max_messages]
         messages = []
         for i in range(0, len(keys), RETRAIN_BATCH):
             found = await self._state.get_blobs(table, keys[i : i + RETRAIN_BATCH])
@@ -502,8 +511,9 @@ class BayesPolicy(Policy):
             "bayes_logistic_trained",
             extra={"policy": self.name, "spam": nspam, "ham": nham, "seconds": round(seconds, 2)},
         )
+        sample = f", a sample of {len(kept)} kept" if len(kept) > len(keys) else ""
         return (
-            f"logistic model trained on {nspam} spam and {nham} ham "
+            f"logistic model trained on {nspam} spam and {nham} ham{sample} "
             f"({len(model.weights)} tokens, {seconds:.1f}s)"
         )
 

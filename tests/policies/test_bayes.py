@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -522,6 +523,21 @@ async def test_the_logistic_model_is_trained_by_retrain_and_averaged_in(
         assert name in ("BAYES_95", "BAYES_99") and "logistic" in detail, detail
     await policy.retrain()  # a new version: re-read once
     assert "logistic" in (await other.check(make_context(spam))).symbols[0].detail
+
+
+async def test_a_retrain_fits_a_bounded_sample_of_what_was_learned(
+    state: ClosableStateStore,
+) -> None:
+    """However long a site learns, one retrain reads at most logistic_max_messages."""
+    policy = await trained(state, logistic=True, logistic_max_messages=40)
+    said = await policy.retrain()
+    assert said is not None and ", a sample of 60 kept" in said, said
+    found = re.search(r"trained on (\d+) spam and (\d+) ham", said)
+    assert found is not None, said
+    spam, ham = int(found[1]), int(found[2])
+    assert spam + ham == 40 and spam >= 10 and ham >= 10
+    with pytest.raises(OptionError, match="logistic_max_messages"):
+        BayesOptions(logistic_max_messages=1)
 
 
 async def test_the_logistic_model_waits_for_enough_of_both_classes_and_is_off_by_default(
