@@ -26,7 +26,7 @@ import enum
 import operator
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -106,7 +106,7 @@ _COMPARE: dict[str, Callable[[int, int], bool]] = {
     "!=": operator.ne,
 }
 
-Expr = Callable[[Mapping[str, bool]], int]
+Expr = Callable[[Container[str]], int]  # the names of the rules that fired -> a count
 
 
 def _parse_expression(text: str) -> tuple[Expr, frozenset[str]]:
@@ -197,7 +197,7 @@ def _parse_expression(text: str) -> tuple[Expr, frozenset[str]]:
         if not (tok[0].isalpha() or tok[0] == "_"):
             raise ValueError(f"unexpected {tok!r}")
         names.add(tok)
-        return lambda v: int(v.get(tok, False))
+        return lambda v: int(tok in v)
 
     if not tokens:
         raise ValueError("expression is empty")
@@ -400,7 +400,7 @@ class RuleSet:
             self._scan(self._uri, [_encodable(u.url) for u in urls(ctx)], hits)
         for c in self._meta:
             assert c.expr is not None
-            if c.expr({name: True for name in hits}):
+            if c.expr(hits):  # its keys are the rules fired so far, metas included
                 counted = self._counted.get(c.rule.name)
                 if counted is None:
                     hits[c.rule.name] = c.rule.expression
