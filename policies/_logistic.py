@@ -11,7 +11,8 @@ It needs several passes over the learned messages, not one online pass in
 the order ``learn`` sees them (all spam, then all ham): each learned message's
 hashed token set is kept in the state store (table ``<table>_msgs``, about 8
 bytes per token, 2-3 KB a message) and ``gateway learn`` retrains the model
-from all of them (:func:`train`), then stores it as one byte string (table
+from them (:func:`train`; at most ``logistic_max_messages``, a sample by
+message hash), then stores it as one byte string (table
 ``<table>_model``) with a version counter that classifying processes poll
 cheaply alongside the token counts.
 

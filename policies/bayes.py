@@ -478,7 +478,8 @@ class BayesPolicy(Policy):
         return changed
 
     async def retrain(self) -> str | None:
-        """Fit the logistic model to every learned message and store it; what was done.
+        """Fit the logistic model to the learned messages (at most ``logistic_max_messages``)
+        and store it; what was done.
 
         ``gateway learn`` calls it after learning; auto-learned and released
         messages join the model at the next retrain. None when ``logistic``
