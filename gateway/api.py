@@ -409,6 +409,8 @@ class Policy:
       zero from start-up, so dashboards and alerts see 0 rather than no data.
     - ``observable``: False for a protection that must act even in observe mode
       (the rate limit): its floors always act and ``observe = true`` is refused.
+    - ``may_cap``: True when its results may carry ``Result.cap``;
+      ``gateway_capped_actions_total`` exports it at zero from start-up.
     """
 
     name: ClassVar[str] = ""
@@ -418,6 +420,7 @@ class Policy:
     after_optional: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[Any]] = NoOptions
     observable: ClassVar[bool] = True
+    may_cap: ClassVar[bool] = False
 
     def __init__(self, options: Any) -> None:
         self.options = options

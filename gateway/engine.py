@@ -367,6 +367,7 @@ class Engine:
             auth=auth,
             learners=[p.name for p in self.plan.policies if _learns(p.cls)],
             observed=sorted(self.observe.policies),
+            capping=[p.name for p in self.plan.policies if p.cls.may_cap],
         )
 
     async def close(self) -> None:

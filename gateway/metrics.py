@@ -75,6 +75,13 @@ OBSERVED_ACTIONS = Counter(
     ["action", "policy"],
     registry=REGISTRY,
 )
+CAPPED_ACTIONS = Counter(
+    "gateway_capped_actions",
+    "Messages whose score would have decided a stronger action, held at a policy's ceiling "
+    "(an allow list's max_action), by the action held at and the policy",
+    ["action", "policy"],
+    registry=REGISTRY,
+)
 AUTH_RESULTS = Counter(
     "gateway_auth_results",
     "Authentication results (RFC 8601) by method and result",
@@ -320,6 +327,7 @@ zero(
 )
 
 _POLICY_OUTCOMES = ("ok", "error", "timeout")
+_CEILINGS = ("relay", "add_header", "quarantine")  # the actions a Result.cap may hold at
 _AUTOLEARN_CLASSES = ("spam", "ham")
 _AUTOLEARN_RESULTS = ("learned", "known", "failed", "skipped")
 
@@ -330,16 +338,20 @@ def export_policies(
     auth: Mapping[str, Iterable[str]],
     learners: Iterable[str] = (),
     observed: Iterable[str] = (),
+    capping: Iterable[str] = (),
 ) -> None:
     """Zero series for one configuration's policies (at start and after a reload).
 
     ``policies``: the enabled policy names (latency, outcomes); ``symbols``: every
     symbol they may emit; ``auth``: RFC 8601 method -> the results it may report
     (``Policy.auth_results``); ``learners``: policies that auto-learn;
-    ``observed``: policies in observe mode (``observe = true``).
+    ``observed``: policies in observe mode (``observe = true``); ``capping``:
+    policies that may hold the score's action at a ceiling (``Policy.may_cap``).
     """
     for name in observed:
         zero(OBSERVED_ACTIONS, action=[a.value for a in Action], policy=(name,))
+    for name in capping:
+        zero(CAPPED_ACTIONS, action=_CEILINGS, policy=(name,))
     for name in policies:
         POLICY_DURATION.labels(policy=name)
         zero(POLICY_RUNS, policy=(name,), outcome=_POLICY_OUTCOMES)

@@ -105,6 +105,9 @@ class Verdict:
     observed_reason: str = ""
     enforced_score: Decimal | None = None
     observed_by_policy: tuple[tuple[str, Action], ...] = ()
+    # The policy whose ceiling (``Result.cap``) held ``action`` below what the score
+    # decided, when no floor raised it again: counted in gateway_capped_actions_total.
+    held_by: str | None = None
 
     @property
     def counted_score(self) -> Decimal:
@@ -190,12 +193,12 @@ def decide(
     full = _outcome(ordered, floors, caps, thresholds, lambda _policy: True)
     total = full[3]
     if not observe.active:
-        action, forced_by, reason, _ = full
+        action, forced_by, reason, _, held_by = full
         observed: Action | None = None
         enforced_score: Decimal | None = None
         by_policy: tuple[tuple[str, Action], ...] = ()
     else:
-        action, forced_by, reason, enforced_score = _outcome(
+        action, forced_by, reason, enforced_score, held_by = _outcome(
             ordered, floors, caps, thresholds, lambda policy: not observe.observes(policy)
         )
         observed = full[0]
@@ -219,6 +222,7 @@ def decide(
         observed_reason=_one_line(full[2]) if observed is not None else "",
         enforced_score=enforced_score,
         observed_by_policy=by_policy,
+        held_by=held_by,
     )
 
 
@@ -233,11 +237,12 @@ def _outcome(
     caps: list[_Cap],
     thresholds: ActionsConfig,
     acts: Callable[[str], bool],
-) -> tuple[Action, str | None, str, Decimal]:
-    """(action, forced_by, reason, score) counting only what ``acts(policy)`` lets act.
+) -> tuple[Action, str | None, str, Decimal, str | None]:
+    """(action, forced_by, reason, score, held_by) counting only what ``acts(policy)`` lets act.
 
     The score's action is held down to the lowest acting cap before the floors
     raise it: a cap limits what a sum of heuristics can do, never a forced floor.
+    ``held_by`` names the cap's policy when it decided the outcome (no floor won).
     """
     counted = [s for s in scored if acts(s.policy)]
     total = sum((s.score for s in counted), Decimal("0.00"))
@@ -258,7 +263,7 @@ def _outcome(
         reason = f"spam score {total} (" + ", ".join(s.name for s in top) + ")"
         if held_by:
             reason += f", held at {action.value} by policy {held_by}"
-    return action, forced_by, reason, total
+    return action, forced_by, reason, total, (held_by or None) if forced_by is None else None
 
 
 def _one_line(text: str, limit: int = 200) -> str:

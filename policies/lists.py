@@ -172,6 +172,7 @@ class ListsPolicy(Policy):
     symbols = {}  # from [[policies.lists.lists]]: see rule_symbols()
     after_optional = ("dmarc",)
     Options = ListsOptions
+    may_cap = True  # max_action
 
     def __init__(self, options: ListsOptions) -> None:
         super().__init__(options)

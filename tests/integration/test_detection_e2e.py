@@ -85,6 +85,9 @@ FORGED_OE = (
 )
 
 
+NOTE = b"From: alice@example.net\r\nTo: bob@example.org\r\nSubject: lunch\r\n\r\nNoon?\r\n"
+
+
 def test_a_forged_outlook_express_is_named_and_an_allowlist_ceiling_holds_its_score(
     tmp_path: Path, sink: SinkServer, dns_server: DNSServer
 ) -> None:
@@ -111,9 +114,14 @@ def test_a_forged_outlook_express_is_named_and_an_allowlist_ceiling_holds_its_sc
     assert "HDR_MSGID_OE_FORGED=2.00" in anonymous, anonymous
     boosted = {"scores.HDR_OE_NO_MIMEOLE": 30.0, "policies.lists.lists": [allow]}
     listed = gateway(tmp_path, sink, dns_server, **boosted)
+    held = {"action": "add_header", "policy": "lists"}
     with listed, smtplib.SMTP("127.0.0.1", listed.smtp_port, timeout=15) as client:
+        assert listed.metric("gateway_capped_actions_total", **held) == 0  # exported at start
         client.sendmail("deals@example.net", ["bob@example.org"], FORGED_OE)
+        client.sendmail("alice@example.net", ["bob@example.org"], NOTE)  # scores low: not held
+        assert listed.metric("gateway_capped_actions_total", **held) == 1
     relayed = sink.messages[2].data
+    assert "ALLOWLIST_CLIENT" in header(sink.messages[3].data, "X-Spam-Symbols")
     assert "ALLOWLIST_CLIENT" in header(relayed, "X-Spam-Symbols")
     assert header(relayed, "X-Spam-Flag") == "X-Spam-Flag: YES"
     assert relayed.endswith(FORGED_OE.split(b"\r\n\r\n", 1)[1])

@@ -170,9 +170,11 @@ def test_a_cap_holds_the_score_but_not_a_floor_and_only_while_its_policy_acts() 
     assert held.action is Action.ADD_HEADER
     assert held.score == Decimal("20.00")
     assert held.reason.endswith("held at add_header by policy lists")
+    assert held.held_by == "lists"  # counted in gateway_capped_actions_total
     gtube = ("rules", Result(symbols=(Symbol("GTUBE"),), force=Action.REJECT, reason="GTUBE"))
     forced = decide(run(gtube, allow), declared=declared, overrides={}, thresholds=ActionsConfig())
     assert forced.action is Action.REJECT and forced.forced_by == "rules"
+    assert forced.held_by is None  # the floor decided, not the ceiling
     observed = decide(
         run(spammy, allow),
         declared=declared,
@@ -181,4 +183,5 @@ def test_a_cap_holds_the_score_but_not_a_floor_and_only_while_its_policy_acts() 
         observe=Observe(policies=frozenset({"lists"})),
     )
     assert observed.action is Action.REJECT  # an observed list holds nothing back
+    assert observed.held_by is None
     assert observed.observed is Action.ADD_HEADER
