@@ -362,10 +362,12 @@ class RuleSet:
         self._raw = _Family([c for c in compiled if c.rule.type is RuleType.RAW])
         self._uri = _Family([c for c in compiled if c.rule.type is RuleType.URI])
         self._meta = [c for c in compiled if c.rule.type is RuleType.META]
-        # Counting metas ("(A + B + C) >= 2") explain themselves by the names that fired.
+        # Counting metas ("(A + B + C) >= 2") explain themselves by the names that fired;
+        # the others by their expression and the evidence of what it names that fired.
         self._counted = {
             c.rule.name: sorted(c.reads) for c in self._meta if "+" in c.rule.expression
         }
+        self._named = {c.rule.name: _names_in_order(c) for c in self._meta}
 
     def symbols(self) -> dict[str, SymbolDef]:
         return {r.name: SymbolDef(r.score, r.description) for r in self.rules if r.reported}
@@ -403,7 +405,9 @@ class RuleSet:
             if c.expr(hits):  # its keys are the rules fired so far, metas included
                 counted = self._counted.get(c.rule.name)
                 if counted is None:
-                    hits[c.rule.name] = c.rule.expression
+                    hits[c.rule.name] = _meta_detail(
+                        c.rule.expression, self._named[c.rule.name], hits
+                    )
                 else:
                     fired = [n for n in counted if n in hits]
                     hits[c.rule.name] = f"{len(fired)} of {len(counted)}: {', '.join(fired)}"
@@ -455,6 +459,26 @@ def _encodable(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "replace").decode("utf-8")
     return text
+
+
+_EXPR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_META_DETAIL_MAX = 200
+
+
+def _names_in_order(c: _Compiled) -> tuple[str, ...]:
+    """The rule names a meta expression reads, in the order it names them."""
+    return tuple(dict.fromkeys(n for n in _EXPR_NAME.findall(c.rule.expression) if n in c.reads))
+
+
+def _meta_detail(expression: str, names: tuple[str, ...], hits: Mapping[str, str]) -> str:
+    """``A && !B <- A: Subject: watch``: the expression, then what fired of it and why.
+
+    The expression alone (``__MSGID_OE_SHAPE && !__MUA_MICROSOFT``) tells an
+    operator which building blocks mattered, not which header value matched.
+    """
+    evidence = "; ".join(f"{n}: {hits[n]}" if hits[n] else n for n in names if n in hits)
+    detail = f"{expression} <- {evidence}" if evidence else expression
+    return detail if len(detail) <= _META_DETAIL_MAX else detail[: _META_DETAIL_MAX - 3] + "..."
 
 
 def _first(regex: Any, texts: list[str]) -> str | None:

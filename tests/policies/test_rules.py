@@ -116,6 +116,12 @@ description = "sub-rule"
     }
     assert got["LOCAL_SUBJ_WATCH"] == "Subject: watch"
     assert got["LOCAL_BODY_SHOP"] == "our shop"
+    # A meta says its expression and the evidence of what it names that fired.
+    assert got["LOCAL_META"] == (
+        "LOCAL_SUBJ_WATCH && (LOCAL_BODY_SHOP || !LOCAL_NO_LIST_ID) && !__NEVER <- "
+        "LOCAL_SUBJ_WATCH: Subject: watch; LOCAL_BODY_SHOP: our shop; "
+        "LOCAL_NO_LIST_ID: List-Id absent"
+    )
     symbols = policy.rule_symbols()
     assert symbols["LOCAL_META"].score == 2.0
     assert "__NEVER" not in symbols  # sub-rules are never symbols
