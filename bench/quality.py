@@ -271,7 +271,8 @@ async def evaluate_message(engine: Any, name: str, data: bytes) -> dict[str, Any
 
     ``data`` is the stored file (line endings become CRLF, as on the wire).
     The row: ``file``, ``score``, ``action``, ``flagged`` (add_header or
-    stronger), ``symbols`` (name -> score) and ``details`` (name -> evidence).
+    stronger), ``forced_by`` (the floor that decided, or None), ``symbols``
+    (name -> score) and ``details`` (name -> evidence).
     """
     raw = crlf(data)
     ev = await engine.evaluate(envelope_for(name, raw), raw)
@@ -280,6 +281,7 @@ async def evaluate_message(engine: Any, name: str, data: bytes) -> dict[str, Any
         "score": float(ev.verdict.score),
         "action": ev.action.value,
         "flagged": ev.action.value in FLAGGED,
+        "forced_by": ev.verdict.forced_by,  # a floor decided (bench.quality_rescore keeps it)
         "symbols": {s.name: float(s.score) for s in ev.verdict.symbols},
         "details": {s.name: s.detail for s in ev.verdict.symbols if s.detail},
     }
