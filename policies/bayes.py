@@ -55,6 +55,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from email.message import EmailMessage
+from typing import TypeVar
 
 from gateway.api import (
     AutoLearn,
@@ -78,10 +79,15 @@ __all__ = [
     "autolearn_decision",
     "buckets",
     "chi2q",
+    "explain_clues",
+    "fisher",
+    "shown_clues",
     "spam_probability",
+    "strongest_clues",
 ]
 
 log = logging.getLogger("policies.bayes")
+_K = TypeVar("_K")
 
 TOTALS_KEY = "!totals"  # not 16 hex characters: never a token hash
 MODEL_KEY = "!logistic"  # (version of the stored logistic model, 0), beside the totals
@@ -222,23 +228,82 @@ def spam_probability(
     max_clues: int = 150,
 ) -> tuple[float, int]:
     """(spam probability 0..1, number of clues used) from per-token (spam, ham) counts."""
+    keyed = dict(enumerate(counts))
+    found = strongest_clues(
+        keyed, nspam, nham, strength=strength, min_strength=min_strength, max_clues=max_clues
+    )
+    return fisher([f for f, _ in found]), len(found)
+
+
+def strongest_clues(
+    counts: Mapping[_K, tuple[int, int]],
+    nspam: int,
+    nham: int,
+    *,
+    strength: float,
+    min_strength: float,
+    max_clues: int,
+) -> list[tuple[float, _K]]:
+    """The clues the classifier combines: (f(w), token), farthest from 0.5 first."""
     if nspam <= 0 or nham <= 0:
-        return 0.5, 0
+        return []
     clues = [
-        f
-        for s, h in counts
+        (f, key)
+        for key, (s, h) in counts.items()
         if abs((f := token_probability(s, h, nspam, nham, strength)) - 0.5) >= min_strength
     ]
-    clues.sort(key=lambda f: abs(f - 0.5), reverse=True)
-    clues = clues[:max_clues]
+    clues.sort(key=lambda clue: abs(clue[0] - 0.5), reverse=True)
+    return clues[:max_clues]
+
+
+def fisher(clues: Sequence[float]) -> float:
+    """Fisher's combination of token probabilities: ``(S - H + 1) / 2``; 0.5 with no clues."""
     if not clues:
-        return 0.5, 0
+        return 0.5
     n = len(clues)
     ln_ham = sum(math.log(max(f, 1e-300)) for f in clues)
     ln_spam = sum(math.log(max(1.0 - f, 1e-300)) for f in clues)
     spamminess = 1.0 - chi2q(-2.0 * ln_spam, 2 * n)
     hamminess = 1.0 - chi2q(-2.0 * ln_ham, 2 * n)
-    return (spamminess - hamminess + 1.0) / 2.0, n
+    return (spamminess - hamminess + 1.0) / 2.0
+
+
+CLUES_SHOWN = 3  # strongest tokens named per side in the detail
+_CLUE_CHARS = 40  # characters of one token shown
+
+
+def explain_clues(clues: Sequence[tuple[float, str]], plain: Mapping[str, str]) -> str:
+    """``spammiest: subject:free, money:4; hammiest: hdr:in-reply-to:yes``.
+
+    Why a verdict is what it is, in the message's own tokens (``plain`` maps
+    a hash to its token): an operator looking at a newsletter flagged at
+    ``BAYES_95`` sees which words and links carried it. Only this message's
+    tokens are shown, where the message itself is (``scan``, the quarantine).
+    """
+    spammy, hammy = shown_clues(clues)
+    sides = []
+    for label, keys in (("spammiest", spammy), ("hammiest", hammy)):
+        if keys:
+            names = ", ".join(_printable(plain.get(k, k))[:_CLUE_CHARS] for k in keys)
+            sides.append(f"{label}: {names}")
+    return "; ".join(sides)
+
+
+def shown_clues(clues: Sequence[tuple[float, _K]]) -> tuple[list[_K], list[_K]]:
+    """The strongest :data:`CLUES_SHOWN` spam-side and ham-side tokens of ``clues``."""
+    spammy: list[_K] = []
+    hammy: list[_K] = []
+    for f, key in clues:
+        side = spammy if f > 0.5 else hammy
+        if len(side) < CLUES_SHOWN:
+            side.append(key)
+        if len(spammy) == len(hammy) == CLUES_SHOWN:
+            break
+    return spammy, hammy
+
+
+def _printable(token: str) -> str:
+    return token if token.isprintable() else "".join(c if c.isprintable() else "?" for c in token)
 
 
 def buckets(probability: float) -> tuple[str, ...]:
@@ -392,21 +457,24 @@ class BayesPolicy(Policy):
         if nspam < opts.min_spam or nham < opts.min_ham:
             detail = f"learned {nspam} spam, {nham} ham; needs {opts.min_spam} and {opts.min_ham}"
             return Result(symbols=(Symbol("BAYES_UNTRAINED", detail=detail),))
-        probability, clues = spam_probability(
-            counts.values(),
+        found = strongest_clues(
+            counts,
             nspam,
             nham,
             strength=opts.unknown_word_strength,
             min_strength=opts.min_strength,
             max_clues=opts.max_clues,
         )
-        detail = f"{probability:.4f} ({clues} clues)"
+        probability, clues = fisher([f for f, _ in found]), len(found)
+        why = explain_clues(found, self._plain_of(ctx, found))
+        detail = f"{probability:.4f} ({clues} clues{'; ' + why if why else ''})"
         model = self._model if opts.logistic else None
         if model is not None and model.weights:
-            fisher, logistic = probability, model.probability(tokens)
-            probability = (fisher + logistic) / 2
+            alone, logistic = probability, model.probability(tokens)
+            probability = (alone + logistic) / 2
             detail = (
-                f"{probability:.4f} (Fisher {fisher:.4f}, {clues} clues; logistic {logistic:.4f})"
+                f"{probability:.4f} (Fisher {alone:.4f}, {clues} clues; logistic {logistic:.4f}"
+                f"{'; ' + why if why else ''})"
             )
         return Result(symbols=tuple(Symbol(name, detail=detail) for name in buckets(probability)))
 
@@ -420,9 +488,19 @@ class BayesPolicy(Policy):
             self._model = Model.decode(data) if data is not None else None
             self._model_version = version
 
+    def _tokens(self, ctx: Context) -> list[str]:
+        return message_tokens(ctx, self._tokenizer)
+
     def _hashed_tokens(self, ctx: Context) -> list[str]:
         """The message's hashed tokens, memoized per message for :meth:`after_verdict`."""
-        return [hash_token(t) for t in message_tokens(ctx, self._tokenizer)]
+        return [hash_token(t) for t in ctx.memo(self._tokens)]
+
+    def _plain_of(self, ctx: Context, clues: Sequence[tuple[float, str]]) -> dict[str, str]:
+        """hash -> token for the clues the detail names (the strongest of each side)."""
+        spammy, hammy = shown_clues(clues)
+        wanted = {*spammy, *hammy}
+        hashed = ctx.memo(self._hashed_tokens)
+        return {h: t for h, t in zip(hashed, ctx.memo(self._tokens), strict=True) if h in wanted}
 
     # -- auto-learn ---------------------------------------------------------
 

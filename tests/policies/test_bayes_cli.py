@@ -128,7 +128,13 @@ def test_scan_reports_the_learned_probability_after_training(tmp_path: Path, con
     assert out.returncode == 0, out.stderr
     names = {s["name"]: s for s in json.loads(out.stdout)["symbols"]}
     assert "BAYES_99" in names
-    assert float(names["BAYES_99"]["detail"].split()[0]) >= 0.99
+    detail = names["BAYES_99"]["detail"]
+    assert float(detail.split()[0]) >= 0.99
+    # The message's own strongest tokens, in plain text: why the classifier said so.
+    spammiest = detail.partition("spammiest: ")[2].partition(";")[0].rstrip(")").split(", ")
+    assert len(spammiest) == 3, detail
+    body = new.read_bytes().decode().lower()
+    assert all(token.rpartition(":")[2] in body for token in spammiest), detail
 
 
 def test_learn_retrains_the_logistic_model_and_scan_shows_both_learners(
