@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.quality import DEFAULT_CORPUS, crlf, make_split
+from bench.quality import DEFAULT_CORPUS, DEVELOP_MIN_LEARNED, crlf, development_split, make_split
 from bench.quality_split import CLASSES, SPLITS, group_messages, load_infos
 from bench.quality_stats import wilson
 
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=SPLITS, default="random")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--train-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--develop", action="store_true", help="bench.quality's development split (the same files)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dump", type=Path, help="one JSON line per test message")
     args = parser.parse_args(argv)
@@ -122,10 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             tar.extractall(work / "corpus", filter="data")
         infos = load_infos(work / "corpus")
         split = make_split(args.split, infos, args.seed, args.train_fraction, group_messages(infos))
+        prefs_text = PREFS
+        if args.develop:  # as bench.quality --develop: a quarter of the corpus to learn from
+            split = development_split(args.split, infos, split, args.seed, args.train_fraction)
+            n = DEVELOP_MIN_LEARNED
+            prefs_text += f"bayes_min_spam_num {n}\nbayes_min_ham_num {n}\n"
         prefs = work / "user_prefs"
         dbpath = work / "state" / "bayes"
         dbpath.parent.mkdir()
-        prefs.write_text(PREFS + f"bayes_path {dbpath}\n", encoding="utf-8")
+        prefs.write_text(prefs_text + f"bayes_path {dbpath}\n", encoding="utf-8")
         pairs = split.as_pairs()
         seconds = {
             "spam": learn("spam", pairs["spam"][0], work, prefs, dbpath),
