@@ -461,13 +461,13 @@ def _encodable(text: str) -> str:
     return text
 
 
-_EXPR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _META_DETAIL_MAX = 200
 
 
 def _names_in_order(c: _Compiled) -> tuple[str, ...]:
     """The rule names a meta expression reads, in the order it names them."""
-    return tuple(dict.fromkeys(n for n in _EXPR_NAME.findall(c.rule.expression) if n in c.reads))
+    named = (m.group(2) for m in _TOKEN.finditer(c.rule.expression))  # the parser's tokens
+    return tuple(dict.fromkeys(n for n in named if n in c.reads))
 
 
 def _meta_detail(expression: str, names: tuple[str, ...], hits: Mapping[str, str]) -> str:
@@ -477,8 +477,7 @@ def _meta_detail(expression: str, names: tuple[str, ...], hits: Mapping[str, str
     operator which building blocks mattered, not which header value matched.
     """
     evidence = "; ".join(f"{n}: {hits[n]}" if hits[n] else n for n in names if n in hits)
-    detail = f"{expression} <- {evidence}" if evidence else expression
-    return detail if len(detail) <= _META_DETAIL_MAX else detail[: _META_DETAIL_MAX - 3] + "..."
+    return _clip(f"{expression} <- {evidence}" if evidence else expression, _META_DETAIL_MAX)
 
 
 def _first(regex: Any, texts: list[str]) -> str | None:
@@ -490,8 +489,11 @@ def _first(regex: Any, texts: list[str]) -> str | None:
 
 
 def _evidence(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
+    return _clip(" ".join(text.split()), _DETAIL_MAX)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def builtin_files() -> list[Path]:
