@@ -103,9 +103,9 @@ def record_evaluation(evaluation: Evaluation) -> None:
         ).inc()
     for policy, action in evaluation.verdict.observed_by_policy:
         metrics.OBSERVED_ACTIONS.labels(action=action.value, policy=policy).inc()
-    if evaluation.verdict.held_by is not None:
-        held = evaluation.verdict
-        metrics.CAPPED_ACTIONS.labels(action=held.action.value, policy=held.held_by).inc()
+    verdict = evaluation.verdict
+    if verdict.held_by is not None:
+        metrics.CAPPED_ACTIONS.labels(action=verdict.action.value, policy=verdict.held_by).inc()
 
 
 def downstream_reply(code: int, text: str, default_status: str) -> Reply:

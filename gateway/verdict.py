@@ -247,7 +247,7 @@ def _outcome(
     counted = [s for s in scored if acts(s.policy)]
     total = sum((s.score for s in counted), Decimal("0.00"))
     action, forced_by, reason = thresholds.for_score(float(total)), None, ""
-    held_by = ""
+    held_by: str | None = None
     for cap, owner in caps:
         if acts(owner) and cap.rank < action.rank:
             action, held_by = cap, owner
@@ -263,7 +263,7 @@ def _outcome(
         reason = f"spam score {total} (" + ", ".join(s.name for s in top) + ")"
         if held_by:
             reason += f", held at {action.value} by policy {held_by}"
-    return action, forced_by, reason, total, (held_by or None) if forced_by is None else None
+    return action, forced_by, reason, total, held_by if forced_by is None else None
 
 
 def _one_line(text: str, limit: int = 200) -> str:

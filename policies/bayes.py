@@ -272,15 +272,16 @@ CLUES_SHOWN = 3  # strongest tokens named per side in the detail
 _CLUE_CHARS = 40  # characters of one token shown
 
 
-def explain_clues(clues: Sequence[tuple[float, str]], plain: Mapping[str, str]) -> str:
+def explain_clues(shown: tuple[list[str], list[str]], plain: Mapping[str, str]) -> str:
     """``spammiest: subject:free, money:4; hammiest: hdr:in-reply-to:yes``.
 
-    Why a verdict is what it is, in the message's own tokens (``plain`` maps
-    a hash to its token): an operator looking at a newsletter flagged at
-    ``BAYES_95`` sees which words and links carried it. Only this message's
-    tokens are shown, where the message itself is (``scan``, the quarantine).
+    Why a verdict is what it is, in the message's own tokens (``shown``: the
+    spam- and ham-side hashes from :func:`shown_clues`; ``plain``: hash ->
+    token): an operator looking at a newsletter flagged at ``BAYES_95`` sees
+    which words and links carried it. Only this message's tokens are shown,
+    where the message itself is (``scan``, the quarantine).
     """
-    spammy, hammy = shown_clues(clues)
+    spammy, hammy = shown
     sides = []
     for label, keys in (("spammiest", spammy), ("hammiest", hammy)):
         if keys:
@@ -466,7 +467,8 @@ class BayesPolicy(Policy):
             max_clues=opts.max_clues,
         )
         probability, clues = fisher([f for f, _ in found]), len(found)
-        why = explain_clues(found, self._plain_of(ctx, found))
+        shown = shown_clues(found)
+        why = explain_clues(shown, self._plain_of(ctx, {*shown[0], *shown[1]}))
         detail = f"{probability:.4f} ({clues} clues{'; ' + why if why else ''})"
         model = self._model if opts.logistic else None
         if model is not None and model.weights:
@@ -495,10 +497,8 @@ class BayesPolicy(Policy):
         """The message's hashed tokens, memoized per message for :meth:`after_verdict`."""
         return [hash_token(t) for t in ctx.memo(self._tokens)]
 
-    def _plain_of(self, ctx: Context, clues: Sequence[tuple[float, str]]) -> dict[str, str]:
+    def _plain_of(self, ctx: Context, wanted: set[str]) -> dict[str, str]:
         """hash -> token for the clues the detail names (the strongest of each side)."""
-        spammy, hammy = shown_clues(clues)
-        wanted = {*spammy, *hammy}
         hashed = ctx.memo(self._hashed_tokens)
         return {h: t for h, t in zip(hashed, ctx.memo(self._tokens), strict=True) if h in wanted}
 
